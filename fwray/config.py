@@ -1,0 +1,351 @@
+"""Experiments as YAML: load into frozen dataclasses, apply dotted overrides, validate, derive the plan's figures.
+
+Every error is a ConfigError whose message is one line naming the key, the value and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad experiment: the message is one line that names the key, the value and the file."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
+    bias: bool = False
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 12  # micro-batch per worker
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 6e-4
+    max_iters: int | None = None  # optimizer steps; None => derived from `epochs`
+    epochs: float | None = None  # passes over the prepared train split; used when max_iters is None
+    warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None => max_iters
+    min_lr: float = 6e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    eval_batch_size: int | None = None  # None => batch_size
+    log_interval: int = 10
+    compile: bool | str = "auto"  # auto: on for CUDA (when Triton is present), off on CPU
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32, bfloat16
+    seed: int = 1337
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    activation_checkpointing: bool = False
+    loss_chunk_size: int = 4096  # tokens per cross-entropy chunk; bounds logits memory
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    paths: tuple[str, ...] = ()
+    text_column: str = "text"
+    id_column: str = "id"
+    tokenizer: str = "gpt2"
+    val_fraction: float = 0.005
+    cache_dir: str = ".fwray/cache"
+    min_language_score: float | None = None
+    min_chars: int = 0
+    num_workers: int | None = None  # tokenizer workers; None => one per CPU
+    rows_per_task: int = 20_000  # rows one tokenizer task reads; bounds memory per worker
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = 1
+    use_gpu: bool | str = "auto"  # auto: use a GPU when torch sees one
+    max_failures: int = 3
+    storage_path: str = ".fwray/runs"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None  # None => $MLFLOW_TRACKING_URI, else a local sqlite store
+    experiment: str | None = None  # None => the experiment's name
+    required: bool = True  # False: an unreachable server falls back to the local store
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    enabled: bool = False
+    batch_sizes: tuple[int, ...] = ()
+    gpu_memory_gb: float | None = None
+    margin: float = 0.1
+    steps: int = 3
+    activation_checkpointing: tuple[bool, ...] = (False,)
+    compile: tuple[bool, ...] = ()  # empty => the train setting
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    peak_tflops: float | None = None  # overrides the peak-FLOPs table for MFU
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str = "fwray"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    source: str = field(default="<defaults>", compare=False)  # the file it came from, for messages
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.train
+        return t.batch_size * self.model.block_size * t.gradient_accumulation_steps * self.resources.num_workers
+
+    def with_changes(self, section: str, **changes) -> "Experiment":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Experiment) if f.name not in ("name", "source")}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Experiment:
+    """Read an experiment YAML, apply `section.key=value` overrides (values parsed as YAML) and validate."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: experiment file not found (give the path of an experiments/*.yaml file)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    # data.paths in the file are relative to the file, so experiments can bundle their data
+    _resolve_data_paths(raw, path.parent)
+    for item in overrides:
+        _apply_override(raw, item, where)
+    return from_dict(raw, where)
+
+
+def from_dict(raw: dict, where: str = "<dict>") -> Experiment:
+    raw = dict(raw)
+    name = raw.pop("name", "fwray")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: name = {name!r}: must be a non-empty string")
+    sections = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section {key!r} (known: name, {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} = {value!r}: must be a mapping of keys")
+        sections[key] = _build(_section_class(key), value, key, where)
+    exp = Experiment(name=name, source=where, **sections)
+    _validate(exp, where)
+    return exp
+
+
+def _section_class(section: str) -> type:
+    return {f.name: f.default_factory for f in dataclasses.fields(Experiment) if f.name in SECTIONS}[section]
+
+
+def _resolve_data_paths(raw: dict, base: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict) or "paths" not in data:
+        return
+    paths = data["paths"]
+    if isinstance(paths, str):
+        paths = [paths]
+    if isinstance(paths, list):
+        data["paths"] = [_under(base, p) if isinstance(p, str) else p for p in paths]
+
+
+def _under(base: Path, p: str) -> str:
+    p = os.path.expanduser(p)
+    return p if os.path.isabs(p) or "://" in p else str(base / p)
+
+
+def _apply_override(raw: dict, item: str, where: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"{where}: override {item!r} must look like section.key=value (e.g. train.max_iters=50)")
+    section, _, name = key.partition(".")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: override {item!r}: {text!r} is not a YAML value") from None
+    if section == "data" and name == "paths":  # command-line paths are relative to where the command runs
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list):
+            value = [os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) else p for p in value]
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"{where}: override {item!r}: {section} is not a section")
+    target[name] = value
+
+
+def _build(cls: type, values: dict, section: str, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {section}.{key} = {value!r} (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str, where: str):
+    """Check `value` against a type hint; accept ints for floats, one item for a tuple."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {key} = {value!r}: expected {_describe(hint)}")
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(v, args[0], key, where) for v in items)
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "6e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: {key} = {value!r}: expected {_describe(hint)}")
+
+
+def _describe(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(args[0])}"
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, str(hint))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _validate(exp: Experiment, where: str) -> None:
+    m, t, d, r, p = exp.model, exp.train, exp.data, exp.resources, exp.probe
+
+    def check(ok: bool, key: str, value, why: str):
+        if not ok:
+            raise ConfigError(f"{where}: {key} = {value!r}: {why}")
+
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be at least 1")
+    check(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"must be divisible by model.n_head = {m.n_head}")
+    check(m.vocab_size >= 50257, "model.vocab_size", m.vocab_size, "must hold GPT-2's 50257 tokens")
+    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                "loss_chunk_size"):
+        check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be at least 1")
+    check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be at least 1")
+    check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be at least 1")
+    check(t.max_iters is not None or t.epochs is not None, "train.max_iters", None,
+          "set train.max_iters or train.epochs")
+    check(t.max_iters is None or t.max_iters >= 1, "train.max_iters", t.max_iters, "must be at least 1")
+    check(t.epochs is None or t.epochs > 0, "train.epochs", t.epochs, "must be positive")
+    check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size,
+          "must be at least 1")
+    check(t.warmup_iters >= 0, "train.warmup_iters", t.warmup_iters, "must be 0 or more")
+    check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be positive")
+    check(0 <= t.min_lr <= t.learning_rate, "train.min_lr", t.min_lr, "must be in [0, train.learning_rate]")
+    check(0 <= t.beta1 < 1, "train.beta1", t.beta1, "must be in [0, 1)")
+    check(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
+    check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be 0 (off) or positive")
+    check(t.compile in (True, False, "auto"), "train.compile", t.compile, "must be true, false or auto")
+    check(t.dtype in ("auto", "float32", "bfloat16"), "train.dtype", t.dtype,
+          "must be auto, float32 or bfloat16")
+    check(len(d.paths) >= 1, "data.paths", list(d.paths), "give at least one parquet file or glob")
+    check(d.tokenizer == "gpt2", "data.tokenizer", d.tokenizer, "only gpt2 is supported")
+    check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    check(d.min_chars >= 0, "data.min_chars", d.min_chars, "must be 0 or more")
+    check(d.num_workers is None or d.num_workers >= 1, "data.num_workers", d.num_workers, "must be at least 1")
+    check(d.rows_per_task >= 1, "data.rows_per_task", d.rows_per_task, "must be at least 1")
+    check(r.num_workers >= 1, "resources.num_workers", r.num_workers, "must be at least 1")
+    check(r.use_gpu in (True, False, "auto"), "resources.use_gpu", r.use_gpu, "must be true, false or auto")
+    check(r.max_failures >= 0, "resources.max_failures", r.max_failures, "must be 0 or more")
+    check(all(b >= 1 for b in p.batch_sizes), "probe.batch_sizes", list(p.batch_sizes), "must all be at least 1")
+    check(not p.enabled or len(p.batch_sizes) >= 1, "probe.batch_sizes", list(p.batch_sizes),
+          "the probe is enabled: list at least one micro-batch size")
+    check(p.gpu_memory_gb is None or p.gpu_memory_gb > 0, "probe.gpu_memory_gb", p.gpu_memory_gb, "must be positive")
+    check(0 <= p.margin < 1, "probe.margin", p.margin, "must be in [0, 1)")
+    check(p.steps >= 3, "probe.steps", p.steps, "must be at least 3 (the first steps warm up)")
+    check(exp.hardware.peak_tflops is None or exp.hardware.peak_tflops > 0, "hardware.peak_tflops",
+          exp.hardware.peak_tflops, "must be positive")
+
+
+# ---------------------------------------------------------------- derived figures
+
+
+def max_iters_for(exp: Experiment, train_tokens: int) -> int:
+    """Optimizer steps: train.max_iters, or enough steps for train.epochs over `train_tokens`."""
+    if exp.train.max_iters is not None:
+        return exp.train.max_iters
+    return max(1, math.ceil(exp.train.epochs * train_tokens / exp.tokens_per_step))
+
+
+def resolve(exp: Experiment, train_tokens: int) -> Experiment:
+    """Fix the figures that depend on the data: max_iters (from epochs) and lr_decay_iters."""
+    iters = max_iters_for(exp, train_tokens)
+    decay = exp.train.lr_decay_iters if exp.train.lr_decay_iters is not None else iters
+    return exp.with_changes("train", max_iters=iters, lr_decay_iters=decay)
+
+
+def flatten(exp: Experiment) -> dict[str, object]:
+    """Every resolved setting under its dotted name (model.n_layer, train.batch_size, ...)."""
+    out: dict[str, object] = {"name": exp.name}
+    for section in SECTIONS:
+        for key, value in dataclasses.asdict(getattr(exp, section)).items():
+            out[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def to_yaml(exp: Experiment) -> str:
+    data = {"name": exp.name}
+    for section in SECTIONS:
+        data[section] = {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in dataclasses.asdict(getattr(exp, section)).items()}
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,256 @@
+"""The training loop: optimizer, schedule, train step, evaluation. Pure torch: no ray or mlflow here.
+
+`train(exp, batches, report, ...)` runs the loop and hands metrics and checkpoint states to `report`; the caller
+(Ray Train in fwray.trainer, or a plain script) decides where they go.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import hardware
+from .config import Experiment, to_yaml
+from .loader import Batches
+from .model import GPT, GPTConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses in a row: the run stops, its last good checkpoint kept."""
+
+
+Report = Callable[[int, dict, "dict | None"], None]  # (step, metrics, checkpoint state or None)
+
+
+def gpt_config(exp: Experiment) -> GPTConfig:
+    m = exp.model
+    return GPTConfig(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                     vocab_size=m.vocab_size, bias=m.bias, dropout=m.dropout)
+
+
+def autocast_dtype(exp: Experiment, device: torch.device) -> torch.dtype:
+    if exp.train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, exp.train.dtype)
+
+
+def compile_enabled(exp: Experiment, device: torch.device) -> bool:
+    """train.compile resolved: auto means on where it can run; asked-for but impossible gives one warning."""
+    available, why = hardware.compile_available(device)
+    if exp.train.compile is False:
+        return False
+    if not available and exp.train.compile is True and device.type == "cuda":
+        warnings.warn(f"{why}; training runs uncompiled", stacklevel=2)
+    return available
+
+
+def lr_at(step: int, exp: Experiment) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    t = exp.train
+    decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.max_iters
+    if step < t.warmup_iters:
+        return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
+    if step >= decay_iters:
+        return t.min_lr
+    ratio = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, exp: Experiment) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only, fused where this torch supports it (CPU included)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": exp.train.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=exp.train.learning_rate, betas=(exp.train.beta1, exp.train.beta2),
+                             fused=fused or None)
+
+
+@dataclass
+class Engine:
+    """One worker's model, optimizer and step; built by `Engine.build`."""
+
+    exp: Experiment
+    device: torch.device
+    raw_model: GPT  # uncompiled, unwrapped: what checkpoints hold
+    model: torch.nn.Module  # what runs: maybe compiled, maybe DDP-wrapped
+    optimizer: torch.optim.AdamW
+    dtype: torch.dtype
+    compiled: bool
+
+    @classmethod
+    def build(cls, exp: Experiment, device: torch.device, activation_checkpointing: bool | None = None,
+              compile: bool | None = None) -> "Engine":
+        torch.manual_seed(exp.train.seed)  # identical initial weights on every worker and every restart
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        ac = exp.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+        raw = GPT(gpt_config(exp), loss_chunk_size=exp.train.loss_chunk_size, activation_checkpointing=ac).to(device)
+        model: torch.nn.Module = raw
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                raw, device_ids=[device.index] if device.type == "cuda" else None)
+        compiled = compile_enabled(exp, device) if compile is None else compile
+        if compiled:
+            model = torch.compile(model)
+        return cls(exp, device, raw, model, make_optimizer(raw, exp), autocast_dtype(exp, device), compiled)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
+
+    def step(self, step: int, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """One optimizer step over gradient_accumulation_steps micro-batches, with no host sync.
+
+        Returns (mean loss, non-finite flag) as device tensors. A non-finite step is skipped on the device:
+        fused AdamW's found_inf leaves weights and moments untouched.
+        """
+        t = self.exp.train
+        accum = t.gradient_accumulation_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.exp)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = (self.to_device(a) for a in get_batch(micro))
+            sync = micro == accum - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
+                loss = self.model(x, y) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip) if t.grad_clip > 0
+                     else torch.zeros((), device=self.device))
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bad.item():  # unfused fallback pays one sync per optimizer step
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, bad
+
+    @torch.no_grad()
+    def evaluate(self, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], iters: int) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(iters):
+            x, y = (self.to_device(a) for a in get_batch(i))
+            with self.autocast():
+                total += self.raw_model(x, y).float()  # raw: eval shapes would recompile the compiled model
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            total /= dist.get_world_size()
+        self.model.train()
+        return total.item() / iters
+
+    def state(self, step: int, extra: dict) -> dict:
+        """A checkpoint: uncompiled weights, optimizer, the step reached (batches derive from it), the config."""
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+                "data_position": {"seed": self.exp.train.seed, "next_step": step}, "config": to_yaml(self.exp),
+                **extra}
+
+    def load(self, state: dict) -> int:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+
+def flops_per_token(exp: Experiment, n_params: int) -> float:
+    m = exp.model
+    return hardware.flops_per_token(n_params, m.n_layer, m.n_head, m.n_embd // m.n_head, m.block_size,
+                                    n_position_params=m.block_size * m.n_embd)
+
+
+def train(exp: Experiment, batches: Batches, report: Report, *, device: torch.device, train_tokens: int,
+          resume: dict | None = None, world_size: int = 1, engine: Engine | None = None) -> dict:
+    """Run exp.train.max_iters optimizer steps (exp must be resolved); returns a summary of the run.
+
+    Evaluation (and a checkpoint) happens every eval_interval steps and after the last step; metrics every
+    log_interval steps. Only log steps and evaluations read values back from the device.
+    """
+    t = exp.train
+    engine = engine or Engine.build(exp, device)
+    start = engine.load(resume) if resume else 0
+    carried = (resume or {}).get("counters", {})
+    nonfinite_total = int(carried.get("nonfinite_skipped", 0))
+    tokens_per_step = exp.tokens_per_step
+    n_params = engine.raw_model.num_params()
+    fpt = flops_per_token(exp, n_params)
+    peak = hardware.peak_tflops(device, exp.hardware.peak_tflops)
+    summary = {"params": n_params, "first_val_loss": None, "final_val_loss": None, "resumed_from": start}
+
+    loss_acc = torch.zeros((), device=device)
+    bad_acc = torch.zeros((), device=device)
+    streak = torch.zeros((), device=device)  # current run of non-finite steps
+    worst_streak = torch.zeros((), device=device)
+    interval_start, interval_steps, run_start = time.perf_counter(), 0, time.perf_counter()
+    steps_timed, seconds_timed = 0, 0.0
+
+    for step in range(start, t.max_iters + 1):
+        last = step == t.max_iters
+        if step % t.eval_interval == 0 or last:
+            eval_start = time.perf_counter()
+            val_loss = engine.evaluate(batches.val_batch, t.eval_iters)
+            summary["first_val_loss"] = summary["first_val_loss"] or val_loss
+            summary["final_val_loss"] = val_loss
+            ckpt = None
+            if step > start or last:
+                ckpt = engine.state(step, {"counters": {"nonfinite_skipped": nonfinite_total}})
+            report(step, {"val_loss": val_loss, "tokens_seen": step * tokens_per_step}, ckpt)
+            interval_start += time.perf_counter() - eval_start  # evaluation is not training throughput
+        if last:
+            break
+        loss, bad = engine.step(step, lambda micro, s=step: batches.train_batch(s, micro))
+        loss_acc += torch.where(bad, 0.0, loss)
+        bad_acc += bad
+        streak = (streak + 1) * bad
+        worst_streak = torch.maximum(worst_streak, streak)
+        interval_steps += 1
+
+        done = step + 1
+        if done % t.log_interval == 0 or done == t.max_iters:
+            n_bad, worst = int(bad_acc.item()), int(worst_streak.item())  # the one sync of the interval
+            nonfinite_total += n_bad
+            if worst >= t.max_nonfinite_steps:
+                raise NonFiniteLoss(
+                    f"{worst} non-finite losses in a row by step {done} (train.max_nonfinite_steps = "
+                    f"{t.max_nonfinite_steps}): stopping; the last good checkpoint is kept. Lower "
+                    f"train.learning_rate or raise warmup_iters, then resume with --resume")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - interval_start
+            good = interval_steps - n_bad
+            tok_s = interval_steps * tokens_per_step / elapsed
+            if step >= start + t.log_interval:  # the first interval carries compilation and warm-up
+                steps_timed, seconds_timed = steps_timed + interval_steps, seconds_timed + elapsed
+            metrics = {"train_loss": loss_acc.item() / good if good else float("nan"), "lr": lr_at(step, exp),
+                       "tokens_per_s": tok_s, "tokens_seen": done * tokens_per_step,
+                       "epoch": done * tokens_per_step / train_tokens, "nonfinite_skipped": nonfinite_total,
+                       "eta_s": (t.max_iters - done) * elapsed / interval_steps,
+                       **hardware.memory_stats(device)}
+            utilisation = hardware.mfu(tok_s / world_size, fpt, peak)
+            if utilisation is not None:
+                metrics["mfu"] = utilisation
+            report(done, metrics, None)
+            loss_acc.zero_(), bad_acc.zero_(), worst_streak.zero_()
+            interval_start, interval_steps = time.perf_counter(), 0
+
+    summary.update(steps=t.max_iters, nonfinite_skipped=nonfinite_total,
+                   seconds=time.perf_counter() - run_start,
+                   tokens_per_s=steps_timed * tokens_per_step / seconds_timed if seconds_timed else None)
+    return summary

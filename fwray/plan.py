@@ -1,0 +1,39 @@
+"""The plan: the true figures of an experiment over its prepared data, shown before training and logged."""
+from __future__ import annotations
+
+from .config import Experiment
+from .engine import flops_per_token, gpt_config
+from .model import count_params
+
+
+def figures(exp: Experiment, manifest: dict) -> dict[str, float]:
+    """Parameters, tokens per step, total tokens, epochs and the split sizes of a resolved experiment."""
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    params = count_params(gpt_config(exp))
+    total = exp.train.max_iters * exp.tokens_per_step
+    return {
+        "params": params,
+        "tokens_per_step": exp.tokens_per_step,
+        "max_iters": exp.train.max_iters,
+        "total_train_tokens": total,
+        "epochs": total / train["tokens"],
+        "train_documents": train["documents"], "train_tokens": train["tokens"],
+        "val_documents": val["documents"], "val_tokens": val["tokens"],
+        "flops_per_token": flops_per_token(exp, params),
+        "total_flops": flops_per_token(exp, params) * total,
+    }
+
+
+def describe(exp: Experiment, fig: dict[str, float]) -> str:
+    t = exp.train
+    return "\n".join([
+        f"plan for {exp.name!r} ({exp.source})",
+        f"  model        {exp.model.n_layer} layers x {exp.model.n_embd} wide, {exp.model.n_head} heads, "
+        f"block {exp.model.block_size}: {fig['params']:,} parameters ({fig['params'] / 1e6:.1f}M)",
+        f"  step         {t.batch_size} x {exp.model.block_size} tokens x {t.gradient_accumulation_steps} accumulation"
+        f" x {exp.resources.num_workers} worker(s) = {fig['tokens_per_step']:,} tokens per optimizer step",
+        f"  budget       {fig['max_iters']:,} steps = {fig['total_train_tokens']:,} tokens "
+        f"= {fig['epochs']:.2f} epochs over the train split ({fig['total_flops']:.3g} FLOPs)",
+        f"  data         train {fig['train_documents']:,} documents / {fig['train_tokens']:,} tokens; "
+        f"val {fig['val_documents']:,} documents / {fig['val_tokens']:,} tokens",
+    ])

@@ -1,0 +1,88 @@
+"""The tokenizer, the token-shard format and the document split rule. Pure: numpy, tiktoken and hashlib only.
+
+Shard format: a flat little-endian uint16 array of GPT-2 token ids (`*.bin`); every document is preceded by
+`<|endoftext|>` (50256). A cache entry is a folder of shards plus `manifest.json`, written last: a folder
+without a manifest is never taken for a prepared cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+EOT = 50256
+TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits
+MANIFEST = "manifest.json"
+SPLIT_RULE = "val if blake2b-64(document id) / 2**64 < val_fraction; the row's file and position stand in for a missing id"
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The GPT-2 BPE files are neither cached nor downloadable."""
+
+
+def get_tokenizer(name: str = "gpt2"):
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # tiktoken raises requests' errors when it cannot download
+        where = os.environ.get("TIKTOKEN_CACHE_DIR", "unset")
+        raise TokenizerUnavailable(
+            f"tiktoken cannot load the {name} files (TIKTOKEN_CACHE_DIR={where}, no network: "
+            f"{type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's {name} cache "
+            f"(e.g. ../shared/tiktoken) or allow the download once") from None
+
+
+def encode_documents(encoder, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of `texts` with EOT before each, as one uint16 array, and each document's length (EOT included)."""
+    ids = encoder.encode_ordinary_batch(texts, num_threads=num_threads)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=TOKEN_DTYPE)
+    pos = 0
+    for doc in ids:
+        out[pos] = EOT
+        out[pos + 1: pos + 1 + len(doc)] = doc
+        pos += len(doc) + 1
+    return out, lengths
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """The split rule: a hash of the document id, so a document keeps its split when files are added."""
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return h / 2.0**64 < val_fraction
+
+
+def fallback_id(file_key: str, row: int) -> str:
+    """A stable id for a row without one: its file (by content fingerprint) and position."""
+    return f"{file_key}#{row}"
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The manifest of a complete cache entry, or None when the folder is missing or was never finished."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def split_files(folder: str | os.PathLike, manifest: dict, split: str) -> list[Path]:
+    return [Path(folder) / f["name"] for f in manifest["splits"][split]["files"]]
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: a crash leaves the old file or none, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
