@@ -11,6 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not again through its logger
 
 
 class UserError(RuntimeError):
@@ -64,7 +65,9 @@ def run(exp, resume: bool = False) -> int:
     previous = _previous_run(exp) if resume else None
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        # Ray's own INFO/WARNING chatter (report bookkeeping, state-API probes) would bury fwray's progress lines
+        ray.init(include_dashboard=False, logging_level=logging.ERROR,
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
 
     cache_dir, manifest = prepare.prepare(exp)
     exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])

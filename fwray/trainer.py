@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -25,6 +26,7 @@ from .loader import Batches
 from .tracking import RunLogger
 
 STATE_FILE = "state.pt"
+SUMMARY_FILE = "summary.json"  # rank 0's summary of the finished run, read by the driver
 
 
 @dataclass(frozen=True)
@@ -53,16 +55,19 @@ def fit(job: TrainJob, ray_run_name: str) -> dict:
             storage_path=str(Path(exp.resources.storage_path).resolve()),
             failure_config=FailureConfig(max_failures=exp.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
+            logging_config=ray.LoggingConfig(log_level="WARNING"),  # fwray prints its own progress lines
         ),
     )
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; its last line is the one that says what happened
         raise RuntimeError(f"training failed: {_last_line(e)}") from e
-    metrics = dict(result.metrics or {})
-    if metrics.get("stopped"):
-        raise NonFiniteLoss(metrics["stopped"])
-    return metrics
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {_last_line(result.error)}") from result.error
+    summary = json.loads((Path(job.run_dir) / SUMMARY_FILE).read_text())
+    if "stopped" in summary:
+        raise NonFiniteLoss(summary["stopped"])
+    return summary
 
 
 def _last_line(e: BaseException) -> str:
@@ -100,6 +105,7 @@ def _worker(config: dict) -> None:
     def report(step: int, metrics: dict, state: dict | None) -> None:
         if logger:
             logger.metrics(step, metrics)
+            print(progress_line(step, exp.train.max_iters, metrics), flush=True)
         if state is None:
             return
         final.update(metrics, step=step, state=state)
@@ -114,15 +120,27 @@ def _worker(config: dict) -> None:
         summary = engine.train(exp, batches, report, device=device, train_tokens=job.train_tokens, resume=resume,
                                world_size=world)
     except NonFiniteLoss as e:  # a verdict on the run, not a crash: restarting would only repeat it
-        ray.train.report({"stopped": str(e)})
-        return
+        summary = {"stopped": str(e)}
     if rank == 0:
-        _save_final_model(exp, final, Path(job.run_dir) / "model")
-        logger.artifact(Path(job.run_dir) / "model", "model")
-        logger.metrics(exp.train.max_iters, {"final_val_loss": summary["final_val_loss"]})
-    ray.train.report({"done": 1, "final_val_loss": summary["final_val_loss"],
-                      "first_val_loss": summary["first_val_loss"], "params": summary["params"],
-                      "tokens_per_s_mean": summary["tokens_per_s"] or 0.0, "step": exp.train.max_iters})
+        if "stopped" not in summary:
+            _save_final_model(exp, final, Path(job.run_dir) / "model")
+            logger.artifact(Path(job.run_dir) / "model", "model")
+        tokens.write_atomic(Path(job.run_dir) / SUMMARY_FILE, json.dumps(summary).encode())
+
+
+def progress_line(step: int, max_iters: int, m: dict) -> str:
+    parts = [f"step {step:>{len(str(max_iters))}}/{max_iters}"]
+    if "val_loss" in m:
+        return " | ".join(parts + [f"val loss {m['val_loss']:.4f}"])
+    parts += [f"loss {m['train_loss']:.4f}", f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in m:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    if "peak_alloc_gb" in m:
+        parts.append(f"mem {m['peak_alloc_gb']:.2f}/{m['peak_reserved_gb']:.2f} GB alloc/reserved")
+    parts += [f"epoch {m['epoch']:.3f}", f"ETA {m['eta_s'] / 60:.1f} min"]
+    if m.get("nonfinite_skipped"):
+        parts.append(f"{m['nonfinite_skipped']} non-finite steps skipped")
+    return " | ".join(parts)
 
 
 def _save_final_model(exp: Experiment, final: dict, folder: Path) -> None:
