@@ -50,10 +50,13 @@ class RssSampler(threading.Thread):
         self.peak, self.at_peak, self.stop = 0, [], threading.Event()
 
     def run(self):
-        me = psutil.Process()
+        me, procs, ticks = psutil.Process(), [], 0
         while not self.stop.wait(0.2):
+            if ticks % 5 == 0:  # walking the process tree scans /proc: once a second is enough
+                procs = [me, *me.children(recursive=True)]
+            ticks += 1
             sizes = []
-            for p in [me, *me.children(recursive=True)]:
+            for p in procs:
                 try:
                     sizes.append((p.memory_info().rss, p.name()))
                 except psutil.Error:

@@ -100,6 +100,8 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class HardwareConfig:
     peak_tflops: float | None = None  # overrides the peak-FLOPs table for MFU
+    gpu: str | None = None  # the card the plan predicts for (e.g. "RTX 4070"); None => the one torch sees
+    assumed_mfu: float = 0.40  # for the plan's time prediction; the run measures the real one
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,7 @@ def _validate(exp: Experiment, where: str) -> None:
     check(p.steps >= 3, "probe.steps", p.steps, "must be at least 3 (the first steps warm up)")
     check(exp.hardware.peak_tflops is None or exp.hardware.peak_tflops > 0, "hardware.peak_tflops",
           exp.hardware.peak_tflops, "must be positive")
+    check(0 < exp.hardware.assumed_mfu <= 1, "hardware.assumed_mfu", exp.hardware.assumed_mfu, "must be in (0, 1]")
 
 
 # ---------------------------------------------------------------- derived figures

@@ -36,12 +36,20 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
         return override
     if device.type != "cuda":
         return None
-    name = device_name(device).lower()
+    name = device_name(device)
+    peak = table_peak(name)
+    if peak is None:
+        warnings.warn(f"no peak-FLOPs entry for GPU {name!r}: MFU is not reported; set hardware.peak_tflops to "
+                      f"enable it", stacklevel=2)
+    return peak
+
+
+def table_peak(gpu_name: str) -> float | None:
+    """The table's dense bf16 TFLOPS for a GPU name such as 'NVIDIA GeForce RTX 4070'."""
+    name = gpu_name.lower()
     for key, tflops in PEAK_BF16_TFLOPS:
         if key in name:
             return tflops
-    warnings.warn(f"no peak-FLOPs entry for GPU {name!r}: MFU is not reported; set hardware.peak_tflops to enable it",
-                  stacklevel=2)
     return None
 
 

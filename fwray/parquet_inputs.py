@@ -19,7 +19,7 @@ from .config import DataConfig
 
 MAGIC = b"PAR1"
 TASK_TEXT_BYTES = 16 << 20  # text one task tokenizes (~2 s of one core): small enough to balance the workers
-BATCH_TEXT_BYTES = 4 << 20  # text decoded at once inside a task: bounds a worker's memory
+BATCH_TEXT_BYTES = 1 << 20  # text decoded at once inside a task: bounds a worker's memory
 
 
 class PrepareError(RuntimeError):

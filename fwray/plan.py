@@ -1,6 +1,9 @@
 """The plan: the true figures of an experiment over its prepared data, shown before training and logged."""
 from __future__ import annotations
 
+import torch
+
+from . import hardware
 from .config import Experiment
 from .engine import flops_per_token, gpt_config
 from .model import count_params
@@ -21,7 +24,18 @@ def figures(exp: Experiment, manifest: dict) -> dict[str, float]:
         "val_documents": val["documents"], "val_tokens": val["tokens"],
         "flops_per_token": flops_per_token(exp, params),
         "total_flops": flops_per_token(exp, params) * total,
+        **predicted_speed(exp, flops_per_token(exp, params), total),
     }
+
+
+def predicted_speed(exp: Experiment, flops_per_tok: float, total_tokens: int) -> dict[str, float]:
+    """tokens/s and hours on the target GPU at hardware.assumed_mfu; nothing where the peak is unknown."""
+    gpu = exp.hardware.gpu or (hardware.device_name(torch.device("cuda")) if torch.cuda.is_available() else None)
+    peak = exp.hardware.peak_tflops or (hardware.table_peak(gpu) if gpu else None)
+    if not peak:
+        return {}
+    tok_s = exp.hardware.assumed_mfu * peak * 1e12 / flops_per_tok * exp.resources.num_workers
+    return {"predicted_tokens_per_s": tok_s, "predicted_hours": total_tokens / tok_s / 3600}
 
 
 def describe(exp: Experiment, fig: dict[str, float]) -> str:
@@ -36,4 +50,9 @@ def describe(exp: Experiment, fig: dict[str, float]) -> str:
         f"= {fig['epochs']:.2f} epochs over the train split ({fig['total_flops']:.3g} FLOPs)",
         f"  data         train {fig['train_documents']:,} documents / {fig['train_tokens']:,} tokens; "
         f"val {fig['val_documents']:,} documents / {fig['val_tokens']:,} tokens",
+        f"  time         " + (f"~{fig['predicted_hours']:.1f} h at {fig['predicted_tokens_per_s']:,.0f} tokens/s "
+                              f"({exp.hardware.gpu or 'this GPU'} at an assumed {100 * exp.hardware.assumed_mfu:.0f}% "
+                              f"MFU; the run logs the measured figure)" if "predicted_hours" in fig else
+                              "no prediction: no known GPU (set hardware.gpu, e.g. \"RTX 4070\", or "
+                              "hardware.peak_tflops)"),
     ])

@@ -44,7 +44,12 @@ PROGRESS_EVERY_S = 3.0
 
 @lru_cache(maxsize=None)
 def _encoder(name: str):
-    return tokens.get_tokenizer(name)  # once per worker process
+    """Once per worker process: the tokenizer, and Arrow on the system allocator (mimalloc keeps freed pages,
+    ~30 MB a worker, and the memory budget counts every process)."""
+    import pyarrow
+
+    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+    return tokens.get_tokenizer(name)
 
 
 class _ShardWriter:
@@ -166,7 +171,7 @@ def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
         tasks = plan_tasks(files, data)
         results = _run_tasks(tasks, tmp, data, progress)
         manifest = _manifest(fp, files, data, settings, results, time.perf_counter() - start)
-        _check_counts(manifest, files, progress)
+        _warn_on_count_mismatch(manifest, files)
         tokens.write_atomic(tmp / tokens.MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         _publish(tmp, entry)
@@ -195,11 +200,16 @@ def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -
     ds = ds.map(_run_task, compute=ray.data.TaskPoolStrategy(size=min(workers, len(items))), num_cpus=1)
     meter = _Progress(tasks, progress)
     results = {}
-    for row in ds.iter_rows():
-        if row["error"]:
-            raise PrepareError(row["error"])
-        results[row["index"]] = json.loads(row["result"])
-        meter.update(results[row["index"]])
+    try:
+        for row in ds.iter_rows():
+            if row["error"]:
+                raise PrepareError(row["error"])
+            results[row["index"]] = json.loads(row["result"])
+            meter.update(results[row["index"]])
+    except ray.exceptions.RayError as e:  # a worker died (killed, out of memory): one line, not Ray's traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PrepareError(f"{tasks[0]['path']}{' and others' if len(tasks) > 1 else ''}: a tokenizer task failed "
+                           f"({first}); if memory ran out lower data.num_workers, then rerun") from None
     meter.done()
     return [results[i] for i in range(len(tasks))]
 
@@ -271,7 +281,7 @@ def _manifest(fp: str, files: list[InputFile], data: DataConfig, settings: dict,
     return manifest
 
 
-def _check_counts(manifest: dict, files: list[InputFile], progress: bool) -> None:
+def _warn_on_count_mismatch(manifest: dict, files: list[InputFile]) -> None:
     check = manifest.get("token_count")
     if check and not check["matches"]:
         print(f"fwray: warning: {files[0].path}{' ...' if len(files) > 1 else ''}: the token_count column sums to "
