@@ -46,7 +46,7 @@ def compile_enabled(exp: Experiment, device: torch.device) -> bool:
     available, why = hardware.compile_available(device)
     if exp.train.compile is False:
         return False
-    if not available and exp.train.compile is True and device.type == "cuda":
+    if not available and device.type == "cuda":  # on CPU, off is simply the default
         warnings.warn(f"{why}; training runs uncompiled", stacklevel=2)
     return available
 
@@ -146,15 +146,18 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], iters: int) -> float:
+        """Mean loss over validation batches 0..iters-1, shared out between the ranks: the same figure for any
+        number of workers."""
         self.model.eval()
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         total = torch.zeros((), device=self.device)
-        for i in range(iters):
+        for i in range(rank, iters, world):
             x, y = (self.to_device(a) for a in get_batch(i))
             with self.autocast():
                 total += self.raw_model(x, y).float()  # raw: eval shapes would recompile the compiled model
-        if dist.is_available() and dist.is_initialized():
+        if distributed:
             dist.all_reduce(total)
-            total /= dist.get_world_size()
         self.model.train()
         return total.item() / iters
 
@@ -165,7 +168,9 @@ class Engine:
                 **extra}
 
     def load(self, state: dict) -> int:
-        self.raw_model.load_state_dict(state["model"])
+        # a plain dict drops the state dict's `_metadata`: a `load_state_dict(..., assign=True)` elsewhere marks it
+        # "assign", which would replace the (tied) parameters the optimizer holds instead of copying into them
+        self.raw_model.load_state_dict(dict(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
         return int(state["step"])
 
@@ -252,5 +257,6 @@ def train(exp: Experiment, batches: Batches, report: Report, *, device: torch.de
 
     summary.update(steps=t.max_iters, nonfinite_skipped=nonfinite_total,
                    seconds=time.perf_counter() - run_start,
-                   tokens_per_s=steps_timed * tokens_per_step / seconds_timed if seconds_timed else None)
+                   tokens_per_s=steps_timed * tokens_per_step / seconds_timed if seconds_timed else None,
+                   **hardware.memory_stats(device))
     return summary

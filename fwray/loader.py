@@ -1,7 +1,9 @@
 """Batches from memory-mapped token shards. Pure numpy + torch.
 
 Every batch is a function of (seed, step, micro-step, rank): a resumed run reads exactly the batches an
-uninterrupted run would have read, with no loader state to save.
+uninterrupted run would have read, with no loader state to save. A step's global batch does not depend on how it
+is split between workers and accumulation: worker `rank`'s micro-step m is global micro-batch m * world_size + rank,
+so 2 workers x 1 micro-step read the same sequences as 1 worker x 2 micro-steps.
 """
 from __future__ import annotations
 
@@ -46,21 +48,23 @@ class TokenShards:
 
 
 class Batches:
-    """The train and validation batches of one run, deterministic in (seed, step, micro_step, rank)."""
+    """The train and validation batches of one run, deterministic in (seed, step, micro_step, rank, world_size)."""
 
     def __init__(self, train: TokenShards, val: TokenShards, batch_size: int, seed: int, rank: int = 0,
-                 eval_batch_size: int | None = None):
+                 eval_batch_size: int | None = None, world_size: int = 1):
         self.train, self.val = train, val
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.world_size = seed, rank, world_size
 
     @classmethod
     def from_files(cls, train_files, val_files, block_size: int, **kwargs) -> "Batches":
         return cls(TokenShards(train_files, block_size), TokenShards(val_files, block_size), **kwargs)
 
     def train_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train.sample(self.batch_size, (self.seed, _TRAIN, step, micro_step, self.rank))
+        global_micro = micro_step * self.world_size + self.rank
+        return self.train.sample(self.batch_size, (self.seed, _TRAIN, step, global_micro))
 
     def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The i-th validation batch: the same windows at every evaluation, so val losses compare across steps."""
-        return self.val.sample(self.eval_batch_size, (self.seed, _VAL, i, self.rank))
+        """The i-th validation batch: the same windows at every evaluation and for any number of workers (the
+        engine shares the indices out between ranks), so val losses compare across steps and runs."""
+        return self.val.sample(self.eval_batch_size, (self.seed, _VAL, i))

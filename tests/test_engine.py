@@ -1,0 +1,266 @@
+"""The pure-torch engine on CPU: loss falls on real tokens, accumulation scaling, non-finite steps, lr schedule,
+deterministic batches, and resume that reproduces an uninterrupted run."""
+import io
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fwray import config
+from fwray.engine import Engine, NonFiniteLoss, lr_at, train
+from fwray.loader import Batches
+from fwray.model import GPT
+from fwray.tokens import encode_documents, get_tokenizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def token_files(corpus, tmp_path_factory):
+    """Part of the shared corpus tokenized into a train and a val .bin (the shard format: uint16, EOT first)."""
+    folder = tmp_path_factory.mktemp("tokens")
+    texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()[:160]
+    enc = get_tokenizer("gpt2")
+    files = {}
+    for split, docs in (("train", texts[:140]), ("val", texts[140:])):
+        ids, _ = encode_documents(enc, docs)
+        files[split] = folder / f"{split}.bin"
+        ids.tofile(files[split])
+    return files
+
+
+def experiment(**train):
+    t = dict(batch_size=8, max_iters=40, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=10,
+             eval_iters=4, log_interval=5, compile=False, seed=1337)
+    t.update(train)
+    exp = config.from_dict({"name": "engine-test",
+                            "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+                            "train": t, "data": {"paths": ["unused.parquet"]}})
+    return config.resolve(exp, train_tokens=100_000)
+
+
+def batches_for(exp, token_files, **kw):
+    return Batches.from_files([token_files["train"]], [token_files["val"]], exp.model.block_size,
+                              batch_size=exp.train.batch_size, seed=exp.train.seed, **kw)
+
+
+class Recorder:
+    def __init__(self):
+        self.metrics, self.states = {}, {}
+
+    def __call__(self, step, metrics, state):
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append((step, v))
+        if state is not None:
+            buf = io.BytesIO()  # what a checkpoint goes through: torch.save, then a weights_only load
+            torch.save(state, buf)
+            buf.seek(0)
+            self.states[step] = torch.load(buf, weights_only=True)
+
+
+def test_loss_falls_on_real_tokens(token_files):
+    exp = experiment(max_iters=24, eval_interval=8, log_interval=4, learning_rate=6e-3, warmup_iters=3)
+    rec = Recorder()
+    summary = train(exp, batches_for(exp, token_files), rec, device=CPU, train_tokens=100_000)
+    val = [v for _, v in rec.metrics["val_loss"]]
+    assert [s for s, _ in rec.metrics["val_loss"]] == [0, 8, 16, 24]
+    assert val[0] == pytest.approx(math.log(50304), abs=0.3)  # an untrained model is about uniform
+    assert val[0] - val[-1] >= 1.0, val
+    assert summary["first_val_loss"] == val[0] and summary["final_val_loss"] == val[-1]
+    assert [s for s, _ in rec.metrics["train_loss"]] == [4, 8, 12, 16, 20, 24]
+    assert all(math.isfinite(v) and v > 0 for _, v in rec.metrics["tokens_per_s"])
+    assert rec.metrics["tokens_seen"][-1] == (24, 24 * 8 * 32)
+    assert sorted(rec.states) == [8, 16, 24]  # a checkpoint at every evaluation after the start
+
+
+def test_resume_reproduces_uninterrupted_run(token_files):
+    exp = experiment(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2)
+    full = Recorder()
+    train(exp, batches_for(exp, token_files), full, device=CPU, train_tokens=100_000)
+    first = Recorder()
+    train(exp.with_changes("train", max_iters=4), batches_for(exp, token_files), first, device=CPU,
+          train_tokens=100_000)
+    # resume from step 4's checkpoint in a fresh loader (no loader state) with the full budget
+    resumed = Recorder()
+    summary = train(exp, batches_for(exp, token_files), resumed, device=CPU, train_tokens=100_000,
+                    resume=first.states[4])
+    assert summary["resumed_from"] == 4
+    assert resumed.metrics["val_loss"][-1] == full.metrics["val_loss"][-1]
+    for k, v in full.states[8]["model"].items():
+        torch.testing.assert_close(resumed.states[8]["model"][k], v, rtol=0, atol=0)
+
+
+def fixed_batch(seed=0, n=8, T=32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50257, (n, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def grads_at_step(engine, get_batch):
+    """The gradients the optimizer sees (after clipping, before its step), through the optimizer's pre-hook."""
+    seen = {}
+    handle = engine.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.update({n: p.grad.clone() for n, p in engine.raw_model.named_parameters()}))
+    loss, bad = engine.step(0, get_batch)
+    handle.remove()
+    return loss, bad, seen
+
+
+def test_accumulation_scaling_matches_one_big_batch():
+    x, y = fixed_batch()
+    big = Engine.build(experiment(batch_size=8, gradient_accumulation_steps=1, grad_clip=0.0), CPU)
+    acc = Engine.build(experiment(batch_size=4, gradient_accumulation_steps=2, grad_clip=0.0), CPU)
+    loss_big, _, g_big = grads_at_step(big, lambda micro: (x, y))
+    loss_acc, _, g_acc = grads_at_step(acc, lambda micro: (x[4 * micro: 4 * micro + 4], y[4 * micro: 4 * micro + 4]))
+
+    # the reference: the plain mean cross-entropy over all 8 sequences, on the same initial weights
+    torch.manual_seed(1337)
+    ref = GPT(big.raw_model.config)
+    logits = ref.lm_head(ref.hidden(x))
+    ref_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    ref_loss.backward()
+
+    torch.testing.assert_close(loss_big, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_acc, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(g_big[name], p.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g_acc[name], p.grad, rtol=1e-4, atol=1e-7)
+    # and after the optimizer step the two engines hold the same weights
+    for a, b in zip(big.raw_model.parameters(), acc.raw_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class Poison:
+    """A forward hook on the final LayerNorm that turns the loss non-finite while `on` is true."""
+
+    def __init__(self, engine):
+        self.on = False
+        engine.raw_model.transformer.ln_f.register_forward_hook(
+            lambda mod, args, out: out * float("nan") if self.on else out)
+
+
+def test_nonfinite_step_is_skipped():
+    engine = Engine.build(experiment(), CPU)
+    poison = Poison(engine)
+    x, y = fixed_batch()
+    engine.step(0, lambda m: (x, y))  # one good step: moments exist
+    before = {k: v.clone() for k, v in engine.raw_model.state_dict().items()}
+    moments = {k: v.clone() for k, v in engine.optimizer.state[engine.raw_model.lm_head.weight].items()}
+    poison.on = True
+    loss, bad = engine.step(1, lambda m: (x, y))
+    assert bool(bad) and not torch.isfinite(loss)
+    for k, v in engine.raw_model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed on a non-finite step"
+    for k, v in engine.optimizer.state[engine.raw_model.lm_head.weight].items():
+        assert torch.equal(v, moments[k]), f"optimizer {k} changed on a non-finite step"
+    poison.on = False
+    loss, bad = engine.step(2, lambda m: (x, y))
+    assert not bool(bad) and torch.isfinite(loss)
+    assert not torch.equal(engine.raw_model.lm_head.weight, before["lm_head.weight"])
+
+
+class PoisonedBatches(Batches):
+    """Real batches; the steps in `bad_steps` run with the poison on."""
+
+    def __init__(self, base, poison, bad_steps):
+        super().__init__(base.train, base.val, base.batch_size, base.seed)
+        self.poison, self.bad_steps = poison, set(bad_steps)
+
+    def train_batch(self, step, micro_step):
+        self.poison.on = step in self.bad_steps
+        return super().train_batch(step, micro_step)
+
+    def val_batch(self, i):
+        self.poison.on = False
+        return super().val_batch(i)
+
+
+def test_nonfinite_steps_counted_and_run_goes_on(token_files):
+    exp = experiment(max_iters=10, log_interval=5, eval_interval=10, max_nonfinite_steps=3)
+    engine = Engine.build(exp, CPU)
+    rec = Recorder()
+    batches = PoisonedBatches(batches_for(exp, token_files), Poison(engine), bad_steps={2, 3, 7})
+    summary = train(exp, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
+    assert rec.metrics["nonfinite_skipped"] == [(5, 2), (10, 3)]
+    assert summary["nonfinite_skipped"] == 3
+    assert all(math.isfinite(v) for _, v in rec.metrics["train_loss"])  # the mean leaves skipped steps out
+    assert rec.states[10]["counters"]["nonfinite_skipped"] == 3
+
+
+def test_nonfinite_streak_stops_the_run(token_files):
+    exp = experiment(max_iters=20, log_interval=2, eval_interval=10, max_nonfinite_steps=3)
+    engine = Engine.build(exp, CPU)
+    rec = Recorder()
+    batches = PoisonedBatches(batches_for(exp, token_files), Poison(engine), bad_steps={3, 4, 5})
+    with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
+        train(exp, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
+    assert rec.metrics["train_loss"][-1][0] == 4  # stopped at the first log after the third bad step (step 6)
+
+
+def test_lr_schedule():
+    exp = experiment(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert lr_at(0, exp) == pytest.approx(1e-3 / 11)
+    assert lr_at(4, exp) == pytest.approx(1e-3 * 5 / 11)
+    warm = [lr_at(s, exp) for s in range(11)]
+    assert warm == sorted(warm) and lr_at(10, exp) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr_at(60, exp) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
+    decay = [lr_at(s, exp) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert lr_at(110, exp) == pytest.approx(1e-4) and lr_at(500, exp) == pytest.approx(1e-4)
+    longer = config.resolve(experiment(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110,
+                                       lr_decay_iters=60), 100_000)
+    assert lr_at(60, longer) == pytest.approx(1e-4) and lr_at(80, longer) == pytest.approx(1e-4)
+
+
+def test_batches_are_deterministic(token_files):
+    exp = experiment()
+    a, b = batches_for(exp, token_files), batches_for(exp, token_files)
+    for step, micro in [(0, 0), (7, 0), (7, 1), (1000, 3)]:
+        xa, ya = a.train_batch(step, micro)
+        xb, yb = b.train_batch(step, micro)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert torch.equal(xa[:, 1:], ya[:, :-1])  # targets are the inputs shifted by one
+        assert xa.shape == (8, 32) and xa.dtype == torch.int64
+    assert not torch.equal(a.train_batch(0, 0)[0], a.train_batch(1, 0)[0])
+    assert not torch.equal(a.train_batch(0, 0)[0], a.train_batch(0, 1)[0])
+    other = Batches(a.train, a.val, 8, seed=exp.train.seed + 1)
+    assert not torch.equal(a.train_batch(0, 0)[0], other.train_batch(0, 0)[0])
+    assert torch.equal(a.val_batch(2)[0], b.val_batch(2)[0])
+    # every window is real data from the file
+    data = np.fromfile(token_files["train"], dtype=np.uint16)
+    x, _ = a.train_batch(3, 0)
+    row = x[0].numpy()
+    hits = np.flatnonzero(data[: len(data) - 32] == row[0])
+    assert any(np.array_equal(data[h:h + 32], row) for h in hits)
+
+
+def test_resume_from_a_state_dict_marked_assign(token_files):
+    """A checkpoint's model state that went through `load_state_dict(..., assign=True)` elsewhere (the sampler
+    borrows the training weights that way) carries "assign" in its _metadata; resuming from it must still copy into
+    the engine's tied parameters, or the optimizer would step parameters the model no longer uses."""
+    exp = experiment(max_iters=4, eval_interval=4, eval_iters=1, log_interval=2, warmup_iters=1)
+    rec = Recorder()
+    train(exp, batches_for(exp, token_files), rec, device=CPU, train_tokens=100_000)
+    state = rec.states[4]
+    cfg = Engine.build(exp, CPU).raw_model.config
+    with torch.device("meta"):
+        borrower = GPT(cfg)
+    borrower.load_state_dict(state["model"], assign=True)  # marks state["model"]._metadata
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    engine = Engine.build(exp, CPU)
+    engine.load(state)
+    model = engine.raw_model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    optimized = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in optimized for p in model.parameters())
+    before = model.lm_head.weight.detach().clone()
+    x, y = fixed_batch()
+    engine.step(4, lambda m: (x, y))
+    assert not torch.equal(model.lm_head.weight, before)

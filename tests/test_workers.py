@@ -1,0 +1,83 @@
+"""Two CPU workers (DDP over gloo) x 1 micro-step train like one worker x 2 micro-steps: the same global batches.
+
+Worker `rank`'s micro-step m reads global micro-batch m * world_size + rank (fwray.loader.Batches), and evaluation
+shares validation batches 0..eval_iters-1 out between the ranks, so both setups see exactly the same sequences and
+differ only in float summation order (DDP averages the two ranks' gradients in one all-reduce; accumulation adds
+loss/2 twice). After a few AdamW steps that leaves differences around 1e-6 in the weights, far below the tolerance
+of 1e-3 on the validation loss and 1e-3 on the weights; a different data split would show up as ~1e-2 or more.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fwray import config
+from fwray.loader import Batches, TokenShards
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.batch_size=4", "train.eval_iters=4",
+        "train.warmup_iters=2", "train.log_interval=4", "train.eval_interval=8", "train.max_iters=8"]
+
+
+def test_global_batch_does_not_depend_on_the_split(tmp_path):
+    """Unit level: rank r of 2 at micro-step 0 reads what the single worker reads at micro-step r."""
+    import numpy as np
+
+    data = tmp_path / "t.bin"
+    np.random.default_rng(0).integers(0, 50257, 5_000, dtype=np.uint16).tofile(data)
+    shards = TokenShards([data], 16)
+    one = Batches(shards, shards, 4, seed=7)
+    two = [Batches(shards, shards, 4, seed=7, rank=r, world_size=2) for r in range(2)]
+    four = [Batches(shards, shards, 4, seed=7, rank=r, world_size=4) for r in range(4)]
+    for step in (0, 5):
+        for r in range(2):
+            assert torch.equal(two[r].train_batch(step, 0)[0], one.train_batch(step, r)[0])
+        # 2 workers x 2 micro-steps == 4 workers x 1 == 1 worker x 4, as sets of micro-batches
+        seen2 = sorted(two[r].train_batch(step, m)[0].sum().item() for r in range(2) for m in range(2))
+        seen4 = sorted(four[r].train_batch(step, 0)[0].sum().item() for r in range(4))
+        seen1 = sorted(one.train_batch(step, m)[0].sum().item() for m in range(4))
+        assert seen1 == seen2 == seen4
+        assert not torch.equal(two[0].train_batch(step, 0)[0], two[1].train_batch(step, 0)[0])
+    assert torch.equal(two[1].val_batch(3)[0], one.val_batch(3)[0])  # validation does not depend on the rank
+
+
+def run_experiment(folder: Path, cache: Path, overrides):
+    from fwray import run as fwrun
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    exp = config.load(SMOKE, [f"tracking.uri={uri}", f"resources.storage_path={folder / 'runs'}",
+                              f"data.cache_dir={cache}", *TINY, *overrides])
+    assert fwrun.run(exp, resume=False) == 0
+    client = MlflowClient(tracking_uri=uri)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+            if "mlflow.parentRunId" not in r.data.tags]
+    assert len(runs) == 1
+    val = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "val_loss")}
+    run_dir = Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
+    weights = torch.load(run_dir / "model" / "model.pt", weights_only=True)
+    return runs[0], val, weights
+
+
+@pytest.fixture(scope="module")
+def both(ray_session, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "fwray-cache"
+    two = run_experiment(tmp_path_factory.mktemp("two-workers"), cache,
+                         ["resources.num_workers=2", "train.gradient_accumulation_steps=1"])
+    one = run_experiment(tmp_path_factory.mktemp("one-worker"), cache,
+                         ["resources.num_workers=1", "train.gradient_accumulation_steps=2"])
+    return two, one
+
+
+def test_two_workers_match_one_worker_with_accumulation(both):
+    (run2, val2, w2), (run1, val1, w1) = both
+    assert run2.data.params["resources.num_workers"] == "2" and run1.data.params["resources.num_workers"] == "1"
+    assert run2.data.params["plan.tokens_per_step"] == run1.data.params["plan.tokens_per_step"] == str(8 * 64)
+    assert sorted(val2) == sorted(val1) == [0, 8]
+    assert val2[0] == pytest.approx(val1[0], abs=1e-5)  # same initial weights, same validation batches
+    assert val2[8] < val2[0] - 0.1  # it trained
+    assert abs(val2[8] - val1[8]) <= 1e-3, (val2, val1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-3)
