@@ -2,15 +2,22 @@
 
 Everything goes through `MlflowClient` with explicit run ids, so the driver and a Ray worker (rank 0 only) log
 into the same run without sharing process state. A tracking failure mid-run never stops training: one warning,
-and the records go to a local JSONL that `python -m fwray.tracking replay` logs later.
+and the records (metrics, and the artifacts, tags and final status that could not be logged) go to
+`<run_dir>/unlogged_metrics.jsonl`, which `python -m fwray.tracking replay` logs later.
+
+Layout: one MLflow experiment per experiment name (tagged as model training for MLflow 3's UI); one parent run per
+`fwray.run`, named after the Ray run; the data preparation as a nested run `prepare` (tag mlflow.parentRunId).
+The metrics of the parent run, x = optimizer step, are listed in METRICS.
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 # Fail fast against an unreachable server instead of retrying for minutes; set before mlflow reads them.
@@ -22,6 +29,23 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import Experiment, flatten  # noqa: E402
+
+# The parent run's metrics (names are stable: dashboards and the loss curve read them). x = optimizer step.
+METRICS = {
+    "train_loss": "mean training loss over the last log_interval steps (non-finite steps left out)",
+    "val_loss": "validation loss, mean of eval_iters batches, at every eval_interval steps and after the last",
+    "lr": "learning rate of the step just taken",
+    "tokens_per_s": "training throughput over the last log_interval steps, all workers (evaluation time excluded)",
+    "mfu": "model FLOPs utilisation, 0..1, per worker against the GPU's dense bf16 peak (absent on CPU)",
+    "peak_alloc_gb": "peak GPU memory allocated by tensors, GiB (absent on CPU)",
+    "peak_reserved_gb": "peak GPU memory reserved by the caching allocator, GiB (absent on CPU)",
+    "tokens_seen": "training tokens consumed so far (step x tokens per step)",
+    "epoch": "passes over the prepared train split so far",
+    "nonfinite_skipped": "optimizer steps skipped so far because the loss or gradient was not finite",
+    "eta_s": "estimated seconds of training left",
+}
+PREPARE_RUN = "prepare"
+FALLBACK_FILE = "unlogged_metrics.jsonl"
 
 DEFAULT_STORE = ".fwray/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -100,89 +124,30 @@ def log_experiment(client: MlflowClient, run_id: str, exp: Experiment) -> None:
     log_params(client, run_id, flatten(exp))
 
 
-def finish(client: MlflowClient, run_id: str, ok: bool) -> None:
-    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+# ---------------------------------------------------------------- what a run is tagged with
 
 
-class RunLogger:
-    """Metrics and artifacts into one run from any process; on failure warns once and keeps a local JSONL."""
-
-    def __init__(self, uri: str, run_id: str, fallback_dir: str | os.PathLike):
-        self.uri, self.run_id = uri, run_id
-        self.client = MlflowClient(tracking_uri=uri)
-        self.fallback = Path(fallback_dir) / "unlogged_metrics.jsonl"
-        self.failed = False
-
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        values = {k: float(v) for k, v in values.items() if v is not None}
-        if not self.failed:
-            try:
-                self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
-                return
-            except Exception as e:
-                self._fail(e)
-        self.fallback.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.fallback, "a") as f:
-            f.write(json.dumps({"run_id": self.run_id, "step": step, "timestamp": now, "metrics": values}) + "\n")
-
-    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if self.failed:
-            return
-        try:
-            if Path(path).is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as e:
-            self._fail(e)
-
-    def tags(self, values: dict[str, str]) -> None:
-        if self.failed:
-            return
-        try:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
-        except Exception as e:
-            self._fail(e)
-
-    def _fail(self, e: Exception) -> None:
-        self.failed = True
-        warnings.warn(f"MLflow at {self.uri} stopped answering ({type(e).__name__}); training goes on and metrics "
-                      f"are kept in {self.fallback}; log them later with `python -m fwray.tracking replay "
-                      f"{self.fallback}`", stacklevel=3)
-
-
-def replay(jsonl: str | os.PathLike, uri: str | None = None) -> int:
-    """Log the metrics a run kept locally while MLflow was away into their run; returns how many were logged."""
-    client = MlflowClient(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or local_fallback_uri())
-    count = 0
-    with open(jsonl) as f:
-        for line in f:
-            rec = json.loads(line)
-            client.log_batch(rec["run_id"], metrics=[Metric(k, v, rec["timestamp"], rec["step"])
-                                                     for k, v in rec["metrics"].items()])
-            count += len(rec["metrics"])
-    return count
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m fwray.tracking")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rp = sub.add_parser("replay", help="log metrics kept in unlogged_metrics.jsonl while MLflow was unreachable")
-    rp.add_argument("jsonl")
-    rp.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or the local store)")
-    args = parser.parse_args(argv)
-    n = replay(args.jsonl, args.uri)
-    print(f"logged {n} metric values from {args.jsonl}")
-    return 0
+def git_commit(folder: str | os.PathLike | None = None) -> tuple[str, bool] | None:
+    """(commit, dirty) of the checkout holding the fwray package; None when it is not a git checkout."""
+    root = Path(folder) if folder else Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit, bool(status)) if commit else None
 
 
 def version_tags() -> dict[str, str]:
     import torch
 
-    tags = {"torch_version": torch.__version__, "mlflow_version": mlflow.__version__}
+    tags = {"torch_version": torch.__version__, "mlflow_version": mlflow.__version__,
+            "python_version": platform.python_version()}
     try:
         import ray
 
@@ -190,6 +155,270 @@ def version_tags() -> dict[str, str]:
     except ImportError:
         pass
     return tags
+
+
+def run_tags(exp: Experiment, device: str) -> dict[str, str]:
+    """The parent run's tags: fwray version and commit, device (GPU name or "cpu"), library versions, source."""
+    from . import __version__
+
+    tags = {"fwray.version": __version__, "fwray.device": device, "fwray.experiment_file": exp.source,
+            "mlflow.source.name": "fwray.run", "mlflow.source.type": "LOCAL", **version_tags()}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # no user name in some containers
+        pass
+    found = git_commit()
+    if found:
+        tags["fwray.git_commit"] = tags["mlflow.source.git.commit"] = found[0]
+        tags["fwray.git_dirty"] = str(found[1]).lower()
+    return tags
+
+
+# ---------------------------------------------------------------- the data preparation, as a nested run
+
+
+def log_prepare(client: MlflowClient, exp: Experiment, parent_run_id: str, cache_dir: str | os.PathLike,
+                manifest: dict, wall_seconds: float, run_dir: str | os.PathLike) -> str | None:
+    """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
+    data report. Returns its id, or None (after one warning) when MLflow fails: data logging never stops a run."""
+    from .artifacts import DATA_REPORT, data_metrics, data_report
+
+    report = Path(run_dir) / DATA_REPORT
+    report.write_text(data_report(manifest))
+    try:
+        child = start_run(client, exp, PREPARE_RUN, tags={"fwray.cache": str(cache_dir),
+                                                          "fwray.fingerprint": manifest.get("fingerprint", "")},
+                          parent_run_id=parent_run_id)
+        params = {k: v for k, v in flatten(exp).items() if k.startswith("data.")}
+        params["fingerprint"] = manifest.get("fingerprint", "")
+        log_params(client, child, params)
+        now = int(time.time() * 1000)
+        values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
+        client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+        client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
+        client.log_artifact(child, str(report))
+        client.set_terminated(child, "FINISHED")
+        return child
+    except Exception as e:
+        print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
+              f"{_first_line(e)}); training goes on", file=sys.stderr, flush=True)
+        return None
+
+
+def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLike | None = None,
+           tags: dict[str, str] | None = None) -> bool:
+    """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: an unreachable store gets
+    one warning, and with `run_dir` the tags and status wait in the run's JSONL for `replay`. Returns whether MLflow
+    took them."""
+    status = "FINISHED" if ok else "FAILED"
+    try:
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.set_terminated(run_id, status)
+        return True
+    except Exception as e:
+        where = ""
+        if run_dir is not None:
+            path = Path(run_dir) / FALLBACK_FILE
+            _append(path, {"run_id": run_id, "uri": client.tracking_uri, "status": status,
+                           "timestamp": int(time.time() * 1000), **({"tags": tags} if tags else {})})
+            where = f"; the status is kept in {path}: log it with `python -m fwray.tracking replay {path}`"
+        print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
+              f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- logging that never stops training
+
+
+class RunLogger:
+    """Metrics, params, tags and artifacts into one run from any process.
+
+    On the first failure it prints one warning and from then on keeps every record in `<fallback_dir>/
+    unlogged_metrics.jsonl` (artifacts as their local paths) for `python -m fwray.tracking replay`.
+    """
+
+    def __init__(self, uri: str, run_id: str, fallback_dir: str | os.PathLike):
+        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(tracking_uri=uri)
+        self.fallback = Path(fallback_dir) / FALLBACK_FILE
+        self.failed = False
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        self._do(lambda: self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
+                                                                     for k, v in values.items()]),
+                 {"step": step, "timestamp": now, "metrics": values})
+
+    def params(self, values: dict[str, object]) -> None:
+        self._do(lambda: log_params(self.client, self.run_id, values),
+                 {"params": {k: str(v) for k, v in values.items()}})
+
+    def tags(self, values: dict[str, object]) -> None:
+        values = {k: str(v) for k, v in values.items()}
+        self._do(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()]),
+                 {"tags": values})
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = Path(path).resolve()
+
+        def log():
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+        self._do(log, {"artifact": str(path), "artifact_path": artifact_path})
+
+    def _do(self, call, record: dict) -> None:
+        if not self.failed:
+            try:
+                call()
+                return
+            except Exception as e:  # MlflowException, requests' ConnectionError, OSError from a store, ...
+                self._fail(e)
+        try:
+            _append(self.fallback, {"run_id": self.run_id, "uri": self.uri, **record})
+        except OSError as e:  # a full disk must not stop training either
+            print(f"fwray: warning: cannot write {self.fallback} ({e.strerror}); a record is lost", file=sys.stderr)
+
+    def _fail(self, e: Exception) -> None:
+        self.failed = True
+        print(f"fwray: warning: MLflow at {self.uri} stopped answering ({type(e).__name__}); training goes on and "
+              f"metrics are kept in {self.fallback}; log them later with `python -m fwray.tracking replay "
+              f"{self.fallback}`", file=sys.stderr, flush=True)
+
+
+def metric_history(uri: str, run_id: str, names: tuple[str, ...] = ("train_loss", "val_loss"),
+                   fallback: str | os.PathLike | None = None,
+                   max_step: int | None = None) -> dict[str, dict[int, float]]:
+    """{name: {step: value}} of the run so far, from MLflow and from any JSONL of unlogged records; steps after
+    `max_step` (logged after the checkpoint a restarted worker resumes from) are left out. Never raises."""
+    out: dict[str, dict[int, float]] = {n: {} for n in names}
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        for n in names:
+            for m in client.get_metric_history(run_id, n):
+                out[n][m.step] = m.value
+    except Exception as e:
+        print(f"fwray: warning: could not read the run's metric history ({type(e).__name__}); the loss curve "
+              "starts from here", file=sys.stderr, flush=True)
+    if fallback is not None and Path(fallback).is_file():
+        for rec in _records(Path(fallback)):
+            if rec.get("run_id") == run_id and "metrics" in rec:
+                for n in names:
+                    if n in rec["metrics"]:
+                        out[n][rec["step"]] = rec["metrics"][n]
+    if max_step is not None:
+        out = {n: {s: v for s, v in pts.items() if s <= max_step} for n, pts in out.items()}
+    return out
+
+
+def _records(path: Path):
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+
+
+# ---------------------------------------------------------------- replay
+
+
+def replay(jsonl: str | os.PathLike, uri: str | None = None) -> dict[str, int]:
+    """Log what a run kept locally while MLflow was away into its run: metrics, params, tags, artifacts (from their
+    local paths, as they are now) and the final status. The file is renamed `*.replayed` afterwards, so a second
+    replay cannot log twice. Returns counts per kind."""
+    path = Path(jsonl)
+    records = list(_records(path))
+    clients: dict[str, MlflowClient] = {}
+    counts = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "missing_artifacts": 0, "status": 0}
+    done_artifacts: set[tuple[str, str, str | None]] = set()
+    for rec in records:
+        target = uri or rec.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or local_fallback_uri()
+        client = clients.setdefault(target, MlflowClient(tracking_uri=target))
+        run_id = rec["run_id"]
+        if "metrics" in rec:
+            items = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
+            for i in range(0, len(items), 1000):
+                client.log_batch(run_id, metrics=items[i:i + 1000])
+            counts["metrics"] += len(items)
+        if "params" in rec:
+            log_params(client, run_id, rec["params"])
+            counts["params"] += len(rec["params"])
+        if "tags" in rec:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
+            counts["tags"] += len(rec["tags"])
+        if "artifact" in rec:
+            key = (run_id, rec["artifact"], rec.get("artifact_path"))
+            if key in done_artifacts:  # a refreshed file (the loss curve): its latest version, once
+                continue
+            done_artifacts.add(key)
+            local = Path(rec["artifact"])
+            if not local.exists():
+                counts["missing_artifacts"] += 1
+                print(f"fwray: warning: {local} is gone; not logged", file=sys.stderr)
+            elif local.is_dir():
+                client.log_artifacts(run_id, str(local), rec.get("artifact_path"))
+                counts["artifacts"] += 1
+            else:
+                client.log_artifact(run_id, str(local), rec.get("artifact_path"))
+                counts["artifacts"] += 1
+        if "status" in rec:
+            client.set_terminated(run_id, rec["status"], end_time=rec.get("timestamp"))
+            counts["status"] += 1
+    done = path.with_name(path.name + ".replayed")
+    if done.exists():
+        done = path.with_name(f"{path.name}.replayed-{int(time.time())}")
+    os.replace(path, done)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fwray.tracking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("replay", help="log what a run kept in unlogged_metrics.jsonl while MLflow was unreachable")
+    rp.add_argument("jsonl", help="<run_dir>/unlogged_metrics.jsonl")
+    rp.add_argument("--uri", help="tracking URI (default: the URI the run used, as recorded in the file)")
+    sub.add_parser("metrics", help="list the metric names fwray logs and what they mean")
+    args = parser.parse_args(argv)
+    if args.command == "metrics":
+        for name, text in METRICS.items():
+            print(f"{name:18s} {text}")
+        return 0
+    if not Path(args.jsonl).is_file():
+        print(f"fwray: error: {args.jsonl}: no such file (nothing to replay?)", file=sys.stderr)
+        return 2
+    try:
+        counts = replay(args.jsonl, args.uri)
+    except Exception as e:
+        print(f"fwray: error: replay stopped ({type(e).__name__}: {_first_line(e)}); the file is kept, fix the "
+              f"store and run it again (metrics already logged would be logged twice)", file=sys.stderr)
+        return 1
+    print(f"replayed {args.jsonl}: {counts['metrics']} metric values, {counts['params']} params, "
+          f"{counts['tags']} tags, "
+          f"{counts['artifacts']} artifacts, {counts['status']} status"
+          + (f" ({counts['missing_artifacts']} artifacts gone)" if counts["missing_artifacts"] else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,191 @@
+"""What a run writes for people to look at: the data report, the loss curve, sample generations at each evaluation.
+
+Files are written atomically under the run folder and handed to a logger (`tracking.RunLogger` in training), so
+they exist locally even while MLflow is away. No mlflow or ray import here.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+
+from . import tokens
+
+LOSS_CURVE = "loss_curve.png"
+SAMPLES_DIR = "samples"
+DATA_REPORT = "data_report.txt"
+# Fixed prompts: the same ones at every evaluation, so the samples show the model learning.
+PROMPTS = ("The", "In this article, we will", "The most important thing about")
+SAMPLE_COUNT = 3  # prompts sampled at each evaluation (tracking.samples overrides where the config has it)
+SAMPLE_TOKENS = 48  # new tokens per sample (tracking.sample_tokens overrides): cheap even on CPU
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
+
+
+# ---------------------------------------------------------------- data report
+
+
+def data_report(manifest: dict) -> str:
+    """Documents, tokens and chars/token per split, skipped rows and the token_count check, from a manifest."""
+    splits = manifest["splits"]
+    total_docs = sum(s["documents"] for s in splits.values())
+    total_tokens = sum(s["tokens"] for s in splits.values())
+    fp = manifest.get("fingerprint", "?")[:16]
+    lines = [f"data report (fingerprint {fp}, tokenizer {manifest.get('tokenizer')})"]
+    for name, s in splits.items():
+        lines.append(f"  {name:5s} {s['documents']:>12,} documents {s['tokens']:>15,} tokens "
+                     f"in {len(s['files'])} files")
+    lines.append(f"  total {total_docs:>12,} documents {total_tokens:>15,} tokens (EOT before each document)")
+    chars = manifest.get("chars")
+    if chars is not None:
+        lines.append(f"  {chars:,} characters, {chars / max(total_tokens - total_docs, 1):.2f} chars/token "
+                     f"(EOT not counted)")
+    skipped = manifest.get("skipped", {})
+    lines.append(f"  skipped rows: {sum(skipped.values()):,}"
+                 + (f" ({', '.join(f'{k} {v:,}' for k, v in skipped.items())})" if skipped else ""))
+    check = manifest.get("token_count")
+    if check:
+        verdict = "matches" if check["matches"] else f"MISMATCH: {check['produced_without_eot']:,} produced"
+        lines.append(f"  token_count column sums to {check['column_sum']:,} ({verdict})")
+    if "val_fraction" in manifest:
+        lines.append(f"  split: val_fraction {manifest['val_fraction']} by {manifest.get('split_rule', 'hash of id')}")
+    if "seconds" in manifest:
+        lines.append(f"  prepared in {manifest['seconds']:.1f} s")
+    for f in manifest.get("inputs", []):
+        lines.append(f"  input: {f.get('path', f)}")
+    return "\n".join(lines) + "\n"
+
+
+def data_metrics(manifest: dict) -> dict[str, float]:
+    """The manifest's figures as metrics of the prepare run."""
+    out: dict[str, float] = {}
+    for name, s in manifest["splits"].items():
+        out[f"{name}_documents"] = s["documents"]
+        out[f"{name}_tokens"] = s["tokens"]
+        out[f"{name}_files"] = len(s["files"])
+    docs = sum(s["documents"] for s in manifest["splits"].values())
+    toks = sum(s["tokens"] for s in manifest["splits"].values())
+    if manifest.get("chars") is not None:
+        out["chars"] = manifest["chars"]
+        out["chars_per_token"] = manifest["chars"] / max(toks - docs, 1)
+    for k, v in manifest.get("skipped", {}).items():
+        out[f"skipped_{k}"] = v
+    if "seconds" in manifest:
+        out["seconds"] = manifest["seconds"]
+    return out
+
+
+# ---------------------------------------------------------------- loss curve
+
+
+def loss_curve_png(history: dict[str, dict[int, float]], tokens_per_step: int, title: str = "") -> bytes:
+    """Train and validation loss against tokens seen, as PNG bytes (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure  # no pyplot: no global state, nothing to close
+
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    styles = {"train_loss": dict(label="train", color="tab:blue", lw=1.2),
+              "val_loss": dict(label="validation", color="tab:orange", lw=1.8, marker="o", ms=3)}
+    for name, style in styles.items():
+        points = sorted(history.get(name, {}).items())
+        if points:
+            ax.plot([s * tokens_per_step for s, _ in points], [v for _, v in points], **style)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    if any(history.get(n) for n in styles):
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- samples
+
+
+def samples_text(model, enc, step: int, prompts=PROMPTS, max_new_tokens: int = SAMPLE_TOKENS, seed: int = 1337,
+                 temperature: float = SAMPLE_TEMPERATURE, top_k: int = SAMPLE_TOP_K) -> str:
+    from .sample import generate_text
+
+    parts = [f"step {step}: temperature {temperature}, top_k {top_k}, seed {seed}, {max_new_tokens} new tokens"]
+    for i, prompt in enumerate(prompts):
+        text = generate_text(model, enc, prompt, max_new_tokens, temperature, top_k, seed=seed + i)
+        parts.append(f"--- prompt {i + 1}: {prompt!r}\n{text}")
+    return "\n\n".join(parts) + "\n"
+
+
+def sample_name(step: int) -> str:
+    return f"step_{step:06d}.txt"
+
+
+class EvalArtifacts:
+    """Rank 0's loss history, and at each evaluation the loss curve and sample generations, written and logged.
+
+    `logger` needs `artifact(path, artifact_path)`; `history` seeds the curve (a restarted worker rebuilds it from
+    the run's metric history). Nothing here may stop training: a failure is reported once and the feature stops.
+    """
+
+    def __init__(self, exp, run_dir: str | os.PathLike, logger, history: dict[str, dict[int, float]] | None = None):
+        self.exp, self.logger = exp, logger
+        self.run_dir = Path(run_dir)
+        self.history: dict[str, dict[int, float]] = {"train_loss": {}, "val_loss": {}}
+        for name, points in (history or {}).items():
+            self.history.setdefault(name, {}).update(points)
+        tr = exp.tracking
+        self.count = min(int(getattr(tr, "samples", SAMPLE_COUNT)), len(PROMPTS))
+        self.max_new_tokens = int(getattr(tr, "sample_tokens", SAMPLE_TOKENS))
+        self._enc = self._model = None
+        self.broken: set[str] = set()
+
+    def record(self, step: int, metrics: dict) -> None:
+        for name in ("train_loss", "val_loss"):
+            value = metrics.get(name)
+            if value is not None and value == value:  # NaN is no point on a curve
+                self.history[name][step] = float(value)
+
+    def on_eval(self, step: int, model_state: dict | None = None) -> None:
+        """Refresh the loss curve; with the model's weights, write this evaluation's samples too."""
+        self._guard("loss curve", self._curve)
+        if model_state is not None and self.count > 0:
+            self._guard("samples", self._samples, step, model_state)
+
+    def _guard(self, what: str, fn, *args) -> None:
+        if what in self.broken:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # a plot or a sample is never worth a training run
+            self.broken.add(what)
+            print(f"fwray: warning: {what} failed ({type(e).__name__}: {e}); training goes on without it", flush=True)
+
+    def _curve(self) -> None:
+        png = loss_curve_png(self.history, self.exp.tokens_per_step, title=f"{self.exp.name}: loss")
+        path = self.run_dir / LOSS_CURVE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokens.write_atomic(path, png)
+        self.logger.artifact(path)
+
+    def _samples(self, step: int, model_state: dict) -> None:
+        from . import engine
+        from .model import GPT
+
+        if self._enc is None:
+            self._enc = tokens.get_tokenizer(self.exp.data.tokenizer)
+        if self._model is None:
+            with torch.device("meta"):
+                self._model = GPT(engine.gpt_config(self.exp))
+        # assign=True shares the training tensors (same device, no copy): the sampler costs no extra weights memory.
+        # A plain dict drops the state dict's `_metadata`, which assign=True would otherwise mark for the trainer too.
+        self._model.load_state_dict(dict(model_state), assign=True)
+        text = samples_text(self._model, self._enc, step, PROMPTS[:self.count], self.max_new_tokens,
+                            seed=self.exp.train.seed)
+        folder = self.run_dir / SAMPLES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        tokens.write_atomic(folder / sample_name(step), text.encode())
+        self.logger.artifact(folder / sample_name(step), SAMPLES_DIR)

@@ -1,0 +1,140 @@
+"""The sampler CLI on saved models (no Ray, no server), its one-line errors, and the evaluation artifacts."""
+import json
+
+import pytest
+import torch
+
+from fwray import artifacts, config, engine, sample, tokens
+from fwray.model import GPT
+
+EXP = config.from_dict({"name": "tiny", "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+                        "train": {"max_iters": 10, "batch_size": 2}, "data": {"paths": ["unused.parquet"]}})
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(engine.gpt_config(EXP))
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """What fwray.trainer writes as the run's `model/`: a weights-only state dict and the model config."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    torch.save(tiny_model().state_dict(), folder / "model.pt")
+    (folder / "model_config.json").write_text(json.dumps({**vars(engine.gpt_config(EXP)), "tokenizer": "gpt2",
+                                                          "eot": tokens.EOT, "step": 10, "val_loss": 9.9}))
+    return folder
+
+
+def run_cli(capsys, *args):
+    rc = sample.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_checkpoint_folder_prints_a_deterministic_continuation(model_folder, capsys):
+    args = ["--checkpoint", str(model_folder), "--prompt", "Hello", "--max-new-tokens", "12", "--device", "cpu"]
+    rc, out, _ = run_cli(capsys, *args)
+    assert rc == 0 and out.startswith("Hello") and len(out.strip()) > len("Hello")
+    assert run_cli(capsys, *args)[1] == out  # same seed, same text
+    assert run_cli(capsys, *args, "--seed", "7")[1] != out
+
+
+def test_ray_checkpoint_and_run_folders_load_the_same_weights(model_folder, tmp_path, capsys):
+    ckpt = tmp_path / "ray_run" / "checkpoint_2026-01-01_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    torch.save({"model": tiny_model().state_dict(), "optimizer": {}, "step": 10, "config": config.to_yaml(EXP)},
+               ckpt / "state.pt")
+    args = ["--prompt", "Hello", "--max-new-tokens", "8", "--device", "cpu"]
+    reference = run_cli(capsys, "--checkpoint", str(model_folder), *args)[1]
+    for path in (ckpt, ckpt.parent, model_folder.parent):  # a Ray checkpoint, a Ray run folder, a run folder
+        rc, out, _ = run_cli(capsys, "--checkpoint", str(path), *args)
+        assert (rc, out) == (0, reference)
+
+
+def test_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "--checkpoint", str(tmp_path / "nope"))
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "no such checkpoint folder" in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(capsys, "--checkpoint", str(tmp_path / "empty"))
+    assert rc == 2 and err.count("\n") == 1 and "model.pt" in err
+
+
+def test_missing_tokenizer_is_one_line_exit_2(model_folder, monkeypatch, capsys):
+    def unavailable(name="gpt2"):
+        raise tokens.TokenizerUnavailable(f"tiktoken cannot load the {name} files (test)")
+
+    monkeypatch.setattr(tokens, "get_tokenizer", unavailable)
+    rc, out, err = run_cli(capsys, "--checkpoint", str(model_folder))
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "tiktoken cannot load" in err
+
+
+def test_unknown_run_and_run_without_model_are_one_line_exit_2(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("e"))
+    rc, _, err = run_cli(capsys, "--run-id", "0123456789abcdef0123456789abcdef", "--tracking-uri", uri)
+    assert rc == 2 and fwray_lines(err) == 1 and "no MLflow run" in err
+    rc, _, err = run_cli(capsys, "--run-id", run.info.run_id, "--tracking-uri", uri)
+    assert rc == 2 and fwray_lines(err) == 1 and "has no model artifacts" in err
+
+
+def fwray_lines(err: str) -> int:
+    """fwray's own lines (MLflow logs its store creation at INFO)."""
+    return sum(line.startswith("fwray:") for line in err.splitlines())
+
+
+def test_run_id_from_a_local_store(model_folder, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp_id).info.run_id
+    client.log_artifacts(run_id, str(model_folder), "model")
+    args = ["--prompt", "Hello", "--max-new-tokens", "8", "--device", "cpu"]
+    rc, out, _ = run_cli(capsys, "--run-id", run_id, "--tracking-uri", uri, *args)
+    assert rc == 0 and out == run_cli(capsys, "--checkpoint", str(model_folder), *args)[1]
+
+
+# ---------------------------------------------------------------- evaluation artifacts
+
+
+MANIFEST = {"fingerprint": "ab" * 32, "tokenizer": "gpt2", "val_fraction": 0.05, "chars": 3000, "seconds": 1.5,
+            "splits": {"train": {"documents": 9, "tokens": 1009, "files": [{"name": "train-00000.bin"}]},
+                       "val": {"documents": 1, "tokens": 11, "files": [{"name": "val-00000.bin"}]}},
+            "skipped": {"null_or_empty": 2, "min_chars": 0},
+            "token_count": {"column_sum": 1010, "produced_without_eot": 1010, "matches": True}}
+
+
+def test_data_report_and_metrics_come_from_the_manifest():
+    text = artifacts.data_report(MANIFEST)
+    assert "train" in text and "1,009 tokens" in text and "skipped rows: 2" in text and "2.97 chars/token" in text
+    m = artifacts.data_metrics(MANIFEST)
+    assert m["train_documents"] == 9 and m["val_tokens"] == 11 and m["skipped_null_or_empty"] == 2
+    assert m["chars_per_token"] == pytest.approx(3000 / 1010)
+
+
+def test_eval_artifacts_write_curve_and_samples_and_hand_them_to_the_logger(tmp_path):
+    logged = []
+
+    class Logger:
+        def artifact(self, path, artifact_path=None):
+            logged.append((path.relative_to(tmp_path).as_posix(), artifact_path))
+
+    model = tiny_model()
+    evals = artifacts.EvalArtifacts(EXP, tmp_path, Logger(), history={"train_loss": {5: 10.5}})
+    evals.record(0, {"val_loss": 10.9, "tokens_seen": 0})
+    evals.on_eval(0)  # no weights at step 0: the curve only
+    evals.record(10, {"train_loss": 9.5, "lr": 1e-3})
+    evals.record(10, {"val_loss": 9.7})
+    evals.on_eval(10, model.state_dict())
+    assert logged == [("loss_curve.png", None), ("loss_curve.png", None), ("samples/step_000010.txt", "samples")]
+    assert (tmp_path / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert evals.history == {"train_loss": {5: 10.5, 10: 9.5}, "val_loss": {0: 10.9, 10: 9.7}}
+    text = (tmp_path / "samples" / "step_000010.txt").read_text()
+    assert text.startswith("step 10:") and all(repr(p) in text for p in artifacts.PROMPTS)
+    assert not evals.broken

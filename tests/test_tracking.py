@@ -1,0 +1,305 @@
+"""MLflow tracking end to end against real `mlflow server` processes: the run layout, metric histories, artifacts,
+the sampler on the trained run, a server killed mid-run (training finishes, replay logs the rest), and the
+failure paths at start. One training run in this process is shared by the module."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fwray import config, sample, tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+SHORT = ["train.max_iters=20", "train.eval_interval=10", "train.eval_iters=2", "train.log_interval=5"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """An `mlflow server` on 127.0.0.1: sqlite backend and proxied artifacts under `folder`, in its own session."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.proc = None
+        self.port = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Server":
+        self.port = free_port()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+               "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.log = open(self.folder / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return self
+
+    def wait(self, timeout: float = 120) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"mlflow server exited: {Path(self.log.name).read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server on port {self.port} not healthy after {timeout} s")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        """The server and the workers it started (its own process group), by that group's id."""
+        if self.proc is None or self.proc.poll() is not None and sig == signal.SIGTERM:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Two servers started together (their ~20 s start-ups overlap): `main` for the shared run, `victim` to kill."""
+    base = tmp_path_factory.mktemp("mlflow")
+    started = {"main": Server(base / "main").start(), "victim": Server(base / "victim").start()}
+    yield started
+    for s in started.values():
+        s.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def outage(servers, tmp_path_factory):
+    """`python -m fwray.run` against the victim server, killed once the first train metrics appear; started before
+    the shared in-process run so the two overlap. A new server on the same database starts right after the kill."""
+    victim = servers["victim"].wait()
+    folder = tmp_path_factory.mktemp("outage")
+    # a relative tokenizer cache, as the README sets it: Ray's workers run elsewhere and must still find it
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "TIKTOKEN_CACHE_DIR": os.path.relpath(os.environ["TIKTOKEN_CACHE_DIR"], folder)}
+    cmd = [sys.executable, "-m", "fwray.run", str(SMOKE), f"tracking.uri={victim.uri}",
+           f"resources.storage_path={folder / 'runs'}", f"data.cache_dir={folder / 'cache'}", *SHORT]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder)
+    state = {"proc": proc, "lines": [], "killed": threading.Event(), "again": Server(victim.folder),
+             "runs": folder / "runs"}
+
+    def read():
+        for line in proc.stdout:
+            state["lines"].append(line)
+            if not state["killed"].is_set() and re.search(r"step\s+\d+/20 \| loss", line):  # the first train metrics
+                victim.kill()
+                state["killed"].set()
+                state["again"].start()
+
+    state["reader"] = threading.Thread(target=read, daemon=True)
+    state["reader"].start()
+    yield state
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    state["again"].kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def trained(servers, outage, tmp_path_factory, ray_session):
+    """The smoke experiment, shortened, trained in this process against the main server."""
+    from fwray import run
+
+    server = servers["main"].wait()
+    runs, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("cache")
+    rc = run.main([str(SMOKE), f"tracking.uri={server.uri}", f"resources.storage_path={runs}",
+                   f"data.cache_dir={cache}", *SHORT])
+    assert rc == 0
+    client = MlflowClient(tracking_uri=server.uri)
+    exp = client.get_experiment_by_name("smoke")
+    parents = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'smoke-%'")
+    assert len(parents) == 1
+    return {"uri": server.uri, "client": client, "experiment": exp, "run": parents[0], "runs": runs}
+
+
+def artifact_paths(client, run_id, path=None) -> set[str]:
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+# ---------------------------------------------------------------- against a server
+
+
+def test_layout_experiment_parent_and_nested_prepare_run(trained):
+    client, run = trained["client"], trained["run"]
+    assert trained["experiment"].tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    import fwray
+
+    assert tags["fwray.version"] == fwray.__version__ and tags["fwray.device"] == "cpu"
+    assert {"torch_version", "ray_version", "mlflow_version"} <= set(tags)
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["fwray.git_commit"])  # the tests run from a checkout
+    params = run.data.params
+    assert params["model.n_layer"] == "2" and params["train.max_iters"] == "20" and "plan.tokens_per_step" in params
+    children = client.search_runs([trained["experiment"].experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert [c.info.run_name for c in children] == ["prepare"]
+    child = children[0]
+    assert child.info.status == "FINISHED" and child.data.params["data.val_fraction"] == "0.05"
+    m = child.data.metrics
+    assert m["train_documents"] + m["val_documents"] == 218 and m["train_tokens"] > 1e6 and m["seconds"] > 0
+    assert artifact_paths(client, child.info.run_id) == {"manifest.json", "data_report.txt"}
+
+
+def test_metric_histories_are_complete(trained):
+    client, run_id = trained["client"], trained["run"].info.run_id
+    steps = {name: sorted(m.step for m in client.get_metric_history(run_id, name))
+             for name in ("train_loss", "val_loss", "lr", "tokens_per_s", "tokens_seen", "epoch")}
+    assert steps["val_loss"] == [0, 10, 20]
+    for name in ("train_loss", "lr", "tokens_per_s", "epoch"):
+        assert steps[name] == [5, 10, 15, 20], name
+    assert steps["tokens_seen"] == [0, 5, 10, 10, 15, 20, 20]  # logged with the train and the eval metrics
+    assert set(trained["run"].data.metrics) <= set(tracking.METRICS)  # every name is documented
+
+
+def test_artifacts_listed_and_downloadable(trained, tmp_path):
+    client, run_id = trained["client"], trained["run"].info.run_id
+    assert artifact_paths(client, run_id) == {
+        "config.yaml", "plan.txt", "data/manifest.json", "data/data_report.txt", "loss_curve.png",
+        "samples/step_000010.txt", "samples/step_000020.txt", "model/model.pt", "model/model_config.json"}
+    import mlflow
+
+    got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="loss_curve.png",
+                                                   tracking_uri=trained["uri"], dst_path=str(tmp_path)))
+    assert got.read_bytes().startswith(b"\x89PNG")
+    text = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/step_000020.txt",
+                                                    tracking_uri=trained["uri"], dst_path=str(tmp_path))).read_text()
+    assert text.startswith("step 20:") and text.count("--- prompt") == 3
+    resolved = config.from_dict(__import__("yaml").safe_load(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="config.yaml", tracking_uri=trained["uri"], dst_path=str(tmp_path))).read_text()))
+    assert resolved.train.max_iters == 20
+
+
+def test_sampler_prints_text_from_the_trained_run(trained, capsys):
+    rc = sample.main(["--run-id", trained["run"].info.run_id, "--tracking-uri", trained["uri"], "--prompt",
+                      "The module", "--max-new-tokens", "16", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("The module") and len(out) > len("The module") + 5
+
+
+def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage):
+    proc = outage["proc"]
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    outage["reader"].join(timeout=60)  # it kills the server and starts the next one: slow on a busy machine
+    out = "".join(outage["lines"])
+    assert outage["killed"].is_set(), out[-3000:]
+    assert rc == 0, out[-3000:]
+    assert out.count("stopped answering") == 1, out[-3000:]  # one warning (the worker's; the driver's never tried)
+    assert "did not take the run's final status" in out and "done: validation loss" in out
+    run_dir = next(outage["runs"].glob("smoke-*"))
+    jsonl = run_dir / tracking.FALLBACK_FILE
+    assert jsonl.is_file() and '"metrics"' in jsonl.read_text()
+
+    # the new server on the same database and artifact folder, then replay
+    again = outage["again"].wait()
+    run_id = json.loads((outage["runs"] / "smoke.latest.json").read_text())["mlflow_run_id"]
+    assert tracking.main(["replay", str(jsonl), "--uri", again.uri]) == 0
+    assert not jsonl.exists() and jsonl.with_name(jsonl.name + ".replayed").is_file()
+    client = MlflowClient(tracking_uri=again.uri)
+    steps = {n: sorted(m.step for m in client.get_metric_history(run_id, n)) for n in ("train_loss", "val_loss")}
+    assert steps == {"train_loss": [5, 10, 15, 20], "val_loss": [0, 10, 20]}
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert float(client.get_run(run_id).data.tags["fwray.outcome.measured_tokens_per_s"]) > 0  # kept, then replayed
+    paths = artifact_paths(client, run_id)
+    assert {"model/model.pt", "loss_curve.png", "samples/step_000020.txt"} <= paths
+    assert sample.main(["--run-id", run_id, "--tracking-uri", again.uri, "--max-new-tokens", "4",
+                        "--device", "cpu"]) == 0
+
+
+# ---------------------------------------------------------------- failures at start, without a server
+
+
+def test_unreachable_server_at_start_is_one_line_before_any_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    uri = f"http://127.0.0.1:{free_port()}"
+    p = subprocess.run([sys.executable, "-m", "fwray.run", str(SMOKE), f"tracking.uri={uri}",
+                        f"resources.storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 1
+    errors = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("fwray: error: MLflow tracking store") and uri in errors[0]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()  # no work was done
+
+
+def test_not_required_falls_back_to_the_local_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exp = config.load(SMOKE, [f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.required=false"])
+    client = tracking.connect(exp)
+    assert client.tracking_uri == f"sqlite:///{tmp_path / '.fwray' / 'mlflow.db'}"
+    assert "tracked in sqlite:///" in capsys.readouterr().err
+    required = config.load(SMOKE, [f"tracking.uri=http://127.0.0.1:{free_port()}"])
+    with pytest.raises(tracking.TrackingUnavailable, match="unreachable"):
+        tracking.connect(required)
+
+
+def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
+    """A logger whose store is gone: one warning, all records kept; replay into the real store, once."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    exp_id = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp_id).info.run_id
+    client.log_batch(run_id, metrics=[tracking.Metric("train_loss", 11.0, 0, 1)])
+    (tmp_path / "curve.txt").write_text("x")
+
+    log = tracking.RunLogger(f"http://127.0.0.1:{free_port()}", run_id, tmp_path / "run")
+    log.metrics(2, {"train_loss": 10.0, "lr": 1e-3})
+    log.metrics(3, {"train_loss": 9.0, "lr": 2e-3})
+    log.tags({"fwray.resumed_from_step": 2})
+    log.artifact(tmp_path / "curve.txt")
+    log.artifact(tmp_path / "curve.txt")  # refreshed: uploaded once on replay
+    gone = tracking.MlflowClient(tracking_uri=log.uri)
+    assert tracking.finish(gone, run_id, True, tmp_path / "run") is False
+    err = capsys.readouterr().err
+    assert err.count("stopped answering") == 1 and err.count("did not take the run's final status") == 1
+
+    history = tracking.metric_history(store, run_id, fallback=log.fallback, max_step=2)
+    assert history["train_loss"] == {1: 11.0, 2: 10.0}  # MLflow's and the kept records, up to the checkpoint
+
+    assert tracking.main(["replay", str(log.fallback), "--uri", store]) == 0
+    assert "4 metric values, 0 params, 1 tags, 1 artifacts, 1 status" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3]
+    assert run.info.status == "FINISHED" and run.data.tags["fwray.resumed_from_step"] == "2"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["curve.txt"]
+    assert tracking.main(["replay", str(log.fallback), "--uri", store]) == 2  # renamed: nothing to log twice
+
+
+def test_git_commit_only_in_a_checkout(tmp_path):
+    assert tracking.git_commit(tmp_path) is None
+    found = tracking.git_commit()
+    assert found is None or re.fullmatch(r"[0-9a-f]{40}", found[0])
