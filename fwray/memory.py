@@ -1,0 +1,152 @@
+"""Peak memory of one training step and one evaluation forward, predicted without a GPU. Pure torch.
+
+The engine's own step runs under a TorchDispatchMode that counts the bytes of live tensor storages (each rounded up
+to 512 bytes, as the CUDA caching allocator does). Under FakeTensorMode no real memory is allocated and no FLOPs are
+spent, so a 124M model at micro-batch 14 x 1024 is estimated in seconds on a laptop. The step runs in the dtype a CUDA
+run would use (bf16 autocast for train.dtype auto/bfloat16): CPU autocast casts the same ops of this model (linear,
+SDPA) to bf16 as CUDA autocast does, so the saved activations have the CUDA sizes.
+
+What it cannot see: the CUDA context, cuBLAS/attention workspaces, allocator fragmentation (reserved > allocated) and
+what torch.compile saves or fuses. `probe.margin` is the headroom for those; `compare_with_cuda` measures the gap.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .config import Experiment
+from .engine import Engine, gpt_config, make_optimizer
+from .model import GPT
+
+GIB = 2**30
+BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
+
+
+def cuda_dtype(exp: Experiment) -> torch.dtype:
+    """The autocast dtype a CUDA run of `exp` uses (train.dtype auto means bf16 on CUDA)."""
+    return torch.float32 if exp.train.dtype == "float32" else torch.bfloat16
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storages created inside the mode (plus those `track`ed), and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = WeakIdKeyDictionary()  # storage -> bytes counted
+        self._refs = []  # weakrefs whose callbacks subtract a storage when it is freed
+        self.current = self.peak = 0
+
+    def track(self, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st in self.sizes:
+                    continue
+                size = -(-st.nbytes() // BLOCK) * BLOCK
+                self.sizes[st] = size
+                self._refs.append(weakref.ref(st, lambda _, size=size: self._free(size)))
+                self.current += size
+                self.peak = max(self.peak, self.current)
+
+    def _free(self, size: int) -> None:
+        self.current -= size
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.track(*(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)))
+        return out
+
+
+def _batch(exp: Experiment, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, 50257, (batch_size, exp.model.block_size + 1), device=device)
+    return x[:, :-1], x[:, 1:]
+
+
+def measure_peak_bytes(exp: Experiment, batch_size: int, activation_checkpointing: bool = False,
+                       eval_batch_size: int | None = None, accumulation: int | None = None,
+                       dtype: torch.dtype | None = None, fake: bool = True, steps: int = 2) -> dict:
+    """Run `steps` engine steps and one evaluation forward on the CPU, counting live tensor bytes.
+
+    fake=True runs under FakeTensorMode (no allocation, no compute); fake=False allocates for real (small models: the
+    check that faking changes nothing). accumulation defaults to min(train.gradient_accumulation_steps, 2): the second
+    micro-batch is the one that runs with the first one's gradients alive. Two steps: the second runs with AdamW's
+    moments alive. Returns bytes: params, train_peak, eval_peak, peak.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    accumulation = accumulation or min(exp.train.gradient_accumulation_steps, 2)
+    exp = exp.with_changes("train", batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                           max_iters=exp.train.max_iters or steps)
+    dtype = dtype or torch.float32
+    eval_batch_size = eval_batch_size or exp.train.eval_batch_size or batch_size
+    device = torch.device("cpu")
+    counter = LiveBytes()
+    with FakeTensorMode() if fake else contextlib.nullcontext(), counter:
+        torch.manual_seed(exp.train.seed)
+        # built here rather than by Engine.build: .to(device) cannot swap fake parameters, and the device is the CPU
+        raw = GPT(gpt_config(exp), loss_chunk_size=exp.train.loss_chunk_size,
+                  activation_checkpointing=activation_checkpointing)
+        engine = Engine(exp, device, raw, raw, make_optimizer(raw, exp), dtype, compiled=False)
+        counter.track(*raw.parameters())
+        params = counter.current
+        batch = _batch(exp, batch_size, device)
+        counter.reset_peak()
+        for step in range(steps):
+            engine.step(step, lambda micro: batch)
+        train_peak = counter.peak
+        del batch
+        val = _batch(exp, eval_batch_size, device)
+        counter.reset_peak()
+        # Engine.evaluate's forward (its .item() has no value under FakeTensorMode)
+        with torch.no_grad(), engine.autocast():
+            raw.eval()
+            raw(*val).float()
+        eval_peak = counter.peak
+    return {"params": params, "train_peak": train_peak, "eval_peak": eval_peak, "peak": max(train_peak, eval_peak)}
+
+
+def estimate_peak_bytes(exp: Experiment, batch_size: int, activation_checkpointing: bool = False,
+                        eval_batch_size: int | None = None, accumulation: int | None = None) -> dict:
+    """Predicted peak allocated bytes of a CUDA run of `exp` at `batch_size` (no GPU, no real compute)."""
+    out = measure_peak_bytes(exp, batch_size, activation_checkpointing, eval_batch_size, accumulation,
+                             dtype=cuda_dtype(exp), fake=True)
+    return {**out, "dtype": str(cuda_dtype(exp)).replace("torch.", ""), "method": "cpu-estimate"}
+
+
+def compare_with_cuda(exp: Experiment, batch_size: int, activation_checkpointing: bool = False,
+                      eval_batch_size: int | None = None, compile: bool = False, steps: int = 3) -> dict:
+    """Predicted vs measured peak on this machine's GPU, for a GPU bench: the same steps, eval forward, in GiB.
+
+    `error` is predicted / measured allocated - 1 (the goal: within 10%).
+    """
+    accumulation = min(exp.train.gradient_accumulation_steps, 2)
+    predicted = estimate_peak_bytes(exp, batch_size, activation_checkpointing, eval_batch_size, accumulation)
+    device = torch.device("cuda")
+    run = exp.with_changes("train", batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                           max_iters=exp.train.max_iters or steps)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, dtype="bfloat16" if cuda_dtype(exp) ==
+                                                             torch.bfloat16 else "float32"))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    engine = Engine.build(run, device, activation_checkpointing=activation_checkpointing, compile=compile)
+    batch = _batch(run, batch_size, torch.device("cpu"))
+    for step in range(steps):
+        engine.step(step, lambda micro: batch)
+    val = _batch(run, eval_batch_size or exp.train.eval_batch_size or batch_size, torch.device("cpu"))
+    engine.evaluate(lambda i: val, 1)
+    torch.cuda.synchronize(device)
+    alloc, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    del engine
+    torch.cuda.empty_cache()
+    return {"batch_size": batch_size, "activation_checkpointing": activation_checkpointing, "compile": compile,
+            "predicted_gb": predicted["peak"] / GIB, "measured_alloc_gb": alloc / GIB,
+            "measured_reserved_gb": reserved / GIB, "error": predicted["peak"] / alloc - 1}

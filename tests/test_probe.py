@@ -1,0 +1,155 @@
+"""The OOM probe: memory estimates (pure), the verdict (pure), a real Ray Tune sweep on CPU, and fwray.run with it."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fwray import config, memory, probe
+from fwray.engine import gpt_config
+from fwray.model import count_params
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE_CPU = ROOT / "experiments" / "probe-cpu.yaml"
+
+
+def tiny(**train) -> config.Experiment:
+    return config.from_dict({
+        "name": "probe-test",
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "train": {"batch_size": 2, "gradient_accumulation_steps": 8, "max_iters": 10, "compile": False, **train},
+        "data": {"paths": ["unused.parquet"]},
+        "probe": {"batch_sizes": [1, 2, 4, 8], "steps": 3},
+    })
+
+
+# ---------------------------------------------------------------- memory.py
+
+
+def test_estimate_grows_with_batch_size():
+    exp = tiny()
+    peaks = [memory.estimate_peak_bytes(exp, b)["peak"] for b in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks) and peaks[-1] > 1.5 * peaks[0]
+
+
+def test_activation_checkpointing_lowers_the_train_peak():
+    # small loss chunks so that the layers' activations, not the logits, dominate
+    exp = config.from_dict({"model": {"n_layer": 6, "n_head": 4, "n_embd": 256, "block_size": 256},
+                            "train": {"max_iters": 10, "loss_chunk_size": 256}, "data": {"paths": ["x"]}})
+    plain = memory.estimate_peak_bytes(exp, 32)["train_peak"]
+    checkpointed = memory.estimate_peak_bytes(exp, 32, activation_checkpointing=True)["train_peak"]
+    assert checkpointed < 0.7 * plain
+
+
+def test_fake_estimate_matches_a_real_cpu_run():
+    exp = tiny(loss_chunk_size=64)
+    fake = memory.measure_peak_bytes(exp, 4, dtype=torch.float32, fake=True)
+    real = memory.measure_peak_bytes(exp, 4, dtype=torch.float32, fake=False)
+    assert fake["peak"] == pytest.approx(real["peak"], rel=0.05)
+    n_params = count_params(gpt_config(exp))
+    assert real["params"] == pytest.approx(4 * n_params, rel=0.01)
+    assert real["train_peak"] > 4 * real["params"]  # weights, gradients, two AdamW moments, activations
+
+
+def test_estimate_uses_the_cuda_dtype():
+    exp = tiny()
+    assert memory.cuda_dtype(exp) == torch.bfloat16  # dtype auto is bf16 on CUDA, whatever the CPU does
+    assert memory.cuda_dtype(tiny(dtype="float32")) == torch.float32
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+def _row(b, peak, tok=None, status="ok", ac=False):
+    return {"batch_size": b, "activation_checkpointing": ac, "compile": None, "status": status, "reason": "",
+            "peak_gb": peak, "tokens_per_s": tok, "method": "cuda" if tok else "cpu-estimate"}
+
+
+def test_verdict_keeps_tokens_per_step():
+    exp = tiny()  # 2 x 32 x 8 = 512 tokens per step
+    v = probe.decide(exp, [_row(1, 1.0), _row(2, 2.0), _row(4, 3.0), _row(8, 9.0)], 4.0, "cpu-estimate")
+    assert [r["fits"] for r in v["candidates"]] == [True, True, True, False]
+    assert v["chosen"]["batch_size"] == 4 and v["chosen"]["gradient_accumulation_steps"] == 4
+    new = probe.apply_verdict(exp, v)
+    assert new.tokens_per_step == exp.tokens_per_step == 512
+    # 3 does not divide 512 / 32: the nearest accumulation, its difference shown
+    v3 = probe.decide(exp, [_row(3, 1.0)], 4.0, "cpu-estimate")
+    assert v3["chosen"]["gradient_accumulation_steps"] == 5
+    assert v3["chosen"]["tokens_per_step_difference"] == 3 * 32 * 5 - 512
+
+
+def test_cuda_verdict_picks_fastest_and_ties_go_larger():
+    exp = tiny()
+    rows = [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 995.0), _row(8, 3.5, 700.0, status="oom")]
+    v = probe.decide(exp, rows, 4.0, "cuda")
+    assert v["chosen"]["batch_size"] == 4  # within 1% of the fastest: the larger one
+    v = probe.decide(exp, [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 800.0)], 4.0, "cuda")
+    assert v["chosen"]["batch_size"] == 2
+
+
+def test_nothing_fits_names_the_smallest_its_peak_and_the_cap():
+    exp = tiny()
+    v = probe.decide(exp, [_row(2, 5.0), _row(4, 7.0)], 4.0, "cpu-estimate")
+    assert v["chosen"] is None
+    with pytest.raises(probe.ProbeError, match=r"micro-batch 2, needs peak 5.00 GB.*probe.batch_sizes"):
+        probe.apply_verdict(exp, v)
+    assert "4.00 GB" in v["error"]
+
+
+# ---------------------------------------------------------------- the sweep, for real
+
+
+def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    exp = tiny()
+    peaks = {b: memory.estimate_peak_bytes(exp, b, accumulation=min(probe.accumulation_for(exp, b), 2))["peak"]
+             / probe.GIB for b in (1, 2, 4, 8)}
+    cap = (peaks[4] + peaks[8]) / 2 / 0.9  # 1, 2 and 4 fit the limit, 8 does not
+    exp = exp.with_changes("probe", gpu_memory_gb=cap)
+    monkeypatch.setenv(probe.INJECT_ENV, "4,1:eval")  # 4 runs out at step 1, 1 during its evaluation
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    verdict = probe.run_probe(exp, None, None, client=client, out_dir=tmp_path / "probe")
+
+    rows = {r["batch_size"]: r for r in verdict["candidates"]}
+    assert [rows[b]["fits"] for b in (1, 2, 4, 8)] == [False, True, False, False]
+    assert rows[4]["status"] == "oom" and rows[4]["reason"].startswith("OOM at step 1")
+    assert rows[1]["reason"].startswith("OOM during eval")
+    assert rows[8]["status"] == "ok" and rows[8]["peak_gb"] > verdict["limit_gb"]
+    assert rows[2]["tokens_per_s"] > 0 and rows[2]["method"] == "cpu-estimate"
+    chosen = verdict["chosen"]
+    assert chosen["batch_size"] == 2 and chosen["tokens_per_step"] == exp.tokens_per_step
+    assert json.loads((tmp_path / "probe" / "verdict.json").read_text())["chosen"] == chosen
+
+    runs = client.search_runs([client.get_experiment_by_name("probe-test").experiment_id])
+    top = [r for r in runs if r.data.tags.get("fwray.kind") == "probe"]
+    assert len(top) == 1 and "mlflow.parentRunId" not in top[0].data.tags  # started alone: a top-level run
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id]
+    assert sorted(int(r.data.params["batch_size"]) for r in trials) == [1, 2, 4, 8]
+    assert {int(r.data.params["batch_size"]): r.data.metrics["fits"] for r in trials} == {1: 0, 2: 1, 4: 0, 8: 0}
+    assert [a.path for a in client.list_artifacts(top[0].info.run_id)] == ["verdict.json"]
+
+
+def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fwray import run
+
+    exp = config.load(PROBE_CPU, [
+        "probe.batch_sizes=[4, 8]", "train.max_iters=4", "train.eval_interval=4", "train.log_interval=2",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"resources.storage_path={tmp_path}/runs",
+        f"data.cache_dir={tmp_path}/cache"])
+    assert run.run(exp) == 0
+
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+    trained = config.load(run_dir / "config.yaml")
+    verdict = json.loads((run_dir / "probe" / "verdict.json").read_text())
+    assert trained.train.batch_size == verdict["chosen"]["batch_size"] == 4  # 4 fits 0.3 GB, 8 does not
+    assert trained.train.gradient_accumulation_steps == 4 and trained.tokens_per_step == exp.tokens_per_step
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("probe-cpu").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["train.batch_size"] == "4"
+    probe_run = next(r for r in runs if r.data.tags.get("fwray.kind") == "probe")
+    assert probe_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
