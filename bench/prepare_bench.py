@@ -4,7 +4,8 @@
     python bench/prepare_bench.py --parquet FILE --workers 2
 
 Prints fwray's tokens/s (Ray started and its workers warm before timing), the tiktoken baseline
-(`encode_ordinary_batch`, num_threads = cores, one process, texts already in memory), their ratio, and the peak
+(`encode_ordinary_batch`, num_threads = cores, one process, texts already in memory), their ratio, one-thread tiktoken
+times the cores (the ideal no parallel tokenizer beats), and the peak
 summed RSS of this process and every Ray process (sampled every 0.2 s while preparing).
 """
 from __future__ import annotations
@@ -86,22 +87,40 @@ def run_fwray(parquet: Path, workers: int, cache: Path) -> tuple[float, int, int
     return seconds, n, sampler
 
 
-def run_baseline(parquet: Path, threads: int) -> tuple[float, int, int]:
-    """tiktoken alone: encode_ordinary_batch over (a sample of) the same texts; returns seconds, tokens, chars."""
-    import tiktoken
-
+def read_texts(parquet: Path, max_chars: int) -> list[str]:
+    """The first non-empty texts of `parquet`, about `max_chars` characters of them."""
     texts, size = [], 0
     for batch in pq.ParquetFile(parquet).iter_batches(columns=["text"], batch_size=1024):
         texts += [t for t in batch.column(0).to_pylist() if t]
         size = sum(map(len, texts))
-        if size >= BASELINE_TEXT_BYTES:
+        if size >= max_chars:
             break
+    return texts
+
+
+def run_baseline(parquet: Path, threads: int) -> tuple[float, int, int]:
+    """tiktoken alone: encode_ordinary_batch over (a sample of) the same texts; returns seconds, tokens, chars."""
+    import tiktoken
+
+    texts = read_texts(parquet, BASELINE_TEXT_BYTES)
+    size = sum(map(len, texts))
     enc = tiktoken.get_encoding("gpt2")
     enc.encode_ordinary_batch(texts[:8], num_threads=threads)  # warm up
     start = time.perf_counter()
     ids = enc.encode_ordinary_batch(texts, num_threads=threads)
     seconds = time.perf_counter() - start
     return seconds, sum(map(len, ids)), size
+
+
+def run_single_thread(parquet: Path, max_chars: int = 50 << 20) -> float:
+    """tiktoken on one thread (tokens/s): threads x this is the ideal the N-thread limit falls short of."""
+    import tiktoken
+
+    texts = read_texts(parquet, max_chars)
+    enc = tiktoken.get_encoding("gpt2")
+    start = time.perf_counter()
+    n = sum(len(enc.encode_ordinary(t)) for t in texts)
+    return n / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -120,11 +139,14 @@ def main() -> int:
         seconds, n, rss = run_fwray(parquet, args.workers, tmp / "cache")
         ray.shutdown()
         b_seconds, b_tokens, b_chars = run_baseline(parquet, os.cpu_count())
+        single = run_single_thread(parquet)
     ours, base = n / seconds, b_tokens / b_seconds
     print(f"fwray prepare : {n:,} tokens in {seconds:.1f} s = {ours:,.0f} tokens/s (read + tokenize + write)")
     print(f"tiktoken limit: {b_tokens:,} tokens ({b_chars / 1e6:.0f}M chars) in {b_seconds:.1f} s = {base:,.0f} tokens/s "
           f"(encode_ordinary_batch, {os.cpu_count()} threads, one process)")
-    print(f"ratio         : {ours / base:.2f}x")
+    print(f"ratio         : {ours / base:.2f}x the limit")
+    print(f"one thread    : {single:,.0f} tokens/s; x {os.cpu_count()} cores = {single * os.cpu_count():,.0f} "
+          f"(perfect scaling, no I/O): fwray is {ours / (single * os.cpu_count()):.2f}x of that")
     print(f"peak RSS      : {rss.peak / 2**30:.2f} GiB summed over this process and all Ray processes:")
     print("                " + ", ".join(f"{name} {size / 2**20:.0f}M" for size, name in rss.at_peak))
     return 0

@@ -50,9 +50,34 @@ def describe(exp: Experiment, fig: dict[str, float]) -> str:
         f"= {fig['epochs']:.2f} epochs over the train split ({fig['total_flops']:.3g} FLOPs)",
         f"  data         train {fig['train_documents']:,} documents / {fig['train_tokens']:,} tokens; "
         f"val {fig['val_documents']:,} documents / {fig['val_tokens']:,} tokens",
-        f"  time         " + (f"~{fig['predicted_hours']:.1f} h at {fig['predicted_tokens_per_s']:,.0f} tokens/s "
+        "  time         " + (f"~{fig['predicted_hours']:.1f} h at {fig['predicted_tokens_per_s']:,.0f} tokens/s "
                               f"({exp.hardware.gpu or 'this GPU'} at an assumed {100 * exp.hardware.assumed_mfu:.0f}% "
                               f"MFU; the run logs the measured figure)" if "predicted_hours" in fig else
                               "no prediction: no known GPU (set hardware.gpu, e.g. \"RTX 4070\", or "
                               "hardware.peak_tflops)"),
     ])
+
+
+def outcome(fig: dict[str, float], summary: dict, predicted_peak_gb: float | None = None) -> dict[str, float]:
+    """What the run measured beside what the plan (and the probe) predicted."""
+    out = {"measured_tokens_per_s": summary.get("tokens_per_s"), "measured_hours": summary.get("seconds", 0) / 3600,
+           "predicted_tokens_per_s": fig.get("predicted_tokens_per_s"), "predicted_peak_gb": predicted_peak_gb,
+           "measured_peak_gb": summary.get("peak_reserved_gb")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def describe_outcome(out: dict[str, float]) -> str:
+    lines = []
+    measured = out.get("measured_tokens_per_s")
+    if measured:
+        line = f"  speed        measured {measured:,.0f} tokens/s"
+        if out.get("predicted_tokens_per_s"):
+            line += (f" vs {out['predicted_tokens_per_s']:,.0f} predicted "
+                     f"({measured / out['predicted_tokens_per_s']:.2f}x the plan)")
+        lines.append(line)
+    if out.get("measured_peak_gb") is not None:
+        line = f"  memory       peak {out['measured_peak_gb']:.2f} GB reserved"
+        if out.get("predicted_peak_gb"):
+            line += f" vs {out['predicted_peak_gb']:.2f} GB the probe measured or predicted"
+        lines.append(line)
+    return "\n".join(["measured against the plan"] + lines) if lines else ""

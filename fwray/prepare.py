@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config, tokens
+from . import config, ray_session, tokens
 from .config import ConfigError, DataConfig, Experiment
 from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspect_file, keep_mask, output_settings,
                              plan_tasks, read_task, resolve_paths)
@@ -186,9 +186,7 @@ def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -
     import ray.data  # configures its loggers on import: quiet them after
 
     _quiet_ray_data()
-    if not ray.is_initialized():
-        ray.init(num_cpus=data.num_workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+    ray_session.start(num_cpus=data.num_workers or os.cpu_count(), log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -12,6 +11,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not again through its logger
+# Ray Train's controller polls its workers this often, and a worker's ray.train.report waits for the previous one
+# to be polled: the default 2 s costs every checkpoint 2 s and every run ~10 s of start and finish
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 class UserError(RuntimeError):
@@ -42,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         from .prepare import PrepareError
         from .tracking import TrackingUnavailable
         from .engine import NonFiniteLoss
+        from .probe import ProbeError
 
-        if isinstance(e, (PrepareError, TrackingUnavailable, NonFiniteLoss)) or type(e) is RuntimeError:
+        if isinstance(e, (PrepareError, TrackingUnavailable, NonFiniteLoss, ProbeError)) or type(e) is RuntimeError:
             print(f"fwray: error: {e}", file=sys.stderr)
             return 1
         raise
@@ -54,9 +57,7 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    import ray
-
-    from . import config, plan, prepare, tracking, trainer
+    from . import artifacts, config, hardware, plan, prepare, ray_session, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
@@ -64,50 +65,67 @@ def run(exp, resume: bool = False) -> int:
     uri = client.tracking_uri
     previous = _previous_run(exp) if resume else None
 
-    if not ray.is_initialized():
-        # Ray's own INFO/WARNING chatter (report bookkeeping, state-API probes) would bury fwray's progress lines
-        ray.init(include_dashboard=False, logging_level=logging.ERROR,
-                 logging_config=ray.LoggingConfig(log_level="ERROR"))
+    ray_session.start()
 
-    cache_dir, manifest = prepare.prepare(exp)
-    exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])
-    if exp.probe.enabled:
-        from . import probe
-
-        exp = probe.apply_verdict(exp, probe.run_probe(exp, cache_dir, manifest, client=client))
-    fig = plan.figures(exp, manifest)
-    print(plan.describe(exp, fig), flush=True)
-
+    # the parent run first, so the data preparation (and the probe) can nest under it
     if previous:
         run_id, ray_name = previous["mlflow_run_id"], previous["ray_run_name"]
         run_dir = Path(previous["run_dir"])
-        print(f"resuming MLflow run {run_id} (Ray run {ray_name}) from its latest checkpoint")
     else:
         ray_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = (Path(exp.resources.storage_path) / ray_name).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_id = tracking.start_run(client, exp, ray_name, tags={**tracking.version_tags(), "fwray.cache": str(cache_dir)})
-        tracking.log_experiment(client, run_id, exp)
-        tracking.log_params(client, run_id, {f"plan.{k}": v for k, v in fig.items()})
-        (run_dir / "config.yaml").write_text(config.to_yaml(exp))
-        (run_dir / "plan.txt").write_text(plan.describe(exp, fig) + "\n")
-        client.log_artifact(run_id, str(run_dir / "config.yaml"))
-        client.log_artifact(run_id, str(run_dir / "plan.txt"))
-        client.log_artifact(run_id, str(Path(cache_dir) / "manifest.json"), "data")
-        _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
-                                                 "run_dir": str(run_dir), "tracking_uri": uri}))
-    job = trainer.TrainJob(exp=exp, train_files=tuple(map(str, split_files(cache_dir, manifest, "train"))),
-                           val_files=tuple(map(str, split_files(cache_dir, manifest, "val"))),
-                           train_tokens=manifest["splits"]["train"]["tokens"], tracking_uri=uri, run_id=run_id,
-                           run_dir=str(run_dir))
-    ok = False
+        device = hardware.device_name(hardware.pick_device(exp.resources.use_gpu))
+        run_id = tracking.start_run(client, exp, ray_name, tags=tracking.run_tags(exp, device))
+    log = tracking.RunLogger(uri, run_id, run_dir)  # from here on an MLflow outage warns and never stops the run
+    ok, outcome = False, {}
     try:
+        prepare_start = time.perf_counter()
+        cache_dir, manifest = prepare.prepare(exp)
+        prepare_s = time.perf_counter() - prepare_start
+        if not previous:
+            tracking.log_prepare(client, exp, run_id, cache_dir, manifest, prepare_s, run_dir)
+        verdict = None
+        if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
+            from . import probe
+
+            # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
+            verdict = probe.run_probe(exp, cache_dir, manifest, client=client, parent_run_id=run_id,
+                                      out_dir=run_dir / "probe", reuse=bool(previous))
+            exp = probe.apply_verdict(exp, verdict)
+        exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])
+        fig = plan.figures(exp, manifest)
+        print(plan.describe(exp, fig), flush=True)
+
+        if previous:
+            print(f"resuming MLflow run {run_id} (Ray run {ray_name}) from its latest checkpoint")
+        else:
+            log.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan.describe(exp, fig)})
+            log.params(config.flatten(exp))
+            log.params({f"plan.{k}": v for k, v in fig.items()})
+            (run_dir / "config.yaml").write_text(config.to_yaml(exp))
+            (run_dir / "plan.txt").write_text(plan.describe(exp, fig) + "\n")
+            log.artifact(run_dir / "config.yaml")
+            log.artifact(run_dir / "plan.txt")
+            log.artifact(Path(cache_dir) / "manifest.json", "data")
+            log.artifact(run_dir / artifacts.DATA_REPORT, "data")
+            _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
+                                                     "run_dir": str(run_dir), "tracking_uri": uri}))
+        job = trainer.TrainJob(exp=exp, train_files=tuple(map(str, split_files(cache_dir, manifest, "train"))),
+                               val_files=tuple(map(str, split_files(cache_dir, manifest, "val"))),
+                               train_tokens=manifest["splits"]["train"]["tokens"], tracking_uri=uri, run_id=run_id,
+                               run_dir=str(run_dir))
         result = trainer.fit(job, ray_name)
         ok = True
+        outcome = plan.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"))
     finally:
-        tracking.finish(client, run_id, ok)
+        # never raises: an outage warns and waits for replay; tags, not params: a resume may update them
+        outcome_tags = {f"fwray.outcome.{k}": f"{v:.4g}" for k, v in outcome.items()}
+        tracking.finish(client, run_id, ok, run_dir, tags=outcome_tags)
     print(f"\ndone: validation loss {result['first_val_loss']:.3f} -> {result['final_val_loss']:.3f} "
           f"after {exp.train.max_iters} steps")
+    if outcome:
+        print(plan.describe_outcome(outcome))
     print(f"MLflow run {run_id} in experiment {exp.tracking.experiment or exp.name!r} at {uri}")
     print(f"final model: {run_dir / 'model'}")
     print(f"browse it:   {tracking.ui_command(uri)}")

@@ -23,7 +23,8 @@ from . import engine, hardware, tokens
 from .config import Experiment
 from .engine import NonFiniteLoss
 from .loader import Batches
-from .tracking import RunLogger
+from .artifacts import EvalArtifacts
+from .tracking import RunLogger, metric_history
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "summary.json"  # rank 0's summary of the finished run, read by the driver
@@ -96,16 +97,24 @@ def _worker(config: dict) -> None:
             resume = load_state(d)
         if logger:
             logger.tags({"fwray.resumed_from_step": resume["step"]})
+    evals = None  # rank 0: loss curve and samples at each evaluation; a restarted worker rebuilds the history
+    if logger:
+        history = (metric_history(job.tracking_uri, job.run_id, fallback=logger.fallback, max_step=resume["step"])
+                   if resume else None)
+        evals = EvalArtifacts(exp, job.run_dir, logger, history)
 
     batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
                                  batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
-                                 seed=exp.train.seed, rank=rank)
+                                 seed=exp.train.seed, rank=rank, world_size=world)
     final: dict = {}
 
     def report(step: int, metrics: dict, state: dict | None) -> None:
         if logger:
             logger.metrics(step, metrics)
             print(progress_line(step, exp.train.max_iters, metrics), flush=True)
+            evals.record(step, metrics)
+            if "val_loss" in metrics:
+                evals.on_eval(step, state["model"] if state is not None else None)
         if state is None:
             return
         final.update(metrics, step=step, state=state)

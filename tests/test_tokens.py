@@ -1,6 +1,8 @@
 """The pure token module: shard format, split rule, atomic writes; and that it runs without Ray."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -44,3 +46,15 @@ def test_manifest_and_split_files(tmp_path):
 def test_tokens_imports_without_ray():
     code = "import sys, fwray.tokens; assert 'ray' not in sys.modules, 'fwray.tokens imported ray'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tokenizer_cache_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    from fwray import ray_session
+
+    cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.relpath(cache, tmp_path))
+    env = ray_session.tokenizer_env()
+    assert env == {"TIKTOKEN_CACHE_DIR": str(cache)} and os.environ["TIKTOKEN_CACHE_DIR"] == str(cache)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    assert ray_session.tokenizer_env() == {}
