@@ -10,7 +10,6 @@ fwray changes. The engine mode needs only torch (no ray, no mlflow): it runs on 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -118,13 +117,9 @@ def engine_mode(args) -> None:
 
 def ray_mode(args) -> None:
     """The same tiny config through Ray Train (TorchTrainer + MLflow logging) and the plain engine."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    import logging
-
     import ray
 
-    from fwray import tracking, trainer
+    from fwray import ray_session, tracking, trainer
 
     exp = experiment(args)
     exp = exp.with_changes("train", eval_interval=args.steps, log_interval=max(1, args.steps // 5))
@@ -136,7 +131,7 @@ def ray_mode(args) -> None:
         exp = exp.with_changes("tracking", uri=f"sqlite:///{tmp}/mlflow.db")
         client = tracking.connect(exp)
         run_id = tracking.start_run(client, exp, "train-bench", tags={})
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+        ray_session.start(num_cpus=2)  # before the plain run too: both run beside an idle Ray
         plain = engine.train(exp, loader.Batches.from_files(train_files, val_files, exp.model.block_size,
                                                             batch_size=exp.train.batch_size, seed=exp.train.seed),
                              lambda *a: None, device=torch.device("cpu"), train_tokens=2_000_000)

@@ -3,17 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not again through its logger
-# Ray Train's controller polls its workers this often, and a worker's ray.train.report waits for the previous one
-# to be polled: the default 2 s costs every checkpoint 2 s and every run ~10 s of start and finish
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+from . import ray_session  # noqa: F401  (first: it sets Ray's environment before Ray starts)
 
 
 class UserError(RuntimeError):
@@ -57,7 +51,7 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    from . import artifacts, config, hardware, plan, prepare, ray_session, tracking, trainer
+    from . import artifacts, config, hardware, plan, prepare, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker

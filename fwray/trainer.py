@@ -19,7 +19,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import engine, hardware, tokens
+from . import engine, hardware, ray_session, tokens
 from .config import Experiment
 from .engine import NonFiniteLoss
 from .loader import Batches
@@ -46,11 +46,13 @@ class TrainJob:
 def fit(job: TrainJob, ray_run_name: str) -> dict:
     """Train on Ray; returns the final metrics rank 0 reported. Raises RuntimeError with one line on failure."""
     exp = job.exp
+    ray_session.start()  # unless the caller has
     use_gpu = hardware.pick_device(exp.resources.use_gpu).type == "cuda"
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=exp.resources.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=exp.resources.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": _cpus_per_worker(exp)}),
         run_config=RunConfig(
             name=ray_run_name,
             storage_path=str(Path(exp.resources.storage_path).resolve()),
@@ -69,6 +71,12 @@ def fit(job: TrainJob, ray_run_name: str) -> dict:
     if "stopped" in summary:
         raise NonFiniteLoss(summary["stopped"])
     return summary
+
+
+def _cpus_per_worker(exp: Experiment) -> int:
+    """Training on CPUs: share them out. Ray sets a worker's torch threads (OMP_NUM_THREADS) to its CPU count, so
+    the default of 1 CPU a worker would train a single worker on one core of many."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // exp.resources.num_workers)
 
 
 def _last_line(e: BaseException) -> str:

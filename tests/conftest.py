@@ -12,9 +12,7 @@ SMOKE = ROOT / "experiments" / "smoke.yaml"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 # absolute: tests start fwray in other working directories, and the README's command sets a relative path
 os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as fwray.run sets it, before Ray starts
+import fwray.ray_session  # noqa: E402,F401  (Ray's environment, as fwray sets it, before the session's Ray starts)
 
 
 @pytest.fixture(scope="session")
