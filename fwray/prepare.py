@@ -340,21 +340,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def summary(exp: Experiment, folder: Path, manifest: dict) -> str:
-    """Documents and tokens per split, chars/token, time, and the epochs the configured run will do."""
-    splits = manifest["splits"]
-    total = splits["train"]["tokens"] + splits["val"]["tokens"]
-    lines = [f"prepared {folder}"]
-    for s in SPLITS:
-        lines.append(f"  {s:5s} {splits[s]['documents']:>10,} documents {splits[s]['tokens']:>15,} tokens "
-                     f"in {len(splits[s]['files'])} files")
-    skipped = ", ".join(f"{k} {v:,}" for k, v in manifest["skipped"].items())
-    lines.append(f"  skipped: {skipped}")
-    lines.append(f"  {manifest['chars'] / max(total, 1):.2f} chars/token, {manifest['seconds']:.1f} s to prepare")
-    if "token_count" in manifest:
-        check = manifest["token_count"]
-        lines.append(f"  token_count column: {check['column_sum']:,} "
-                     f"({'matches' if check['matches'] else 'MISMATCH: ' + format(check['produced_without_eot'], ',')})")
-    train_tokens = splits["train"]["tokens"]
+    """The data report (documents, tokens, chars/token, skipped rows, time) and the epochs the configured run does."""
+    from .artifacts import data_report  # the report the run logs: one set of figures, here and in MLflow
+
+    lines = [f"prepared {folder}", data_report(manifest).rstrip("\n")]
+    train_tokens = manifest["splits"]["train"]["tokens"]
     if train_tokens:
         iters = config.resolve(exp, train_tokens).train.max_iters
         epochs = iters * exp.tokens_per_step / train_tokens

@@ -89,16 +89,17 @@ def run(exp, resume: bool = False) -> int:
             exp = probe.apply_verdict(exp, verdict)
         exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])
         fig = plan.figures(exp, manifest)
-        print(plan.describe(exp, fig), flush=True)
+        plan_text = plan.describe(exp, fig)
+        print(plan_text, flush=True)
 
         if previous:
             print(f"resuming MLflow run {run_id} (Ray run {ray_name}) from its latest checkpoint")
         else:
-            log.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan.describe(exp, fig)})
+            log.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan_text})
             log.params(config.flatten(exp))
             log.params({f"plan.{k}": v for k, v in fig.items()})
             (run_dir / "config.yaml").write_text(config.to_yaml(exp))
-            (run_dir / "plan.txt").write_text(plan.describe(exp, fig) + "\n")
+            (run_dir / "plan.txt").write_text(plan_text + "\n")
             log.artifact(run_dir / "config.yaml")
             log.artifact(run_dir / "plan.txt")
             log.artifact(Path(cache_dir) / "manifest.json", "data")

@@ -20,7 +20,7 @@ from .model import GPT, GPTConfig
 
 MODEL_FILE = "model.pt"
 MODEL_CONFIG = "model_config.json"
-STATE_FILE = "state.pt"  # a Ray checkpoint of fwray.trainer
+STATE_FILE = "state.pt"  # in a Ray checkpoint folder of fwray.trainer
 
 
 class SampleError(RuntimeError):

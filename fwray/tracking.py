@@ -120,9 +120,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> 
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_experiment(client: MlflowClient, run_id: str, exp: Experiment) -> None:
-    log_params(client, run_id, flatten(exp))
-
+def log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """A file, or a folder's files, as artifacts of the run."""
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 # ---------------------------------------------------------------- what a run is tagged with
@@ -275,14 +278,8 @@ class RunLogger:
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path).resolve()
-
-        def log():
-            if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-        self._do(log, {"artifact": str(path), "artifact_path": artifact_path})
+        self._do(lambda: log_path(self.client, self.run_id, path, artifact_path),
+                 {"artifact": str(path), "artifact_path": artifact_path})
 
     def _do(self, call, record: dict) -> None:
         if not self.failed:
@@ -375,11 +372,8 @@ def replay(jsonl: str | os.PathLike, uri: str | None = None) -> dict[str, int]:
             if not local.exists():
                 counts["missing_artifacts"] += 1
                 print(f"fwray: warning: {local} is gone; not logged", file=sys.stderr)
-            elif local.is_dir():
-                client.log_artifacts(run_id, str(local), rec.get("artifact_path"))
-                counts["artifacts"] += 1
             else:
-                client.log_artifact(run_id, str(local), rec.get("artifact_path"))
+                log_path(client, run_id, local, rec.get("artifact_path"))
                 counts["artifacts"] += 1
         if "status" in rec:
             client.set_terminated(run_id, rec["status"], end_time=rec.get("timestamp"))

@@ -23,10 +23,10 @@ from . import engine, hardware, ray_session, tokens
 from .config import Experiment
 from .engine import NonFiniteLoss
 from .loader import Batches
+from .sample import MODEL_CONFIG, MODEL_FILE, STATE_FILE  # the files fwray.sample reads
 from .artifacts import EvalArtifacts
 from .tracking import RunLogger, metric_history
 
-STATE_FILE = "state.pt"
 SUMMARY_FILE = "summary.json"  # rank 0's summary of the finished run, read by the driver
 
 
@@ -166,7 +166,7 @@ def _save_final_model(exp: Experiment, final: dict, folder: Path) -> None:
     state = final["state"]  # the last evaluation's state is the end of training
     buf = io.BytesIO()
     torch.save(state["model"], buf)
-    tokens.write_atomic(folder / "model.pt", buf.getvalue())
+    tokens.write_atomic(folder / MODEL_FILE, buf.getvalue())
     model_config = {**vars(engine.gpt_config(exp)), "tokenizer": exp.data.tokenizer, "eot": tokens.EOT,
                     "step": state["step"], "val_loss": final.get("val_loss")}
-    tokens.write_atomic(folder / "model_config.json", json.dumps(model_config, indent=2).encode())
+    tokens.write_atomic(folder / MODEL_CONFIG, json.dumps(model_config, indent=2).encode())
