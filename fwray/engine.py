@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 import warnings
@@ -68,9 +67,10 @@ def make_optimizer(model: torch.nn.Module, exp: Experiment) -> torch.optim.AdamW
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": exp.train.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    # fused (CUDA and, since torch 2.4, CPU): one kernel for all parameters, and it skips a step on the device when
+    # told found_inf, so a non-finite step costs no host sync
     return torch.optim.AdamW(groups, lr=exp.train.learning_rate, betas=(exp.train.beta1, exp.train.beta2),
-                             fused=fused or None)
+                             fused=True)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Engine:
     exp: Experiment
     device: torch.device
     raw_model: GPT  # uncompiled, unwrapped: what checkpoints hold
-    model: torch.nn.Module  # what runs: maybe compiled, maybe DDP-wrapped
+    model: torch.nn.Module  # what runs: maybe compiled, then maybe DDP-wrapped
     optimizer: torch.optim.AdamW
     dtype: torch.dtype
     compiled: bool
@@ -95,12 +95,15 @@ class Engine:
         ac = exp.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
         raw = GPT(gpt_config(exp), loss_chunk_size=exp.train.loss_chunk_size, activation_checkpointing=ac).to(device)
         model: torch.nn.Module = raw
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                raw, device_ids=[device.index] if device.type == "cuda" else None)
         compiled = compile_enabled(exp, device) if compile is None else compile
         if compiled:
             model = torch.compile(model)
+        if _world_size() > 1:
+            # DDP outermost (as nanoGPT): torch.compile(DDP(m)) is no DDP instance, and `step` must reach DDP's
+            # no_sync to skip the all-reduce on all but the last micro-step. Gradients as views of the all-reduce
+            # buckets: no second copy of them, so a worker's peak is what the single-process probe measured.
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         return cls(exp, device, raw, model, make_optimizer(raw, exp), autocast_dtype(exp, device), compiled)
 
     def autocast(self):
@@ -135,14 +138,13 @@ class Engine:
             loss_sum += loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip) if t.grad_clip > 0
                      else torch.zeros((), device=self.device))
-        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
-        elif not bad.item():  # unfused fallback pays one sync per optimizer step
-            self.optimizer.step()
+        bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+        if _world_size() > 1:  # each rank saw its own loss: skip the step on every rank if any saw a bad one
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone where found_inf is 1
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, bad
+        return loss_sum, bad.bool()
 
     @torch.no_grad()
     def evaluate(self, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], iters: int) -> float:
@@ -162,17 +164,41 @@ class Engine:
         return total.item() / iters
 
     def state(self, step: int, extra: dict) -> dict:
-        """A checkpoint: uncompiled weights, optimizer, the step reached (batches derive from it), the config."""
+        """A checkpoint: uncompiled weights, optimizer, the step reached (batches derive from it), the random
+        generators (dropout draws from them), the config. Tensors stay on the device: `to_cpu` before saving."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                "data_position": {"seed": self.exp.train.seed, "next_step": step}, "config": to_yaml(self.exp),
-                **extra}
+                "rng": rng, "config": to_yaml(self.exp), **extra}
 
     def load(self, state: dict) -> int:
         # a plain dict drops the state dict's `_metadata`: a `load_state_dict(..., assign=True)` elsewhere marks it
         # "assign", which would replace the (tied) parameters the optimizer holds instead of copying into them
         self.raw_model.load_state_dict(dict(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
+        rng = state.get("rng", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         return int(state["step"])
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def to_cpu(tree):
+    """A state (nested dicts and lists of tensors) with every tensor copied to the CPU: checkpoints and the final
+    model load on a machine without the GPU they were trained on."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
 
 
 def flops_per_token(exp: Experiment, n_params: int) -> float:

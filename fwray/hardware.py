@@ -1,33 +1,70 @@
 """What the machine can do: the device to use, dense bf16 peak FLOPs by GPU name, MFU, memory figures. Pure torch."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
-# Dense (no sparsity) bf16 tensor-core peak, TFLOPS. Consumer cards: SMs x boost clock x tensor FLOP/clk/SM
-# (512 for Ampere/Ada/Blackwell consumer at dense bf16 with fp32 accumulate). Longest names first: "4070 ti" before "4070".
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("h200", 989.0), ("h100 pcie", 756.0), ("h100", 989.0), ("gh200", 989.0), ("b200", 2250.0), ("b100", 1750.0),
-    ("a100", 312.0), ("a800", 312.0), ("a10g", 70.0), ("a10", 125.0), ("a30", 165.0), ("a40", 149.7),
-    ("a6000", 154.8), ("l40s", 362.0), ("l40", 181.0), ("l4", 121.0), ("v100", 125.0), ("t4", 65.0),
-    ("rtx 6000 ada", 364.0),
-    ("5090", 209.5), ("5080", 112.6), ("5070 ti", 87.9), ("5070", 61.7), ("5060 ti", 47.4), ("5060", 38.4),
-    ("4090", 165.2), ("4080 super", 104.4), ("4080", 97.5), ("4070 ti super", 88.2), ("4070 ti", 80.2),
-    ("4070 super", 71.0), ("4070", 58.3), ("4060 ti", 44.1), ("4060", 30.2),
-    ("3090 ti", 80.0), ("3090", 71.0), ("3080 ti", 68.2), ("3080", 59.5), ("3070 ti", 43.5), ("3070", 40.6),
-    ("3060 ti", 32.4), ("3060", 25.5),
-]
+from .errors import FwrayError
+
+# Dense (no sparsity) bf16 tensor-core peak, TFLOPS, by the card's model name as `normalise_gpu_name` writes it.
+# Consumer cards: SMs x boost clock x 512 tensor FLOP/clk/SM (Ampere/Ada/Blackwell consumer, dense bf16 with fp32
+# accumulate). Names match whole: a laptop part or a card not listed gets no MFU, not its desktop namesake's peak.
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "h200": 989.0, "h200 nvl": 835.0, "h100 80gb hbm3": 989.0, "h100 sxm5 80gb": 989.0, "h100 pcie": 756.0,
+    "h100 nvl": 835.0, "gh200 480gb": 989.0, "b200": 2250.0, "b100": 1750.0,
+    "a100 sxm4 80gb": 312.0, "a100 sxm4 40gb": 312.0, "a100 pcie 40gb": 312.0, "a100 80gb pcie": 312.0,
+    "a800 80gb pcie": 312.0, "a10g": 70.0, "a10": 125.0, "a30": 165.0, "a40": 149.7,
+    "l4": 121.0, "l40": 181.0, "l40s": 362.0,
+    "rtx a6000": 154.8, "rtx a5000": 111.1, "rtx a4000": 76.7, "rtx 6000 ada generation": 364.0,
+    "rtx 5090": 209.5, "rtx 5080": 112.6, "rtx 5070 ti": 87.9, "rtx 5070": 61.7, "rtx 5060 ti": 47.4,
+    "rtx 5060": 38.4,
+    "rtx 4090": 165.2, "rtx 4090 d": 147.1, "rtx 4080 super": 104.4, "rtx 4080": 97.5, "rtx 4070 ti super": 88.2,
+    "rtx 4070 ti": 80.2, "rtx 4070 super": 71.0, "rtx 4070": 58.3, "rtx 4060 ti": 44.1, "rtx 4060": 30.2,
+    "rtx 3090 ti": 80.0, "rtx 3090": 71.0, "rtx 3080 ti": 68.2, "rtx 3080": 59.5, "rtx 3070 ti": 43.5,
+    "rtx 3070": 40.6, "rtx 3060 ti": 32.4, "rtx 3060": 25.5,
+}
+
+# One allocator configuration for the probe and for training, set before CUDA starts in every process that trains
+# or probes: expandable segments grow one mapping instead of caching fixed blocks, so reserved memory stays close to
+# allocated memory and a 12 GB card does not run out through fragmentation.
+ALLOC_CONF_ENV = "PYTORCH_ALLOC_CONF"
+ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_allocator() -> None:
+    """Set fwray's CUDA allocator configuration unless the user set one (PYTORCH_ALLOC_CONF or its older name)."""
+    if not (os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ[ALLOC_CONF_ENV] = ALLOC_CONF
+
+
+def cuda_device(index: int | None = None) -> torch.device:
+    """An indexed CUDA device: some torch.cuda calls (set_per_process_memory_fraction) reject a bare "cuda"."""
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index)
 
 
 def pick_device(use_gpu: bool | str) -> torch.device:
+    """This process's device for resources.use_gpu (true, false or auto), for commands that run outside Ray Train."""
     if use_gpu is True and not torch.cuda.is_available():
-        raise RuntimeError("resources.use_gpu is true but torch sees no CUDA GPU; set resources.use_gpu: auto")
-    return torch.device("cuda" if use_gpu is not False and torch.cuda.is_available() else "cpu")
+        raise DeviceError("resources.use_gpu is true but torch sees no CUDA GPU here; set resources.use_gpu: auto")
+    return cuda_device() if use_gpu is not False and torch.cuda.is_available() else torch.device("cpu")
+
+
+class DeviceError(FwrayError):
+    """The configured device is not there."""
 
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def normalise_gpu_name(name: str) -> str:
+    """'NVIDIA GeForce RTX 4070' -> 'rtx 4070'; 'NVIDIA A100-SXM4-80GB' -> 'a100 sxm4 80gb'."""
+    words = name.lower().replace("-", " ").replace("_", " ").split()
+    while words and words[0] in ("nvidia", "geforce", "tesla", "quadro"):
+        words.pop(0)
+    return " ".join(words)
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
@@ -40,17 +77,13 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
     peak = table_peak(name)
     if peak is None:
         warnings.warn(f"no peak-FLOPs entry for GPU {name!r}: MFU is not reported; set hardware.peak_tflops to "
-                      f"enable it", stacklevel=2)
+                      f"this card's dense bf16 TFLOPS to enable it", stacklevel=2)
     return peak
 
 
 def table_peak(gpu_name: str) -> float | None:
-    """The table's dense bf16 TFLOPS for a GPU name such as 'NVIDIA GeForce RTX 4070'."""
-    name = gpu_name.lower()
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops
-    return None
+    """The table's dense bf16 TFLOPS for a GPU name such as 'NVIDIA GeForce RTX 4070' or 'RTX 4070'."""
+    return PEAK_BF16_TFLOPS.get(normalise_gpu_name(gpu_name))
 
 
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, block_size: int,
@@ -71,6 +104,15 @@ def memory_stats(device: torch.device) -> dict[str, float]:
         return {}
     return {"peak_alloc_gb": torch.cuda.max_memory_allocated(device) / 2**30,
             "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def context_overhead_bytes(device: torch.device) -> int:
+    """Card memory used outside PyTorch's allocator (CUDA context, cuBLAS, other processes, a display): total - free
+    - reserved, after one small matmul has brought cuBLAS up."""
+    torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
 
 
 def compile_available(device: torch.device) -> tuple[bool, str]:

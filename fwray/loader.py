@@ -43,8 +43,10 @@ class TokenShards:
 
     def sample(self, batch_size: int, seed_parts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(list(seed_parts))
-        w = torch.from_numpy(self.windows(rng.integers(0, self.cum_windows[-1], size=batch_size)))
-        return w[:, :-1], w[:, 1:]
+        w = self.windows(rng.integers(0, self.cum_windows[-1], size=batch_size))
+        # contiguous inputs and targets: a pinned copy of a strided view would stage through pageable memory and
+        # make the host-to-device copy synchronous
+        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
 
 
 class Batches:

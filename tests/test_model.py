@@ -48,6 +48,35 @@ def test_chunked_cross_entropy_matches_plain(n, chunk):
         torch.testing.assert_close(chunked_cross_entropy(h, w, targets, chunk), want.detach())
 
 
+def test_chunked_loss_recomputes_nothing():
+    """Forward and backward of the loss cost 6 x N x C x V matmul FLOPs, as plain autograd on full logits does:
+    the gradients are taken chunk by chunk in the forward, no chunk's logits recomputed in backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, dim, vocab = 40, 16, 101
+    h = torch.randn(n, dim, requires_grad=True)
+    w = torch.randn(vocab, dim, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        chunked_cross_entropy(h, w, torch.randint(0, vocab, (n,)), 7).backward()
+    assert counter.get_total_flops() == 6 * n * dim * vocab
+
+
+def test_chunked_loss_under_bf16_autocast_matches_plain():
+    torch.manual_seed(0)
+    h = torch.randn(24, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_cross_entropy(h, w, targets, 5)
+        want = F.cross_entropy((h @ w.t()).float(), targets)
+    got_grads = torch.autograd.grad(got, (h, w))
+    want_grads = torch.autograd.grad(want, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)  # bf16 matmuls on both sides
+
+
 def test_model_loss_chunked_equals_unchunked():
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304)
     torch.manual_seed(0)

@@ -81,3 +81,62 @@ def test_two_workers_match_one_worker_with_accumulation(both):
     assert abs(val2[8] - val1[8]) <= 1e-3, (val2, val1)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-3)
+
+
+def _count_allreduces(rank: int, world: int, port: int, results) -> None:
+    """One rank of a 2-process gloo group: 3 optimizer steps of 4 micro-steps through a compiled, DDP-wrapped
+    engine, counting the gradient all-reduces DDP launches."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from fwray.engine import Engine
+
+    # the same dynamo tracing as inductor, without its minute of C++ compilation on 2 cores
+    torch.compile = functools.partial(torch.compile, backend="aot_eager")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        exp = config.from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+                                "train": {"batch_size": 2, "gradient_accumulation_steps": 4, "max_iters": 3},
+                                "data": {"paths": ["unused.parquet"]}})
+        engine = Engine.build(exp, torch.device("cpu"), compile=True)
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.index())
+            return allreduce_hook(dist.group.WORLD, bucket)
+
+        engine.model.register_comm_hook(None, counting_hook)
+        x = torch.randint(0, 50257, (2, 17))
+        per_step = []
+        for step in range(3):
+            calls.clear()
+            engine.step(step, lambda micro: (x[:, :-1], x[:, 1:]))
+            per_step.append(list(calls))
+        results.put((rank, engine.compiled, per_step))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_ddp_all_reduces_once_per_optimizer_step():
+    """Gradient accumulation under DDP skips the all-reduce on all but the last micro-step, with torch.compile too."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_count_allreduces, args=(r, 2, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for _ in procs:
+        rank, compiled, per_step = results.get(timeout=10)
+        assert compiled
+        for calls in per_step:  # each bucket all-reduced once a step, not once a micro-step (4 here)
+            assert calls and len(calls) == len(set(calls)), (rank, per_step)
