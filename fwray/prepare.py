@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from . import config, ray_session, tokens
-from .config import ConfigError, DataConfig, Experiment
+from .config import DataConfig, Experiment
+from .errors import FwrayError
 from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspect_file, keep_mask, output_settings,
                              plan_tasks, read_task, resolve_paths)
-from .tokens import TokenizerUnavailable
 
 __all__ = ["PrepareError", "prepare", "main", "summary"]
 
@@ -186,6 +186,7 @@ def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -
     import ray.data  # configures its loggers on import: quiet them after
 
     _quiet_ray_data()
+    # a private Ray gets data.num_workers CPUs; a cluster ($RAY_ADDRESS) has its own, and the pool below is bounded
     ray_session.start(num_cpus=data.num_workers or os.cpu_count(), log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -361,9 +362,9 @@ def main(argv=None) -> int:
     try:
         exp = config.load(args.experiment, args.overrides)
         folder, manifest = prepare(exp)
-    except (ConfigError, PrepareError, TokenizerUnavailable) as e:
+    except FwrayError as e:
         print(f"fwray: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(summary(exp, folder, manifest))
     return 0
 

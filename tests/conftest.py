@@ -19,8 +19,8 @@ import fwray.ray_session  # noqa: E402,F401  (Ray's environment, as fwray sets i
 def ray_session():
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # fwray's own start: a private Ray (never one that happens to run here) unless RAY_ADDRESS names a cluster
+    fwray.ray_session.start(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
