@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken"))  # --ray: samples at each eval
 from fwray import config, engine, hardware, loader  # noqa: E402
-from fwray.model import GPT  # noqa: E402
+from fwray.model import GPT, flops_per_token  # noqa: E402
 
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -80,7 +80,7 @@ def time_engine(exp, device, files, warmup: int, steps: int, baseline: bool) -> 
         tok_s = steps * exp.tokens_per_step / seconds
         n = eng.raw_model.num_params()
         peak = hardware.peak_tflops(device, exp.hardware.peak_tflops)
-        return {"tokens_per_s": tok_s, "mfu": hardware.mfu(tok_s, engine.flops_per_token(exp, n), peak),
+        return {"tokens_per_s": tok_s, "mfu": hardware.mfu(tok_s, flops_per_token(exp.model, n), peak),
                 **hardware.memory_stats(device)}
     except torch.OutOfMemoryError:
         return {"tokens_per_s": float("nan"), "oom": True}

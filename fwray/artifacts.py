@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import tokens
+from .model import GPT, generate_text
 
 LOSS_CURVE = "loss_curve.png"
 SAMPLES_DIR = "samples"
@@ -111,8 +112,6 @@ def loss_curve_png(history: dict[str, dict[int, float]], tokens_per_step: int, t
 
 def samples_text(model, enc, step: int, prompts=PROMPTS, max_new_tokens: int = SAMPLE_TOKENS, seed: int = 1337,
                  temperature: float = SAMPLE_TEMPERATURE, top_k: int = SAMPLE_TOP_K) -> str:
-    from .sample import generate_text
-
     parts = [f"step {step}: temperature {temperature}, top_k {top_k}, seed {seed}, {max_new_tokens} new tokens"]
     for i, prompt in enumerate(prompts):
         text = generate_text(model, enc, prompt, max_new_tokens, temperature, top_k, seed=seed + i)
@@ -172,14 +171,11 @@ class EvalArtifacts:
         self.logger.artifact(path)
 
     def _samples(self, step: int, model_state: dict) -> None:
-        from . import engine
-        from .model import GPT
-
         if self._enc is None:
             self._enc = tokens.get_tokenizer(self.exp.data.tokenizer)
         if self._model is None:
             with torch.device("meta"):
-                self._model = GPT(engine.gpt_config(self.exp))
+                self._model = GPT(self.exp.model)
         # assign=True shares the training tensors (same device, no copy): the sampler costs no extra weights memory.
         # A plain dict drops the state dict's `_metadata`, which assign=True would otherwise mark for the trainer too.
         self._model.load_state_dict(dict(model_state), assign=True)

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from .errors import FwrayError
 
-class ConfigError(ValueError):
+
+class ConfigError(FwrayError):
     """A bad experiment: the message is one line that names the key, the value and the file."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,10 @@ class TrackingConfig:
 class ProbeConfig:
     enabled: bool = False
     batch_sizes: tuple[int, ...] = ()
-    gpu_memory_gb: float | None = None
+    gpu_memory_gb: float | None = None  # the target card's memory; None => the card the probe runs on
+    context_overhead_gb: float | None = None  # lost outside PyTorch (CUDA context, display); None => measured
     margin: float = 0.1
-    steps: int = 3
+    steps: int = 5  # the first step warms up (compiles); the rest are timed
     activation_checkpointing: tuple[bool, ...] = (False,)
     compile: tuple[bool, ...] = ()  # empty => the train setting
 
@@ -313,6 +318,8 @@ def _validate(exp: Experiment, where: str) -> None:
     check(not p.enabled or len(p.batch_sizes) >= 1, "probe.batch_sizes", list(p.batch_sizes),
           "the probe is enabled: list at least one micro-batch size")
     check(p.gpu_memory_gb is None or p.gpu_memory_gb > 0, "probe.gpu_memory_gb", p.gpu_memory_gb, "must be positive")
+    check(p.context_overhead_gb is None or p.context_overhead_gb >= 0, "probe.context_overhead_gb",
+          p.context_overhead_gb, "must be 0 or more")
     check(0 <= p.margin < 1, "probe.margin", p.margin, "must be in [0, 1)")
     check(p.steps >= 3, "probe.steps", p.steps, "must be at least 3 (the first steps warm up)")
     check(exp.hardware.peak_tflops is None or exp.hardware.peak_tflops > 0, "hardware.peak_tflops",

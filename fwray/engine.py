@@ -17,26 +17,22 @@ import torch.distributed as dist
 
 from . import hardware
 from .config import Experiment, to_yaml
+from .errors import FwrayError
 from .loader import Batches
-from .model import GPT, GPTConfig
+from .model import GPT, flops_per_token
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(FwrayError):
     """Too many non-finite losses in a row: the run stops, its last good checkpoint kept."""
 
 
 Report = Callable[[int, dict, "dict | None"], None]  # (step, metrics, checkpoint state or None)
 
 
-def gpt_config(exp: Experiment) -> GPTConfig:
-    m = exp.model
-    return GPTConfig(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
-                     vocab_size=m.vocab_size, bias=m.bias, dropout=m.dropout)
-
-
-def autocast_dtype(exp: Experiment, device: torch.device) -> torch.dtype:
+def autocast_dtype(exp: Experiment, device_type: str) -> torch.dtype:
+    """train.dtype on a device type: auto means bf16 autocast on CUDA, float32 elsewhere."""
     if exp.train.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
     return getattr(torch, exp.train.dtype)
 
 
@@ -93,7 +89,7 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         ac = exp.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
-        raw = GPT(gpt_config(exp), loss_chunk_size=exp.train.loss_chunk_size, activation_checkpointing=ac).to(device)
+        raw = GPT(exp.model, loss_chunk_size=exp.train.loss_chunk_size, activation_checkpointing=ac).to(device)
         model: torch.nn.Module = raw
         compiled = compile_enabled(exp, device) if compile is None else compile
         if compiled:
@@ -104,7 +100,7 @@ class Engine:
             # buckets: no second copy of them, so a worker's peak is what the single-process probe measured.
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-        return cls(exp, device, raw, model, make_optimizer(raw, exp), autocast_dtype(exp, device), compiled)
+        return cls(exp, device, raw, model, make_optimizer(raw, exp), autocast_dtype(exp, device.type), compiled)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -165,7 +161,7 @@ class Engine:
 
     def state(self, step: int, extra: dict) -> dict:
         """A checkpoint: uncompiled weights, optimizer, the step reached (batches derive from it), the random
-        generators (dropout draws from them), the config. Tensors stay on the device: `to_cpu` before saving."""
+        generators (dropout draws from them), the config. Tensors stay on the device (fwray.checkpoint saves CPU copies)."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -189,24 +185,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def to_cpu(tree):
-    """A state (nested dicts and lists of tensors) with every tensor copied to the CPU: checkpoints and the final
-    model load on a machine without the GPU they were trained on."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {k: to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(v) for v in tree)
-    return tree
-
-
-def flops_per_token(exp: Experiment, n_params: int) -> float:
-    m = exp.model
-    return hardware.flops_per_token(n_params, m.n_layer, m.n_head, m.n_embd // m.n_head, m.block_size,
-                                    n_position_params=m.block_size * m.n_embd)
-
-
 def train(exp: Experiment, batches: Batches, report: Report, *, device: torch.device, train_tokens: int,
           resume: dict | None = None, world_size: int = 1, engine: Engine | None = None) -> dict:
     """Run exp.train.max_iters optimizer steps (exp must be resolved); returns a summary of the run.
@@ -221,7 +199,7 @@ def train(exp: Experiment, batches: Batches, report: Report, *, device: torch.de
     nonfinite_total = int(carried.get("nonfinite_skipped", 0))
     tokens_per_step = exp.tokens_per_step
     n_params = engine.raw_model.num_params()
-    fpt = flops_per_token(exp, n_params)
+    fpt = flops_per_token(exp.model, n_params)
     peak = hardware.peak_tflops(device, exp.hardware.peak_tflops)
     summary = {"params": n_params, "first_val_loss": None, "final_val_loss": None, "resumed_from": start}
 

@@ -9,6 +9,10 @@ class FwrayError(Exception):
     exit_code = 1
 
 
+class ProbeError(FwrayError):
+    """The probe cannot decide, or nothing fits: one line saying what to do."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     lines = str(e).strip().splitlines()

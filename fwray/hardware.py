@@ -86,12 +86,6 @@ def table_peak(gpu_name: str) -> float | None:
     return PEAK_BF16_TFLOPS.get(normalise_gpu_name(gpu_name))
 
 
-def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, block_size: int,
-                    n_position_params: int = 0) -> float:
-    """Training FLOPs per token, PaLM appendix B as nanoGPT: 6N + 12*L*H*Q*T (position embeddings excluded from N)."""
-    return 6 * (n_params - n_position_params) + 12 * n_layer * n_head * head_dim * block_size
-
-
 def mfu(tokens_per_s: float, flops_per_tok: float, peak: float | None) -> float | None:
     if not peak:
         return None

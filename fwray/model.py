@@ -7,27 +7,18 @@ training.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304
-    bias: bool = False
-    dropout: float = 0.0
+from .config import ModelConfig
+from .tokens import EOT
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
@@ -44,7 +35,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.gelu = nn.GELU()
@@ -56,7 +47,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
@@ -69,7 +60,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig, loss_chunk_size: int = 4096, activation_checkpointing: bool = False):
+    def __init__(self, cfg: ModelConfig, loss_chunk_size: int = 4096, activation_checkpointing: bool = False):
         super().__init__()
         self.config = cfg
         self.loss_chunk_size = loss_chunk_size
@@ -188,7 +179,39 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     return total / targets.numel()
 
 
-def count_params(cfg: GPTConfig) -> int:
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token, PaLM appendix B as nanoGPT: 6N + 12*L*H*Q*T, with N the parameters that multiply
+    (position embeddings are looked up, not multiplied)."""
+    head_dim = cfg.n_embd // cfg.n_head
+    return 6 * (n_params - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.block_size
+
+
+def count_params(cfg: ModelConfig) -> int:
     """Exact parameter count without allocating: the model is built on the meta device."""
     with torch.device("meta"):
         return GPT(cfg).num_params()
+
+
+# ---------------------------------------------------------------- text in, text out (the sampler, and samples in training)
+
+
+def encode_prompt(enc, prompt: str) -> list[int]:
+    """Training documents start after an EOT, so a prompt does too: the model reads it as a document's start."""
+    return [EOT] + enc.encode_ordinary(prompt)
+
+
+@torch.no_grad()
+def generate_text(model: GPT, enc, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+                  top_k: int | None = 200, seed: int = 1337, device: torch.device | str | None = None) -> str:
+    """The prompt and its continuation, cut at the first generated EOT. Same model, prompt and seed: same text."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    idx = torch.tensor([encode_prompt(enc, prompt)], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)[0].tolist()
+    model.train(was_training)
+    new = out[idx.size(1):]
+    if EOT in new:
+        new = new[:new.index(EOT)]
+    return prompt + enc.decode(new)

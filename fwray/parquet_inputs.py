@@ -16,14 +16,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import DataConfig
+from .errors import FwrayError, first_line
 
 MAGIC = b"PAR1"
 TASK_TEXT_BYTES = 16 << 20  # text one task tokenizes (~2 s of one core): small enough to balance the workers
 BATCH_TEXT_BYTES = 1 << 20  # text decoded at once inside a task: bounds a worker's memory
 
 
-class PrepareError(RuntimeError):
+class PrepareError(FwrayError):
     """Inputs or outputs prepare cannot use: the message is one line naming the file and the fix."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def inspect_file(path: Path, data: DataConfig) -> InputFile:
     try:
         meta = pq.ParquetFile(path).metadata
     except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f"{path}: unreadable parquet footer ({_first_line(e)}); re-download or rewrite the file")
+        raise PrepareError(f"{path}: unreadable parquet footer ({first_line(e)}); re-download or rewrite the file")
     schema = meta.schema.to_arrow_schema()
     if data.text_column not in schema.names:
         raise PrepareError(f"{path}: no column {data.text_column!r} (columns: {', '.join(schema.names)}); "
@@ -107,10 +110,6 @@ def _footer(path: Path, size: int) -> bytes:
             raise PrepareError(f"{path}: truncated parquet file (no footer at the end); re-download or rewrite it")
         f.seek(size - 8 - length)
         return f.read(length)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def fingerprint(files: list[InputFile], settings: dict, version: int) -> str:

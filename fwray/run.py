@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 from . import ray_session  # noqa: F401  (first: it sets Ray's environment before Ray starts)
+from .errors import FwrayError
 
 
-class UserError(RuntimeError):
-    """A problem the user can fix, reported as one line."""
+class ResumeError(FwrayError):
+    """--resume with nothing to resume."""
+
+    exit_code = 2
 
 
 def parse_args(argv):
@@ -20,30 +23,19 @@ def parse_args(argv):
     parser.add_argument("overrides", nargs="*", help="section.key=value, values read as YAML (train.max_iters=50)")
     parser.add_argument("--resume", action="store_true",
                         help="continue this experiment's last run from its latest checkpoint, in the same MLflow run")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options and overrides in any order
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .config import ConfigError, load
-    from .tokens import TokenizerUnavailable
+    from .config import load
 
     try:
         exp = load(args.experiment, args.overrides)
         return run(exp, resume=args.resume)
-    except (ConfigError, TokenizerUnavailable, UserError) as e:
+    except FwrayError as e:  # a problem the user can fix; anything else is a bug and keeps its traceback
         print(f"fwray: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # boundary errors that already carry one clear line
-        from .prepare import PrepareError
-        from .tracking import TrackingUnavailable
-        from .engine import NonFiniteLoss
-        from .probe import ProbeError
-
-        if isinstance(e, (PrepareError, TrackingUnavailable, NonFiniteLoss, ProbeError)) or type(e) is RuntimeError:
-            print(f"fwray: error: {e}", file=sys.stderr)
-            return 1
-        raise
+        return e.exit_code
 
 
 def _latest_path(exp) -> Path:
@@ -51,7 +43,7 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    from . import artifacts, config, hardware, plan, prepare, tracking, trainer
+    from . import artifacts, config, plan, prepare, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
@@ -59,7 +51,8 @@ def run(exp, resume: bool = False) -> int:
     uri = client.tracking_uri
     previous = _previous_run(exp) if resume else None
 
-    ray_session.start()
+    ray_session.start()  # a private Ray, or the cluster $RAY_ADDRESS names
+    gpu = ray_session.use_gpu(exp.resources.use_gpu)  # stops now, not after the data, if use_gpu: true finds none
 
     # the parent run first, so the data preparation (and the probe) can nest under it
     if previous:
@@ -69,8 +62,7 @@ def run(exp, resume: bool = False) -> int:
         ray_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = (Path(exp.resources.storage_path) / ray_name).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        device = hardware.device_name(hardware.pick_device(exp.resources.use_gpu))
-        run_id = tracking.start_run(client, exp, ray_name, tags=tracking.run_tags(exp, device))
+        run_id = tracking.start_run(client, exp, ray_name, tags=tracking.run_tags(exp, ray_session.device_label(gpu)))
     log = tracking.RunLogger(uri, run_id, run_dir)  # from here on an MLflow outage warns and never stops the run
     ok, outcome = False, {}
     try:
@@ -86,7 +78,7 @@ def run(exp, resume: bool = False) -> int:
             # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
             verdict = probe.run_probe(exp, cache_dir, manifest, client=client, parent_run_id=run_id,
                                       out_dir=run_dir / "probe", reuse=bool(previous))
-            exp = probe.apply_verdict(exp, verdict)
+            exp = plan.apply_verdict(exp, verdict)
         exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])
         fig = plan.figures(exp, manifest)
         plan_text = plan.describe(exp, fig)
@@ -130,7 +122,7 @@ def run(exp, resume: bool = False) -> int:
 def _previous_run(exp) -> dict:
     path = _latest_path(exp)
     if not path.is_file():
-        raise UserError(f"--resume: no earlier run of experiment {exp.name!r} under {exp.resources.storage_path} "
+        raise ResumeError(f"--resume: no earlier run of experiment {exp.name!r} under {exp.resources.storage_path} "
                         f"(looked for {path}); run it once without --resume")
     return json.loads(path.read_text())
 

@@ -7,7 +7,6 @@ model). Weights load with `torch.load(..., weights_only=True)`. No ray import he
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -15,71 +14,17 @@ from pathlib import Path
 
 import torch
 
-from . import tokens
-from .model import GPT, GPTConfig
+from . import checkpoint, tokens
+from .errors import FwrayError, first_line
+from .model import GPT, generate_text
 
-MODEL_FILE = "model.pt"
-MODEL_CONFIG = "model_config.json"
-STATE_FILE = "state.pt"  # in a Ray checkpoint folder of fwray.trainer
+class SampleError(FwrayError):
+    """A model that cannot be found or read, reported in one line (exit 2)."""
 
-
-class SampleError(RuntimeError):
-    """A problem the user can fix, reported in one line (exit 2)."""
-
-
-# ---------------------------------------------------------------- generation (also used in training, for samples)
-
-
-def encode_prompt(enc, prompt: str) -> list[int]:
-    """Training documents start after an EOT, so a prompt does too: the model reads it as a document's start."""
-    return [tokens.EOT] + enc.encode_ordinary(prompt)
-
-
-@torch.no_grad()
-def generate_text(model: GPT, enc, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                  top_k: int | None = 200, seed: int = 1337, device: torch.device | str | None = None) -> str:
-    """The prompt and its continuation, cut at the first generated EOT. Same model, prompt and seed: same text."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    idx = torch.tensor([encode_prompt(enc, prompt)], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)[0].tolist()
-    model.train(was_training)
-    new = out[idx.size(1):]
-    if tokens.EOT in new:
-        new = new[:new.index(tokens.EOT)]
-    return prompt + enc.decode(new)
+    exit_code = 2
 
 
 # ---------------------------------------------------------------- loading
-
-
-def model_from_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """GPT from a folder of model.pt + model_config.json (the run's `model/` artifacts), and that config."""
-    folder = Path(folder)
-    cfg_path, weights = folder / MODEL_CONFIG, folder / MODEL_FILE
-    if not cfg_path.is_file() or not weights.is_file():
-        raise SampleError(f"{folder}: expected {MODEL_FILE} and {MODEL_CONFIG} there")
-    meta = json.loads(cfg_path.read_text())
-    fields = GPTConfig.__dataclass_fields__
-    model = GPT(GPTConfig(**{k: v for k, v in meta.items() if k in fields}))
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.to(device).eval(), meta
-
-
-def model_from_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """GPT from a Ray checkpoint folder of fwray.trainer (state.pt holds the weights and the resolved config)."""
-    import yaml
-
-    from . import config, engine
-
-    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    exp = config.from_dict(yaml.safe_load(state["config"]), str(Path(folder) / STATE_FILE))
-    model = GPT(engine.gpt_config(exp))
-    model.load_state_dict(state["model"])
-    meta = {**vars(engine.gpt_config(exp)), "tokenizer": exp.data.tokenizer, "step": state["step"]}
-    return model.to(device).eval(), meta
 
 
 def model_from_path(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
@@ -89,16 +34,17 @@ def model_from_path(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise SampleError(f"{path}: no such checkpoint folder")
     if path.is_file():
         path = path.parent
-    if (path / MODEL_FILE).is_file():
-        return model_from_folder(path, device)
-    if (path / STATE_FILE).is_file():
-        return model_from_state(path, device)
-    if (path / "model" / MODEL_FILE).is_file():
-        return model_from_folder(path / "model", device)
-    checkpoints = sorted(p for p in path.glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    if checkpoint.is_model(path):
+        return checkpoint.load_model(path, device)
+    if checkpoint.is_state(path):
+        return checkpoint.model_from_state(path, device)
+    if checkpoint.is_model(path / checkpoint.MODEL_DIR):
+        return checkpoint.load_model(path / checkpoint.MODEL_DIR, device)
+    checkpoints = sorted(p for p in path.glob("checkpoint_*") if checkpoint.is_state(p))
     if checkpoints:
-        return model_from_state(checkpoints[-1], device)
-    raise SampleError(f"{path}: neither {MODEL_FILE} + {MODEL_CONFIG} nor a Ray checkpoint ({STATE_FILE}) there")
+        return checkpoint.model_from_state(checkpoints[-1], device)
+    raise SampleError(f"{path}: neither {checkpoint.MODEL_FILE} + {checkpoint.MODEL_CONFIG} nor a Ray checkpoint "
+                      f"({checkpoint.STATE_FILE}) there")
 
 
 def model_from_run(run_id: str, tracking_uri: str, dst: str | os.PathLike,
@@ -114,20 +60,16 @@ def model_from_run(run_id: str, tracking_uri: str, dst: str | os.PathLike,
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             raise SampleError(f"no MLflow run {run_id!r} at {tracking_uri}") from None
-        raise SampleError(f"MLflow at {tracking_uri} cannot be read ({_first_line(e)})") from None
+        raise SampleError(f"MLflow at {tracking_uri} cannot be read ({first_line(e)})") from None
     except Exception as e:  # requests' ConnectionError and friends
         raise SampleError(f"MLflow at {tracking_uri} is unreachable ({type(e).__name__})") from None
-    names = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
-    if not {MODEL_FILE, MODEL_CONFIG} <= names:
-        raise SampleError(f"MLflow run {run_id} has no model artifacts (model/{MODEL_FILE}, model/{MODEL_CONFIG}); "
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, checkpoint.MODEL_DIR)}
+    if not {checkpoint.MODEL_FILE, checkpoint.MODEL_CONFIG} <= names:
+        raise SampleError(f"MLflow run {run_id} has no model artifacts (model/{checkpoint.MODEL_FILE}, "
+                          f"model/{checkpoint.MODEL_CONFIG}); "
                           "did its training finish? (python -m fwray.tracking replay logs what an outage held back)")
-    local = download_artifacts(run_id=run_id, artifact_path="model", tracking_uri=tracking_uri, dst_path=str(dst))
-    return model_from_folder(local, device)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    local = download_artifacts(run_id=run_id, artifact_path=checkpoint.MODEL_DIR, tracking_uri=tracking_uri, dst_path=str(dst))
+    return checkpoint.load_model(local, device)
 
 
 # ---------------------------------------------------------------- the command
@@ -169,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 model, meta = model_from_path(args.checkpoint, device)
         enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2"))
-    except (SampleError, tokens.TokenizerUnavailable) as e:
+    except FwrayError as e:
         print(f"fwray: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     for i in range(args.num_samples):
         if i:
             print("\n---------------")

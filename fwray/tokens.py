@@ -13,14 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import FwrayError
+
 EOT = 50256
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits
 MANIFEST = "manifest.json"
 SPLIT_RULE = "val if blake2b-64(document id) / 2**64 < val_fraction; the row's file and position stand in for a missing id"
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(FwrayError):
     """The GPT-2 BPE files are neither cached nor downloadable."""
+
+    exit_code = 2
 
 
 def get_tokenizer(name: str = "gpt2"):

@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import Experiment, flatten  # noqa: E402
+from .errors import FwrayError, first_line  # noqa: E402
 
 # The parent run's metrics (names are stable: dashboards and the loss curve read them). x = optimizer step.
 METRICS = {
@@ -52,7 +53,7 @@ PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(FwrayError):
     """The tracking store cannot be reached at start, before any work."""
 
 
@@ -204,7 +205,7 @@ def log_prepare(client: MlflowClient, exp: Experiment, parent_run_id: str, cache
         return child
     except Exception as e:
         print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
-              f"{_first_line(e)}); training goes on", file=sys.stderr, flush=True)
+              f"{first_line(e)}); training goes on", file=sys.stderr, flush=True)
         return None
 
 
@@ -229,11 +230,6 @@ def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLi
         print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
               f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _append(path: Path, record: dict) -> None:
@@ -405,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = replay(args.jsonl, args.uri)
     except Exception as e:
-        print(f"fwray: error: replay stopped ({type(e).__name__}: {_first_line(e)}); the file is kept, fix the "
+        print(f"fwray: error: replay stopped ({type(e).__name__}: {first_line(e)}); the file is kept, fix the "
               f"store and run it again (metrics already logged would be logged twice)", file=sys.stderr)
         return 1
     print(f"replayed {args.jsonl}: {counts['metrics']} metric values, {counts['params']} params, "

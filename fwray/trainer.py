@@ -3,31 +3,31 @@
 Checkpoints go through `ray.train.report` at every evaluation; Ray keeps the last `train.keep_checkpoints`, restarts
 a killed worker (`resources.max_failures`) and hands it the latest checkpoint through `ray.train.get_checkpoint`.
 A rerun with the same Ray run name and storage path continues from that run's checkpoints (`--resume`).
+The run's summary comes back to the driver as rank 0's return value (`Result.return_value`), not through a file: on
+a cluster the driver cannot see the files a worker writes on its own node.
 """
 from __future__ import annotations
 
-import io
-import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import ray.train
-import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import engine, hardware, ray_session, tokens
+from . import checkpoint, engine, hardware, ray_session
 from .config import Experiment
 from .engine import NonFiniteLoss
+from .errors import FwrayError
 from .loader import Batches
-from .sample import MODEL_CONFIG, MODEL_FILE, STATE_FILE  # the files fwray.sample reads
 from .artifacts import EvalArtifacts
 from .tracking import RunLogger, metric_history
 
-SUMMARY_FILE = "summary.json"  # rank 0's summary of the finished run, read by the driver
+
+class TrainingFailed(FwrayError):
+    """The training workers failed for good (Ray's retries spent): the worker's last line says why."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,11 @@ class TrainJob:
 
 
 def fit(job: TrainJob, ray_run_name: str) -> dict:
-    """Train on Ray; returns the final metrics rank 0 reported. Raises RuntimeError with one line on failure."""
+    """Train on Ray; returns rank 0's summary of the run. Raises TrainingFailed with one line on failure, NonFiniteLoss
+    when the loss stopped the run."""
     exp = job.exp
     ray_session.start()  # unless the caller has
-    use_gpu = hardware.pick_device(exp.resources.use_gpu).type == "cuda"
+    use_gpu = ray_session.use_gpu(exp.resources.use_gpu)  # the cluster's GPUs, not the driver's
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": job},
@@ -64,10 +65,13 @@ def fit(job: TrainJob, ray_run_name: str) -> dict:
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; its last line is the one that says what happened
-        raise RuntimeError(f"training failed: {_last_line(e)}") from e
+        raise TrainingFailed(f"training failed: {_last_line(e)}") from e
     if result.error is not None:
-        raise RuntimeError(f"training failed: {_last_line(result.error)}") from result.error
-    summary = json.loads((Path(job.run_dir) / SUMMARY_FILE).read_text())
+        raise TrainingFailed(f"training failed: {_last_line(result.error)}") from result.error
+    # Result.metrics would not do: in Train V2 it is the metrics of the latest report that carried a checkpoint
+    summary = result.return_value
+    if not isinstance(summary, dict):
+        raise TrainingFailed("training failed: rank 0 returned no summary of the run")
     if "stopped" in summary:
         raise NonFiniteLoss(summary["stopped"])
     return summary
@@ -86,23 +90,22 @@ def _last_line(e: BaseException) -> str:
     return text[-1] if text else type(e).__name__
 
 
-def load_state(path: str | os.PathLike) -> dict:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def _worker(config: dict) -> None:
+def _worker(config: dict) -> dict | None:
+    """One Ray Train worker: the engine's loop, reports and checkpoints; rank 0 returns the run's summary."""
     job: TrainJob = config["job"]
     exp = job.exp
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     logger = RunLogger(job.tracking_uri, job.run_id, job.run_dir) if rank == 0 else None
+    if logger and device.type == "cuda":  # the driver tagged what the cluster offers; this is the card that trains
+        logger.tags({"fwray.device": hardware.device_name(device)})
 
     resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_state(d)
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as d:
+            resume = checkpoint.load_state(d)
         if logger:
             logger.tags({"fwray.resumed_from_step": resume["step"]})
     evals = None  # rank 0: loss curve and samples at each evaluation; a restarted worker rebuilds the history
@@ -126,10 +129,9 @@ def _worker(config: dict) -> None:
         if state is None:
             return
         final.update(metrics, step=step, state=state)
-        state["mlflow_run_id"] = job.run_id
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:  # one copy of the state; every rank still reports so Ray can pair them
-                torch.save(state, Path(tmp) / STATE_FILE)
+                checkpoint.save_state(tmp, state)
             ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
 
@@ -138,11 +140,13 @@ def _worker(config: dict) -> None:
                                world_size=world)
     except NonFiniteLoss as e:  # a verdict on the run, not a crash: restarting would only repeat it
         summary = {"stopped": str(e)}
-    if rank == 0:
-        if "stopped" not in summary:
-            _save_final_model(exp, final, Path(job.run_dir) / "model")
-            logger.artifact(Path(job.run_dir) / "model", "model")
-        tokens.write_atomic(Path(job.run_dir) / SUMMARY_FILE, json.dumps(summary).encode())
+    if rank != 0:
+        return None
+    if "stopped" not in summary:
+        model_dir = Path(job.run_dir) / checkpoint.MODEL_DIR  # the last evaluation's state is the end of training
+        checkpoint.save_model(model_dir, exp, final["state"]["model"], final["step"], final.get("val_loss"))
+        logger.artifact(model_dir, checkpoint.MODEL_DIR)
+    return summary  # Ray hands rank 0's return value to the driver: Result.return_value
 
 
 def progress_line(step: int, max_iters: int, m: dict) -> str:
@@ -158,15 +162,3 @@ def progress_line(step: int, max_iters: int, m: dict) -> str:
     if m.get("nonfinite_skipped"):
         parts.append(f"{m['nonfinite_skipped']} non-finite steps skipped")
     return " | ".join(parts)
-
-
-def _save_final_model(exp: Experiment, final: dict, folder: Path) -> None:
-    """Weights (loadable with weights_only=True) and the model config: enough to rebuild without the YAML."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = final["state"]  # the last evaluation's state is the end of training
-    buf = io.BytesIO()
-    torch.save(state["model"], buf)
-    tokens.write_atomic(folder / MODEL_FILE, buf.getvalue())
-    model_config = {**vars(engine.gpt_config(exp)), "tokenizer": exp.data.tokenizer, "eot": tokens.EOT,
-                    "step": state["step"], "val_loss": final.get("val_loss")}
-    tokens.write_atomic(folder / MODEL_CONFIG, json.dumps(model_config, indent=2).encode())

@@ -162,5 +162,5 @@ def test_resume_without_an_earlier_run_is_one_line(tmp_path, cache):
 
     exp = config.load(SMOKE, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                               f"resources.storage_path={tmp_path / 'runs'}"])
-    with pytest.raises(fwrun.UserError, match="--resume: no earlier run"):
+    with pytest.raises(fwrun.ResumeError, match="--resume: no earlier run"):
         fwrun.run(exp, resume=True)

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fwray.model import GPT, GPTConfig, chunked_cross_entropy, count_params
+from fwray.config import ModelConfig as GPTConfig
+from fwray.model import GPT, chunked_cross_entropy, count_params
 
 
 def test_gpt2_124m_param_count():

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwray import config, memory, probe
-from fwray.engine import gpt_config
+from fwray import config, memory, plan, probe, trial
+from fwray.errors import ProbeError
 from fwray.model import count_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +19,7 @@ def tiny(**train) -> config.Experiment:
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
         "train": {"batch_size": 2, "gradient_accumulation_steps": 8, "max_iters": 10, "compile": False, **train},
         "data": {"paths": ["unused.parquet"]},
-        "probe": {"batch_sizes": [1, 2, 4, 8], "steps": 3},
+        "probe": {"batch_sizes": [1, 2, 4, 8], "steps": 3, "context_overhead_gb": 0},
     })
 
 
@@ -46,15 +46,15 @@ def test_fake_estimate_matches_a_real_cpu_run():
     fake = memory.measure_peak_bytes(exp, 4, dtype=torch.float32, fake=True)
     real = memory.measure_peak_bytes(exp, 4, dtype=torch.float32, fake=False)
     assert fake["peak"] == pytest.approx(real["peak"], rel=0.05)
-    n_params = count_params(gpt_config(exp))
+    n_params = count_params(exp.model)
     assert real["params"] == pytest.approx(4 * n_params, rel=0.01)
     assert real["train_peak"] > 4 * real["params"]  # weights, gradients, two AdamW moments, activations
 
 
 def test_estimate_uses_the_cuda_dtype():
     exp = tiny()
-    assert memory.cuda_dtype(exp) == torch.bfloat16  # dtype auto is bf16 on CUDA, whatever the CPU does
-    assert memory.cuda_dtype(tiny(dtype="float32")) == torch.float32
+    assert memory.estimate_peak_bytes(exp, 1)["dtype"] == "bfloat16"  # auto is bf16 on CUDA, whatever the CPU does
+    assert memory.estimate_peak_bytes(tiny(dtype="float32"), 1)["dtype"] == "float32"
 
 
 # ---------------------------------------------------------------- the verdict
@@ -67,13 +67,13 @@ def _row(b, peak, tok=None, status="ok", ac=False):
 
 def test_verdict_keeps_tokens_per_step():
     exp = tiny()  # 2 x 32 x 8 = 512 tokens per step
-    v = probe.decide(exp, [_row(1, 1.0), _row(2, 2.0), _row(4, 3.0), _row(8, 9.0)], 4.0, "cpu-estimate")
+    v = plan.decide(exp, [_row(1, 1.0), _row(2, 2.0), _row(4, 3.0), _row(8, 9.0)], 4.0, "cpu-estimate")
     assert [r["fits"] for r in v["candidates"]] == [True, True, True, False]
     assert v["chosen"]["batch_size"] == 4 and v["chosen"]["gradient_accumulation_steps"] == 4
-    new = probe.apply_verdict(exp, v)
+    new = plan.apply_verdict(exp, v)
     assert new.tokens_per_step == exp.tokens_per_step == 512
     # 3 does not divide 512 / 32: the nearest accumulation, its difference shown
-    v3 = probe.decide(exp, [_row(3, 1.0)], 4.0, "cpu-estimate")
+    v3 = plan.decide(exp, [_row(3, 1.0)], 4.0, "cpu-estimate")
     assert v3["chosen"]["gradient_accumulation_steps"] == 5
     assert v3["chosen"]["tokens_per_step_difference"] == 3 * 32 * 5 - 512
 
@@ -81,19 +81,48 @@ def test_verdict_keeps_tokens_per_step():
 def test_cuda_verdict_picks_fastest_and_ties_go_larger():
     exp = tiny()
     rows = [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 995.0), _row(8, 3.5, 700.0, status="oom")]
-    v = probe.decide(exp, rows, 4.0, "cuda")
+    v = plan.decide(exp, rows, 4.0, "cuda")
     assert v["chosen"]["batch_size"] == 4  # within 1% of the fastest: the larger one
-    v = probe.decide(exp, [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 800.0)], 4.0, "cuda")
+    v = plan.decide(exp, [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 800.0)], 4.0, "cuda")
     assert v["chosen"]["batch_size"] == 2
 
 
 def test_nothing_fits_names_the_smallest_its_peak_and_the_cap():
     exp = tiny()
-    v = probe.decide(exp, [_row(2, 5.0), _row(4, 7.0)], 4.0, "cpu-estimate")
+    v = plan.decide(exp, [_row(2, 5.0), _row(4, 7.0)], 4.0, "cpu-estimate")
     assert v["chosen"] is None
-    with pytest.raises(probe.ProbeError, match=r"micro-batch 2, needs peak 5.00 GB.*probe.batch_sizes"):
-        probe.apply_verdict(exp, v)
+    with pytest.raises(ProbeError, match=r"micro-batch 2, needs peak 5.00 GB.*probe.batch_sizes"):
+        plan.apply_verdict(exp, v)
     assert "4.00 GB" in v["error"]
+
+
+def test_usable_memory_is_the_card_less_its_overhead():
+    gib = trial.GIB
+    exp = tiny().with_changes("probe", gpu_memory_gb=12.0, context_overhead_gb=0.5)
+    assert trial.usable_bytes(exp) == 11.5 * gib
+    assert trial.usable_bytes(exp, free=10 * gib) == 10 * gib  # never more than the probing card has free
+    measured = tiny().with_changes("probe", gpu_memory_gb=12.0, context_overhead_gb=None)  # overhead unset: measured on the probing card
+    assert trial.usable_bytes(measured, measured_overhead=gib // 4) == 11.75 * gib
+    assert trial.usable_bytes(measured) == (12 - memory.TYPICAL_CONTEXT_OVERHEAD_GB) * gib
+    whole_card = tiny().with_changes("probe", gpu_memory_gb=None, context_overhead_gb=1.0)
+    assert trial.usable_bytes(whole_card, total=80 * gib) == 79 * gib
+    with pytest.raises(ProbeError, match="probe.context_overhead_gb"):
+        trial.usable_bytes(tiny().with_changes("probe", gpu_memory_gb=0.4, context_overhead_gb=0.5))
+
+
+def test_ddp_and_accumulation_trials_run_two_micro_steps():
+    assert trial.probe_accumulation(tiny(gradient_accumulation_steps=1), 2) == 1
+    assert trial.probe_accumulation(tiny(gradient_accumulation_steps=8), 2) == 2
+    ddp = tiny(gradient_accumulation_steps=1).with_changes("resources", num_workers=2)
+    assert trial.probe_accumulation(ddp, 2) == 2  # DDP's buckets keep gradients alive through the forward
+
+
+def test_verdict_says_when_the_ceiling_was_not_found():
+    exp = tiny()
+    v = plan.decide(exp, [_row(1, 1.0), _row(2, 2.0)], 4.0, "cpu-estimate")
+    assert "micro-batch 2, fits" in v["ceiling"] and "note:" in plan.table(v)
+    v = plan.decide(exp, [_row(1, 1.0), _row(2, 9.0)], 4.0, "cpu-estimate")
+    assert "ceiling" not in v
 
 
 # ---------------------------------------------------------------- the sweep, for real
@@ -103,11 +132,11 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     from mlflow.tracking import MlflowClient
 
     exp = tiny()
-    peaks = {b: memory.estimate_peak_bytes(exp, b, accumulation=min(probe.accumulation_for(exp, b), 2))["peak"]
-             / probe.GIB for b in (1, 2, 4, 8)}
+    peaks = {b: memory.estimate_peak_bytes(exp, b, accumulation=trial.probe_accumulation(exp, b))["reserved"]
+             / trial.GIB for b in (1, 2, 4, 8)}
     cap = (peaks[4] + peaks[8]) / 2 / 0.9  # 1, 2 and 4 fit the limit, 8 does not
     exp = exp.with_changes("probe", gpu_memory_gb=cap)
-    monkeypatch.setenv(probe.INJECT_ENV, "4,1:eval")  # 4 runs out at step 1, 1 during its evaluation
+    monkeypatch.setenv(trial.INJECT_ENV, "4,1:eval")  # 4 runs out at step 1, 1 during its evaluation
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     verdict = probe.run_probe(exp, None, None, client=client, out_dir=tmp_path / "probe")
 

@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["tokens", "loader", "model", "hardware", "memory", "engine", "config", "plan"]
+PURE = ["errors", "config", "tokens", "loader", "model", "hardware", "memory", "engine", "trial", "plan", "checkpoint"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, sys, tempfile

@@ -16,7 +16,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fwray import config
-from fwray.model import GPT, GPTConfig
+from fwray.config import ModelConfig
+from fwray.model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -95,7 +96,7 @@ def test_artifacts_and_model_loads(smoke, tmp_path):
 
     local = Path(client.download_artifacts(run_id, "model", str(tmp_path)))
     cfg = json.loads((local / "model_config.json").read_text())
-    model = GPT(GPTConfig(**{k: cfg[k] for k in GPTConfig.__dataclass_fields__}))
+    model = GPT(ModelConfig(**{k: cfg[k] for k in ModelConfig.__dataclass_fields__}))
     state = torch.load(local / "model.pt", weights_only=True, map_location="cpu")
     model.load_state_dict(state)
     assert cfg["n_layer"] == 2 and cfg["n_embd"] == 64 and cfg["step"] == MAX_ITERS

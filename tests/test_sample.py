@@ -1,10 +1,11 @@
 """The sampler CLI on saved models (no Ray, no server), its one-line errors, and the evaluation artifacts."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from fwray import artifacts, config, engine, sample, tokens
+from fwray import artifacts, config, sample, tokens
 from fwray.model import GPT
 
 EXP = config.from_dict({"name": "tiny", "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
@@ -13,7 +14,7 @@ EXP = config.from_dict({"name": "tiny", "model": {"n_layer": 1, "n_head": 2, "n_
 
 def tiny_model() -> GPT:
     torch.manual_seed(0)
-    return GPT(engine.gpt_config(EXP))
+    return GPT(EXP.model)
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def model_folder(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     torch.save(tiny_model().state_dict(), folder / "model.pt")
-    (folder / "model_config.json").write_text(json.dumps({**vars(engine.gpt_config(EXP)), "tokenizer": "gpt2",
+    (folder / "model_config.json").write_text(json.dumps({**dataclasses.asdict(EXP.model), "tokenizer": "gpt2",
                                                           "eot": tokens.EOT, "step": 10, "val_loss": 9.9}))
     return folder
 
