@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 
-from .errors import FwrayError
+from .errors import FwrayError, first_line
 
 # Ray reads these when it starts, so importing this module sets them (a user's own values win); workers get them
 # through the job's runtime_env (see worker_env)
@@ -97,7 +97,7 @@ def start(num_cpus: int | None = None, log_to_driver: bool = True, address: str 
         ray.init(address=target, **common)  # nothing local-only: a cluster refuses num_cpus and the like
     except (ConnectionError, ray.exceptions.RayError) as e:
         raise RayUnavailable(
-            f"cannot join the Ray cluster at {target} ({source}): {_first(e)}; check it with `ray status --address "
+            f"cannot join the Ray cluster at {target} ({source}): {first_line(e)}; check it with `ray status --address "
             f"{target}`, set RAY_AUTH_MODE=token if it uses token authentication, or `unset {ADDRESS_ENV}` to run "
             f"on a private local Ray") from None
 
@@ -203,11 +203,6 @@ def _stderr_silenced():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def _first(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------- GPUs: what the cluster has, not the driver
