@@ -44,15 +44,15 @@ def cuda_device(index: int | None = None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if index is None else index)
 
 
+class DeviceError(FwrayError):
+    """The configured device is not there."""
+
+
 def pick_device(use_gpu: bool | str) -> torch.device:
     """This process's device for resources.use_gpu (true, false or auto), for commands that run outside Ray Train."""
     if use_gpu is True and not torch.cuda.is_available():
         raise DeviceError("resources.use_gpu is true but torch sees no CUDA GPU here; set resources.use_gpu: auto")
     return cuda_device() if use_gpu is not False and torch.cuda.is_available() else torch.device("cpu")
-
-
-class DeviceError(FwrayError):
-    """The configured device is not there."""
 
 
 def device_name(device: torch.device) -> str:
