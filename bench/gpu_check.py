@@ -51,12 +51,12 @@ CARD = {"gpu_memory_gb": 12, "context_overhead_gb": 0.5}  # the target: an RTX 4
 
 def experiment(shape: str, batch_size: int, steps: int, compile: bool, dropout: float = 0.0,
                **train) -> config.Experiment:
-    return config.from_dict({
-        "name": f"gpu-check-{shape}", "model": {**SHAPES[shape], "dropout": dropout}, "data": {"paths": ["synthetic"]},
-        "train": {"batch_size": batch_size, "max_iters": steps, "warmup_iters": 2, "compile": compile,
-                  "eval_iters": 1, "eval_interval": 10**9, "log_interval": 10**9, **train},
-        "probe": {"steps": 4, **CARD},
-    })
+    # built from the sections it uses: the core needs no data section
+    return config.Experiment(
+        name=f"gpu-check-{shape}", model=config.ModelConfig(**SHAPES[shape], dropout=dropout),
+        train=config.TrainConfig(batch_size=batch_size, max_iters=steps, warmup_iters=2, compile=compile,
+                                 eval_iters=1, eval_interval=10**9, log_interval=10**9, **train),
+        probe=config.ProbeConfig(steps=4, **CARD))
 
 
 class Report:
@@ -156,7 +156,7 @@ def throughput(shape: str, batch_size: int, steps: int, cuda: bool) -> dict:
         batches = synthetic_batches(Path(tmp), exp.model.block_size, batch_size)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        engine = Engine.build(exp, device)
+        engine = Engine.build(exp.model, exp.train, device)
         start = time.perf_counter()
         for s in range(3):  # compilation happens in the first steps
             engine.step(s, lambda m, s=s: batches.train_batch(s, m))
@@ -245,7 +245,7 @@ def reference(shape: str, batch_size: int, steps: int, cuda: bool) -> dict:
 def nonfinite(cuda: bool) -> dict:
     device = hardware.cuda_device() if cuda else torch.device("cpu")
     exp = experiment("tiny", 4, 10, compile=False)
-    engine = Engine.build(exp, device)
+    engine = Engine.build(exp.model, exp.train, device)
     x = torch.randint(0, 50257, (4, exp.model.block_size + 1))
     engine.step(0, lambda m: (x[:, :-1], x[:, 1:]))
     before = {k: v.clone() for k, v in engine.raw_model.state_dict().items()}
@@ -272,15 +272,15 @@ def resume(cuda: bool) -> dict:
         def run(engine, steps):
             return [float(engine.step(s, lambda m, s=s: batches.train_batch(s, m))[0]) for s in steps]
 
-        straight = run(Engine.build(exp, device), range(8))
-        first = Engine.build(exp, device)
+        straight = run(Engine.build(exp.model, exp.train, device), range(8))
+        first = Engine.build(exp.model, exp.train, device)
         run(first, range(4))
         buf = io.BytesIO()
         torch.save(to_cpu(first.state(4, {})), buf)
         buf.seek(0)
         state = torch.load(buf, weights_only=True)
         del first
-        second = Engine.build(exp, device)
+        second = Engine.build(exp.model, exp.train, device)
         second.load(state)
         resumed = run(second, range(4, 8))
     diffs = [abs(a - b) for a, b in zip(straight[4:], resumed)]

@@ -34,15 +34,13 @@ PRESETS = {
 
 
 def experiment(args, **train) -> config.Experiment:
-    return config.from_dict({
-        "name": "train-bench",
-        "model": PRESETS[args.preset],
-        "train": dict(batch_size=args.batch_size, gradient_accumulation_steps=args.accum, max_iters=args.steps,
-                      eval_interval=10**9, eval_iters=1, log_interval=max(1, args.steps // 4), compile=args.compile,
-                      warmup_iters=2, **train),
-        "data": {"paths": ["synthetic"]},
-        "hardware": {"peak_tflops": args.peak_tflops},
-    })
+    # synthetic token files stand in for prepared data: no data section needed
+    return config.Experiment(
+        name="train-bench", model=config.ModelConfig(**PRESETS[args.preset]),
+        train=config.TrainConfig(batch_size=args.batch_size, gradient_accumulation_steps=args.accum,
+                                 max_iters=args.steps, eval_interval=10**9, eval_iters=1,
+                                 log_interval=max(1, args.steps // 4), compile=args.compile, warmup_iters=2, **train),
+        hardware=config.HardwareConfig(peak_tflops=args.peak_tflops))
 
 
 def synthetic_shards(folder: Path, tokens: int) -> tuple[list[str], list[str]]:
@@ -64,7 +62,7 @@ def time_engine(exp, device, files, warmup: int, steps: int, baseline: bool) -> 
     if baseline:
         GPT.forward = nanogpt_loss
     try:
-        eng = engine.Engine.build(exp, device)
+        eng = engine.Engine.build(exp.model, exp.train, device)
         batches = loader.Batches.from_files(*files, exp.model.block_size, batch_size=exp.train.batch_size, seed=0)
         for s in range(warmup):
             eng.step(s, lambda m, s=s: batches.train_batch(s, m))
@@ -106,7 +104,7 @@ def engine_mode(args) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb / total), device)
     exp = experiment(args)
     print(f"device {hardware.device_name(device)}; {args.preset} model, micro-batch {args.batch_size} x "
-          f"{exp.model.block_size}, accumulation {args.accum}, compile {engine.compile_enabled(exp, device)}, "
+          f"{exp.model.block_size}, accumulation {args.accum}, compile {engine.compile_enabled(exp.train, device)}, "
           f"cap {args.memory_cap_gb or 'none'} GB")
     with tempfile.TemporaryDirectory() as tmp:
         files = synthetic_shards(Path(tmp), 2_000_000)
@@ -135,7 +133,7 @@ def ray_mode(args) -> None:
         client = tracking.connect(exp)
         run_id = tracking.start_run(client, exp, "train-bench", tags={})
         ray_session.start(num_cpus=2)  # before the plain run too: both run beside an idle Ray
-        plain = engine.train(exp, loader.Batches.from_files(train_files, val_files, exp.model.block_size,
+        plain = engine.train(exp.model, exp.train, loader.Batches.from_files(train_files, val_files, exp.model.block_size,
                                                             batch_size=exp.train.batch_size, seed=exp.train.seed),
                              lambda *a: None, device=torch.device("cpu"), train_tokens=2_000_000)
         job = trainer.TrainJob(exp=exp, train_files=tuple(train_files), val_files=tuple(val_files),

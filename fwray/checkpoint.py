@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import config, tokens
 from .config import Experiment, ModelConfig
@@ -44,8 +43,10 @@ def _save(obj, path: Path) -> None:
     tokens.write_atomic(path, buf.getvalue())
 
 
-def save_state(folder: str | os.PathLike, state: dict) -> None:
-    _save(state, Path(folder) / STATE_FILE)
+def save_state(folder: str | os.PathLike, state: dict, exp: Experiment) -> None:
+    """The engine's state, the resolved experiment it belongs to (for the record) and the model's config (what
+    rebuilds the model: the same record the final model carries)."""
+    _save({**state, "config": config.to_yaml(exp), "model_config": _model_meta(exp)}, Path(folder) / STATE_FILE)
 
 
 def load_state(folder: str | os.PathLike) -> dict:
@@ -64,26 +65,31 @@ def save_model(folder: str | os.PathLike, exp: Experiment, weights: dict, step: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _save(weights, folder / MODEL_FILE)
-    meta = {**dataclasses.asdict(exp.model), "tokenizer": exp.data.tokenizer, "eot": tokens.EOT, "step": step,
-            "val_loss": val_loss}
+    meta = {**_model_meta(exp), "step": step, "val_loss": val_loss}
     tokens.write_atomic(folder / MODEL_CONFIG, json.dumps(meta, indent=2).encode())
+
+
+def _model_meta(exp: Experiment) -> dict:
+    return {**dataclasses.asdict(exp.model), "tokenizer": exp.data.tokenizer, "eot": tokens.EOT}
+
+
+def _model(meta: dict, weights: dict) -> GPT:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = GPT(ModelConfig(**{k: v for k, v in meta.items() if k in fields}))
+    model.load_state_dict(weights)
+    return model
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The final model of a run and its config (shape, tokenizer, step, validation loss)."""
     folder = Path(folder)
     meta = json.loads((folder / MODEL_CONFIG).read_text())
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = GPT(ModelConfig(**{k: v for k, v in meta.items() if k in fields}))
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    model = _model(meta, torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta
 
 
 def model_from_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The model held by a training state, and the same config `load_model` gives."""
     state = load_state(folder)
-    exp = config.from_dict(yaml.safe_load(state["config"]), str(Path(folder) / STATE_FILE))
-    model = GPT(exp.model)
-    model.load_state_dict(state["model"])
-    meta = {**dataclasses.asdict(exp.model), "tokenizer": exp.data.tokenizer, "step": state["step"]}
-    return model.to(device).eval(), meta
+    meta = {**state["model_config"], "step": state["step"]}
+    return _model(meta, state["model"]).to(device).eval(), meta

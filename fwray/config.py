@@ -23,6 +23,19 @@ class ConfigError(FwrayError):
     exit_code = 2
 
 
+def _check(ok: bool, key: str, value, why: str) -> None:
+    """One section's rule; the loader adds the file's name to the message."""
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {why}")
+
+
+def _at_least(section, minimum: int, *keys: str) -> None:
+    name = type(section).SECTION
+    for key in keys:
+        value = getattr(section, key)
+        _check(value is None or value >= minimum, f"{name}.{key}", value, f"must be at least {minimum}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_layer: int = 12
@@ -32,6 +45,15 @@ class ModelConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
     bias: bool = False
     dropout: float = 0.0
+
+    SECTION: typing.ClassVar[str] = "model"
+
+    def __post_init__(self):
+        _at_least(self, 1, "n_layer", "n_head", "n_embd", "block_size")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
+               f"must be divisible by model.n_head = {self.n_head}")
+        _check(self.vocab_size >= 50257, "model.vocab_size", self.vocab_size, "must hold GPT-2's 50257 tokens")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,24 @@ class TrainConfig:
     activation_checkpointing: bool = False
     loss_chunk_size: int = 4096  # tokens per cross-entropy chunk; bounds logits memory
 
+    SECTION: typing.ClassVar[str] = "train"
+
+    def __post_init__(self):
+        _at_least(self, 1, "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                  "log_interval", "loss_chunk_size", "keep_checkpoints", "max_nonfinite_steps", "max_iters",
+                  "eval_batch_size")
+        _check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
+        _at_least(self, 0, "warmup_iters")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be positive")
+        _check(0 <= self.min_lr <= self.learning_rate, "train.min_lr", self.min_lr,
+               "must be in [0, train.learning_rate]")
+        _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be 0 (off) or positive")
+        _check(self.compile in (True, False, "auto"), "train.compile", self.compile, "must be true, false or auto")
+        _check(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype", self.dtype,
+               "must be auto, float32 or bfloat16")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -74,6 +114,15 @@ class DataConfig:
     num_workers: int | None = None  # tokenizer workers; None => one per CPU
     rows_per_task: int = 20_000  # rows one tokenizer task reads; bounds memory per worker
 
+    SECTION: typing.ClassVar[str] = "data"
+
+    def __post_init__(self):
+        # data.paths may be empty here (the core needs no data); an experiment file must give some (from_dict)
+        _check(self.tokenizer == "gpt2", "data.tokenizer", self.tokenizer, "only gpt2 is supported")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _at_least(self, 0, "min_chars")
+        _at_least(self, 1, "num_workers", "rows_per_task")
+
 
 @dataclass(frozen=True)
 class ResourcesConfig:
@@ -82,12 +131,22 @@ class ResourcesConfig:
     max_failures: int = 3
     storage_path: str = ".fwray/runs"
 
+    SECTION: typing.ClassVar[str] = "resources"
+
+    def __post_init__(self):
+        _at_least(self, 1, "num_workers")
+        _at_least(self, 0, "max_failures")
+        _check(self.use_gpu in (True, False, "auto"), "resources.use_gpu", self.use_gpu,
+               "must be true, false or auto")
+
 
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None  # None => $MLFLOW_TRACKING_URI, else a local sqlite store
     experiment: str | None = None  # None => the experiment's name
     required: bool = True  # False: an unreachable server falls back to the local store
+
+    SECTION: typing.ClassVar[str] = "tracking"
 
 
 @dataclass(frozen=True)
@@ -101,12 +160,33 @@ class ProbeConfig:
     activation_checkpointing: tuple[bool, ...] = (False,)
     compile: tuple[bool, ...] = ()  # empty => the train setting
 
+    SECTION: typing.ClassVar[str] = "probe"
+
+    def __post_init__(self):
+        _check(all(b >= 1 for b in self.batch_sizes), "probe.batch_sizes", list(self.batch_sizes),
+               "must all be at least 1")
+        _check(not self.enabled or len(self.batch_sizes) >= 1, "probe.batch_sizes", list(self.batch_sizes),
+               "the probe is enabled: list at least one micro-batch size")
+        _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "probe.gpu_memory_gb", self.gpu_memory_gb,
+               "must be positive")
+        _check(self.context_overhead_gb is None or self.context_overhead_gb >= 0, "probe.context_overhead_gb",
+               self.context_overhead_gb, "must be 0 or more")
+        _check(0 <= self.margin < 1, "probe.margin", self.margin, "must be in [0, 1)")
+        _check(self.steps >= 3, "probe.steps", self.steps, "must be at least 3 (the first steps warm up)")
+
 
 @dataclass(frozen=True)
 class HardwareConfig:
     peak_tflops: float | None = None  # overrides the peak-FLOPs table for MFU
     gpu: str | None = None  # the card the plan predicts for (e.g. "RTX 4070"); None => the one torch sees
     assumed_mfu: float = 0.40  # for the plan's time prediction; the run measures the real one
+
+    SECTION: typing.ClassVar[str] = "hardware"
+
+    def __post_init__(self):
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "hardware.peak_tflops", self.peak_tflops,
+               "must be positive")
+        _check(0 < self.assumed_mfu <= 1, "hardware.assumed_mfu", self.assumed_mfu, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -130,7 +210,8 @@ class Experiment:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Experiment) if f.name not in ("name", "source")}
+# section name -> its dataclass
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Experiment) if f.name not in ("name", "source")}
 
 
 # ---------------------------------------------------------------- loading
@@ -168,14 +249,14 @@ def from_dict(raw: dict, where: str = "<dict>") -> Experiment:
             raise ConfigError(f"{where}: unknown section {key!r} (known: name, {', '.join(SECTIONS)})")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} = {value!r}: must be a mapping of keys")
-        sections[key] = _build(_section_class(key), value, key, where)
+        sections[key] = _build(SECTIONS[key], value, key, where)
     exp = Experiment(name=name, source=where, **sections)
-    _validate(exp, where)
+    # what an experiment file needs beyond valid sections (the core runs without data or a budget)
+    if not exp.data.paths:
+        raise ConfigError(f"{where}: data.paths = []: give at least one parquet file or glob")
+    if exp.train.max_iters is None and exp.train.epochs is None:
+        raise ConfigError(f"{where}: train.max_iters = None: set train.max_iters or train.epochs")
     return exp
-
-
-def _section_class(section: str) -> type:
-    return {f.name: f.default_factory for f in dataclasses.fields(Experiment) if f.name in SECTIONS}[section]
 
 
 def _resolve_data_paths(raw: dict, base: Path) -> None:
@@ -215,13 +296,16 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
 
 def _build(cls: type, values: dict, section: str, where: str):
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}  # fields(): the ClassVar SECTION is not a key
     kwargs = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown key {section}.{key} = {value!r} (known: {', '.join(sorted(known))})")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)  # the section validates itself
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _coerce(value, hint, key: str, where: str):
@@ -268,63 +352,6 @@ def _describe(hint) -> str:
         return " or ".join(_describe(a) for a in args)
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, str(hint))
-
-
-# ---------------------------------------------------------------- validation
-
-
-def _validate(exp: Experiment, where: str) -> None:
-    m, t, d, r, p = exp.model, exp.train, exp.data, exp.resources, exp.probe
-
-    def check(ok: bool, key: str, value, why: str):
-        if not ok:
-            raise ConfigError(f"{where}: {key} = {value!r}: {why}")
-
-    for key in ("n_layer", "n_head", "n_embd", "block_size"):
-        check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be at least 1")
-    check(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"must be divisible by model.n_head = {m.n_head}")
-    check(m.vocab_size >= 50257, "model.vocab_size", m.vocab_size, "must hold GPT-2's 50257 tokens")
-    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                "loss_chunk_size"):
-        check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be at least 1")
-    check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be at least 1")
-    check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be at least 1")
-    check(t.max_iters is not None or t.epochs is not None, "train.max_iters", None,
-          "set train.max_iters or train.epochs")
-    check(t.max_iters is None or t.max_iters >= 1, "train.max_iters", t.max_iters, "must be at least 1")
-    check(t.epochs is None or t.epochs > 0, "train.epochs", t.epochs, "must be positive")
-    check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size,
-          "must be at least 1")
-    check(t.warmup_iters >= 0, "train.warmup_iters", t.warmup_iters, "must be 0 or more")
-    check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be positive")
-    check(0 <= t.min_lr <= t.learning_rate, "train.min_lr", t.min_lr, "must be in [0, train.learning_rate]")
-    check(0 <= t.beta1 < 1, "train.beta1", t.beta1, "must be in [0, 1)")
-    check(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
-    check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be 0 (off) or positive")
-    check(t.compile in (True, False, "auto"), "train.compile", t.compile, "must be true, false or auto")
-    check(t.dtype in ("auto", "float32", "bfloat16"), "train.dtype", t.dtype,
-          "must be auto, float32 or bfloat16")
-    check(len(d.paths) >= 1, "data.paths", list(d.paths), "give at least one parquet file or glob")
-    check(d.tokenizer == "gpt2", "data.tokenizer", d.tokenizer, "only gpt2 is supported")
-    check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
-    check(d.min_chars >= 0, "data.min_chars", d.min_chars, "must be 0 or more")
-    check(d.num_workers is None or d.num_workers >= 1, "data.num_workers", d.num_workers, "must be at least 1")
-    check(d.rows_per_task >= 1, "data.rows_per_task", d.rows_per_task, "must be at least 1")
-    check(r.num_workers >= 1, "resources.num_workers", r.num_workers, "must be at least 1")
-    check(r.use_gpu in (True, False, "auto"), "resources.use_gpu", r.use_gpu, "must be true, false or auto")
-    check(r.max_failures >= 0, "resources.max_failures", r.max_failures, "must be 0 or more")
-    check(all(b >= 1 for b in p.batch_sizes), "probe.batch_sizes", list(p.batch_sizes), "must all be at least 1")
-    check(not p.enabled or len(p.batch_sizes) >= 1, "probe.batch_sizes", list(p.batch_sizes),
-          "the probe is enabled: list at least one micro-batch size")
-    check(p.gpu_memory_gb is None or p.gpu_memory_gb > 0, "probe.gpu_memory_gb", p.gpu_memory_gb, "must be positive")
-    check(p.context_overhead_gb is None or p.context_overhead_gb >= 0, "probe.context_overhead_gb",
-          p.context_overhead_gb, "must be 0 or more")
-    check(0 <= p.margin < 1, "probe.margin", p.margin, "must be in [0, 1)")
-    check(p.steps >= 3, "probe.steps", p.steps, "must be at least 3 (the first steps warm up)")
-    check(exp.hardware.peak_tflops is None or exp.hardware.peak_tflops > 0, "hardware.peak_tflops",
-          exp.hardware.peak_tflops, "must be positive")
-    check(0 < exp.hardware.assumed_mfu <= 1, "hardware.assumed_mfu", exp.hardware.assumed_mfu, "must be in (0, 1]")
 
 
 # ---------------------------------------------------------------- derived figures

@@ -1,12 +1,11 @@
 """The training loop: optimizer, schedule, train step, evaluation. Pure torch: no ray or mlflow here.
 
-`train(exp, batches, report, ...)` runs the loop and hands metrics and checkpoint states to `report`; the caller
+`train(model_config, train_config, batches, report, ...)` runs the loop and hands metrics and checkpoint states to `report`; the caller
 (Ray Train in fwray.trainer, or a plain script) decides where they go.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,10 +15,11 @@ import torch
 import torch.distributed as dist
 
 from . import hardware
-from .config import Experiment, to_yaml
+from .config import ModelConfig, TrainConfig
 from .errors import FwrayError
 from .loader import Batches
 from .model import GPT, flops_per_token
+from .optim import lr_at, make_optimizer
 
 
 class NonFiniteLoss(FwrayError):
@@ -29,51 +29,29 @@ class NonFiniteLoss(FwrayError):
 Report = Callable[[int, dict, "dict | None"], None]  # (step, metrics, checkpoint state or None)
 
 
-def autocast_dtype(exp: Experiment, device_type: str) -> torch.dtype:
+def autocast_dtype(train: TrainConfig, device_type: str) -> torch.dtype:
     """train.dtype on a device type: auto means bf16 autocast on CUDA, float32 elsewhere."""
-    if exp.train.dtype == "auto":
+    if train.dtype == "auto":
         return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return getattr(torch, exp.train.dtype)
+    return getattr(torch, train.dtype)
 
 
-def compile_enabled(exp: Experiment, device: torch.device) -> bool:
+def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
     """train.compile resolved: auto means on where it can run; asked-for but impossible gives one warning."""
     available, why = hardware.compile_available(device)
-    if exp.train.compile is False:
+    if train.compile is False:
         return False
     if not available and device.type == "cuda":  # on CPU, off is simply the default
         warnings.warn(f"{why}; training runs uncompiled", stacklevel=2)
     return available
 
 
-def lr_at(step: int, exp: Experiment) -> float:
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
-    t = exp.train
-    decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.max_iters
-    if step < t.warmup_iters:
-        return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
-    if step >= decay_iters:
-        return t.min_lr
-    ratio = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, exp: Experiment) -> torch.optim.AdamW:
-    """AdamW, weight decay on matrices only, fused where this torch supports it (CPU included)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": exp.train.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # fused (CUDA and, since torch 2.4, CPU): one kernel for all parameters, and it skips a step on the device when
-    # told found_inf, so a non-finite step costs no host sync
-    return torch.optim.AdamW(groups, lr=exp.train.learning_rate, betas=(exp.train.beta1, exp.train.beta2),
-                             fused=True)
-
-
 @dataclass
 class Engine:
-    """One worker's model, optimizer and step; built by `Engine.build`."""
+    """One worker's model, optimizer and step; built by `Engine.build` from the model and train sections."""
 
-    exp: Experiment
+    model_config: ModelConfig
+    train: TrainConfig
     device: torch.device
     raw_model: GPT  # uncompiled, unwrapped: what checkpoints hold
     model: torch.nn.Module  # what runs: maybe compiled, then maybe DDP-wrapped
@@ -82,16 +60,16 @@ class Engine:
     compiled: bool
 
     @classmethod
-    def build(cls, exp: Experiment, device: torch.device, activation_checkpointing: bool | None = None,
-              compile: bool | None = None) -> "Engine":
-        torch.manual_seed(exp.train.seed)  # identical initial weights on every worker and every restart
+    def build(cls, model_config: ModelConfig, train: TrainConfig, device: torch.device,
+              activation_checkpointing: bool | None = None, compile: bool | None = None) -> "Engine":
+        torch.manual_seed(train.seed)  # identical initial weights on every worker and every restart
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        ac = exp.train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
-        raw = GPT(exp.model, loss_chunk_size=exp.train.loss_chunk_size, activation_checkpointing=ac).to(device)
+        ac = train.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+        raw = GPT(model_config, loss_chunk_size=train.loss_chunk_size, activation_checkpointing=ac).to(device)
         model: torch.nn.Module = raw
-        compiled = compile_enabled(exp, device) if compile is None else compile
+        compiled = compile_enabled(train, device) if compile is None else compile
         if compiled:
             model = torch.compile(model)
         if _world_size() > 1:
@@ -100,7 +78,8 @@ class Engine:
             # buckets: no second copy of them, so a worker's peak is what the single-process probe measured.
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-        return cls(exp, device, raw, model, make_optimizer(raw, exp), autocast_dtype(exp, device.type), compiled)
+        return cls(model_config, train, device, raw, model, make_optimizer(raw, train),
+                   autocast_dtype(train, device.type), compiled)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -119,10 +98,10 @@ class Engine:
         Returns (mean loss, non-finite flag) as device tensors. A non-finite step is skipped on the device:
         fused AdamW's found_inf leaves weights and moments untouched.
         """
-        t = self.exp.train
+        t = self.train
         accum = t.gradient_accumulation_steps
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.exp)
+            group["lr"] = lr_at(step, t)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -161,12 +140,12 @@ class Engine:
 
     def state(self, step: int, extra: dict) -> dict:
         """A checkpoint: uncompiled weights, optimizer, the step reached (batches derive from it), the random
-        generators (dropout draws from them), the config. Tensors stay on the device (fwray.checkpoint saves CPU copies)."""
+        generators (dropout draws from them). Tensors stay on the device (fwray.checkpoint saves CPU copies)."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                "rng": rng, "config": to_yaml(self.exp), **extra}
+                "rng": rng, **extra}
 
     def load(self, state: dict) -> int:
         # a plain dict drops the state dict's `_metadata`: a `load_state_dict(..., assign=True)` elsewhere marks it
@@ -185,22 +164,24 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def train(exp: Experiment, batches: Batches, report: Report, *, device: torch.device, train_tokens: int,
-          resume: dict | None = None, world_size: int = 1, engine: Engine | None = None) -> dict:
-    """Run exp.train.max_iters optimizer steps (exp must be resolved); returns a summary of the run.
+def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches, report: Report, *,
+          device: torch.device, train_tokens: int, resume: dict | None = None, world_size: int = 1,
+          engine: Engine | None = None, peak_tflops: float | None = None) -> dict:
+    """Run train_config.max_iters optimizer steps (resolved: not None); returns a summary of the run.
+    `world_size` workers each run this loop; `peak_tflops` overrides the peak-FLOPs table for MFU.
 
     Evaluation (and a checkpoint) happens every eval_interval steps and after the last step; metrics every
     log_interval steps. Only log steps and evaluations read values back from the device.
     """
-    t = exp.train
-    engine = engine or Engine.build(exp, device)
+    t = train_config
+    engine = engine or Engine.build(model_config, t, device)
     start = engine.load(resume) if resume else 0
     carried = (resume or {}).get("counters", {})
     nonfinite_total = int(carried.get("nonfinite_skipped", 0))
-    tokens_per_step = exp.tokens_per_step
+    tokens_per_step = t.batch_size * model_config.block_size * t.gradient_accumulation_steps * world_size
     n_params = engine.raw_model.num_params()
-    fpt = flops_per_token(exp.model, n_params)
-    peak = hardware.peak_tflops(device, exp.hardware.peak_tflops)
+    fpt = flops_per_token(model_config, n_params)
+    peak = hardware.peak_tflops(device, peak_tflops)
     summary = {"params": n_params, "first_val_loss": None, "final_val_loss": None, "resumed_from": start}
 
     loss_acc = torch.zeros((), device=device)
@@ -247,7 +228,7 @@ def train(exp: Experiment, batches: Batches, report: Report, *, device: torch.de
             tok_s = interval_steps * tokens_per_step / elapsed
             if step >= start + t.log_interval:  # the first interval carries compilation and warm-up
                 steps_timed, seconds_timed = steps_timed + interval_steps, seconds_timed + elapsed
-            metrics = {"train_loss": loss_acc.item() / good if good else float("nan"), "lr": lr_at(step, exp),
+            metrics = {"train_loss": loss_acc.item() / good if good else float("nan"), "lr": lr_at(step, t),
                        "tokens_per_s": tok_s, "tokens_seen": done * tokens_per_step,
                        "epoch": done * tokens_per_step / train_tokens, "nonfinite_skipped": nonfinite_total,
                        "eta_s": (t.max_iters - done) * elapsed / interval_steps,

@@ -12,6 +12,7 @@ what torch.compile saves or fuses. `probe.margin` is the headroom for those; ben
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 
 import torch
@@ -19,9 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import Experiment
-from .engine import Engine, autocast_dtype, make_optimizer
+from .config import ModelConfig, TrainConfig
+from .engine import Engine, autocast_dtype
 from .model import GPT
+from .optim import make_optimizer
 
 GIB = 2**30
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
@@ -66,12 +68,12 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _batch(exp: Experiment, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(0, 50257, (batch_size, exp.model.block_size + 1), device=device)
+def _batch(model: ModelConfig, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, 50257, (batch_size, model.block_size + 1), device=device)
     return x[:, :-1], x[:, 1:]
 
 
-def measure_peak_bytes(exp: Experiment, batch_size: int, activation_checkpointing: bool = False,
+def measure_peak_bytes(model: ModelConfig, train: TrainConfig, batch_size: int, activation_checkpointing: bool = False,
                        eval_batch_size: int | None = None, accumulation: int | None = None,
                        dtype: torch.dtype | None = None, fake: bool = True, steps: int = 2) -> dict:
     """Run `steps` engine steps and one evaluation forward on the CPU, counting live tensor bytes.
@@ -83,28 +85,27 @@ def measure_peak_bytes(exp: Experiment, batch_size: int, activation_checkpointin
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    accumulation = accumulation or min(exp.train.gradient_accumulation_steps, 2)
-    exp = exp.with_changes("train", batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                           max_iters=exp.train.max_iters or steps)
+    accumulation = accumulation or min(train.gradient_accumulation_steps, 2)
+    train = dataclasses.replace(train, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                max_iters=train.max_iters or steps)
     dtype = dtype or torch.float32
-    eval_batch_size = eval_batch_size or exp.train.eval_batch_size or batch_size
+    eval_batch_size = eval_batch_size or train.eval_batch_size or batch_size
     device = torch.device("cpu")
     counter = LiveBytes()
     with FakeTensorMode() if fake else contextlib.nullcontext(), counter:
-        torch.manual_seed(exp.train.seed)
+        torch.manual_seed(train.seed)
         # built here rather than by Engine.build: .to(device) cannot swap fake parameters, and the device is the CPU
-        raw = GPT(exp.model, loss_chunk_size=exp.train.loss_chunk_size,
-                  activation_checkpointing=activation_checkpointing)
-        engine = Engine(exp, device, raw, raw, make_optimizer(raw, exp), dtype, compiled=False)
+        raw = GPT(model, loss_chunk_size=train.loss_chunk_size, activation_checkpointing=activation_checkpointing)
+        engine = Engine(model, train, device, raw, raw, make_optimizer(raw, train), dtype, compiled=False)
         counter.track(*raw.parameters())
         params = counter.current
-        batch = _batch(exp, batch_size, device)
+        batch = _batch(model, batch_size, device)
         counter.reset_peak()
         for step in range(steps):
             engine.step(step, lambda micro: batch)
         train_peak = counter.peak
         del batch
-        val = _batch(exp, eval_batch_size, device)
+        val = _batch(model, eval_batch_size, device)
         counter.reset_peak()
         # Engine.evaluate's forward (its .item() has no value under FakeTensorMode)
         with torch.no_grad(), engine.autocast():
@@ -114,11 +115,13 @@ def measure_peak_bytes(exp: Experiment, batch_size: int, activation_checkpointin
     return {"params": params, "train_peak": train_peak, "eval_peak": eval_peak, "peak": max(train_peak, eval_peak)}
 
 
-def estimate_peak_bytes(exp: Experiment, batch_size: int, activation_checkpointing: bool = False,
-                        eval_batch_size: int | None = None, accumulation: int | None = None) -> dict:
-    """Predicted peak bytes of a CUDA run of `exp` at `batch_size` (no GPU, no real compute): `peak` allocated by
-    tensors, `reserved` by the caching allocator (what a card's memory has to hold)."""
-    out = measure_peak_bytes(exp, batch_size, activation_checkpointing, eval_batch_size, accumulation,
-                             dtype=autocast_dtype(exp, "cuda"), fake=True)
+def estimate_peak_bytes(model: ModelConfig, train: TrainConfig, batch_size: int,
+                        activation_checkpointing: bool = False, eval_batch_size: int | None = None,
+                        accumulation: int | None = None) -> dict:
+    """Predicted peak bytes of a CUDA run of this model and train section at `batch_size` (no GPU, no real
+    compute): `peak` allocated by tensors, `reserved` by the caching allocator (what a card's memory has to hold)."""
+    dtype = autocast_dtype(train, "cuda")
+    out = measure_peak_bytes(model, train, batch_size, activation_checkpointing, eval_batch_size, accumulation,
+                             dtype=dtype, fake=True)
     return {**out, "reserved": int(out["peak"] * ALLOCATOR_SLACK), "method": "cpu-estimate",
-            "dtype": str(autocast_dtype(exp, "cuda")).replace("torch.", "")}
+            "dtype": str(dtype).replace("torch.", "")}

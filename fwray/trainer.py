@@ -131,13 +131,13 @@ def _worker(config: dict) -> dict | None:
         final.update(metrics, step=step, state=state)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:  # one copy of the state; every rank still reports so Ray can pair them
-                checkpoint.save_state(tmp, state)
+                checkpoint.save_state(tmp, state, exp)
             ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
 
     try:
-        summary = engine.train(exp, batches, report, device=device, train_tokens=job.train_tokens, resume=resume,
-                               world_size=world)
+        summary = engine.train(exp.model, exp.train, batches, report, device=device, train_tokens=job.train_tokens,
+                               resume=resume, world_size=world, peak_tflops=exp.hardware.peak_tflops)
     except NonFiniteLoss as e:  # a verdict on the run, not a crash: restarting would only repeat it
         summary = {"stopped": str(e)}
     if rank != 0:

@@ -95,7 +95,7 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
     out = {"batch_size": batch_size, "activation_checkpointing": activation_checkpointing, "compile": compile,
            "eval_batch_size": eval_bs, "probe_accumulation": accum, "status": "ok", "reason": "",
            "tokens_per_s": None}
-    est = memory.estimate_peak_bytes(exp, batch_size, activation_checkpointing, eval_bs, accum)
+    est = memory.estimate_peak_bytes(exp.model, exp.train, batch_size, activation_checkpointing, eval_bs, accum)
     out.update(predicted_gb=est["reserved"] / GIB, predicted_alloc_gb=est["peak"] / GIB)
     if not job.use_gpu:
         device = torch.device("cpu")
@@ -120,7 +120,7 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
     stage = ["building the model"]
     engine = batches = None
     try:
-        engine = Engine.build(run, device, activation_checkpointing=activation_checkpointing,
+        engine = Engine.build(run.model, run.train, device, activation_checkpointing=activation_checkpointing,
                               compile=compile if device.type == "cuda" else False)
         batches = _batches(job, run, batch_size, eval_bs)
 

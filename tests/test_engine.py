@@ -1,5 +1,6 @@
 """The pure-torch engine on CPU: loss falls on real tokens, accumulation scaling, non-finite steps, lr schedule,
 deterministic batches, and resume that reproduces an uninterrupted run."""
+import dataclasses
 import io
 import math
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fwray import config
-from fwray.engine import Engine, NonFiniteLoss, lr_at, train
+from fwray.config import ModelConfig, TrainConfig
+from fwray.engine import Engine, NonFiniteLoss, train
+from fwray.optim import lr_at
 from fwray.loader import Batches
 from fwray.model import GPT
 from fwray.tokens import encode_documents, get_tokenizer
@@ -32,19 +34,22 @@ def token_files(corpus, tmp_path_factory):
     return files
 
 
-def experiment(**train):
+MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+
+
+def train_section(**changes) -> TrainConfig:
+    """The engine needs the model and train sections only (resolved: the decay length fixed, as config.resolve
+    does, so a run cut short keeps the schedule of the whole run)."""
     t = dict(batch_size=8, max_iters=40, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=10,
              eval_iters=4, log_interval=5, compile=False, seed=1337)
-    t.update(train)
-    exp = config.from_dict({"name": "engine-test",
-                            "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-                            "train": t, "data": {"paths": ["unused.parquet"]}})
-    return config.resolve(exp, train_tokens=100_000)
+    t.update(changes)
+    t.setdefault("lr_decay_iters", t["max_iters"])
+    return TrainConfig(**t)
 
 
-def batches_for(exp, token_files, **kw):
-    return Batches.from_files([token_files["train"]], [token_files["val"]], exp.model.block_size,
-                              batch_size=exp.train.batch_size, seed=exp.train.seed, **kw)
+def batches_for(t, token_files, **kw):
+    return Batches.from_files([token_files["train"]], [token_files["val"]], MODEL.block_size,
+                              batch_size=t.batch_size, seed=t.seed, **kw)
 
 
 class Recorder:
@@ -62,9 +67,9 @@ class Recorder:
 
 
 def test_loss_falls_on_real_tokens(token_files):
-    exp = experiment(max_iters=24, eval_interval=8, log_interval=4, learning_rate=6e-3, warmup_iters=3)
+    t = train_section(max_iters=24, eval_interval=8, log_interval=4, learning_rate=6e-3, warmup_iters=3)
     rec = Recorder()
-    summary = train(exp, batches_for(exp, token_files), rec, device=CPU, train_tokens=100_000)
+    summary = train(MODEL, t, batches_for(t, token_files), rec, device=CPU, train_tokens=100_000)
     val = [v for _, v in rec.metrics["val_loss"]]
     assert [s for s, _ in rec.metrics["val_loss"]] == [0, 8, 16, 24]
     assert val[0] == pytest.approx(math.log(50304), abs=0.3)  # an untrained model is about uniform
@@ -77,15 +82,15 @@ def test_loss_falls_on_real_tokens(token_files):
 
 
 def test_resume_reproduces_uninterrupted_run(token_files):
-    exp = experiment(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2)
+    t = train_section(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2)
     full = Recorder()
-    train(exp, batches_for(exp, token_files), full, device=CPU, train_tokens=100_000)
+    train(MODEL, t, batches_for(t, token_files), full, device=CPU, train_tokens=100_000)
     first = Recorder()
-    train(exp.with_changes("train", max_iters=4), batches_for(exp, token_files), first, device=CPU,
+    train(MODEL, dataclasses.replace(t, max_iters=4), batches_for(t, token_files), first, device=CPU,
           train_tokens=100_000)
     # resume from step 4's checkpoint in a fresh loader (no loader state) with the full budget
     resumed = Recorder()
-    summary = train(exp, batches_for(exp, token_files), resumed, device=CPU, train_tokens=100_000,
+    summary = train(MODEL, t, batches_for(t, token_files), resumed, device=CPU, train_tokens=100_000,
                     resume=first.states[4])
     assert summary["resumed_from"] == 4
     assert resumed.metrics["val_loss"][-1] == full.metrics["val_loss"][-1]
@@ -111,8 +116,8 @@ def grads_at_step(engine, get_batch):
 
 def test_accumulation_scaling_matches_one_big_batch():
     x, y = fixed_batch()
-    big = Engine.build(experiment(batch_size=8, gradient_accumulation_steps=1, grad_clip=0.0), CPU)
-    acc = Engine.build(experiment(batch_size=4, gradient_accumulation_steps=2, grad_clip=0.0), CPU)
+    big = Engine.build(MODEL, train_section(batch_size=8, gradient_accumulation_steps=1, grad_clip=0.0), CPU)
+    acc = Engine.build(MODEL, train_section(batch_size=4, gradient_accumulation_steps=2, grad_clip=0.0), CPU)
     loss_big, _, g_big = grads_at_step(big, lambda micro: (x, y))
     loss_acc, _, g_acc = grads_at_step(acc, lambda micro: (x[4 * micro: 4 * micro + 4], y[4 * micro: 4 * micro + 4]))
 
@@ -143,7 +148,7 @@ class Poison:
 
 
 def test_nonfinite_step_is_skipped():
-    engine = Engine.build(experiment(), CPU)
+    engine = Engine.build(MODEL, train_section(), CPU)
     poison = Poison(engine)
     x, y = fixed_batch()
     engine.step(0, lambda m: (x, y))  # one good step: moments exist
@@ -179,11 +184,11 @@ class PoisonedBatches(Batches):
 
 
 def test_nonfinite_steps_counted_and_run_goes_on(token_files):
-    exp = experiment(max_iters=10, log_interval=5, eval_interval=10, max_nonfinite_steps=3)
-    engine = Engine.build(exp, CPU)
+    t = train_section(max_iters=10, log_interval=5, eval_interval=10, max_nonfinite_steps=3)
+    engine = Engine.build(MODEL, t, CPU)
     rec = Recorder()
-    batches = PoisonedBatches(batches_for(exp, token_files), Poison(engine), bad_steps={2, 3, 7})
-    summary = train(exp, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
+    batches = PoisonedBatches(batches_for(t, token_files), Poison(engine), bad_steps={2, 3, 7})
+    summary = train(MODEL, t, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
     assert rec.metrics["nonfinite_skipped"] == [(5, 2), (10, 3)]
     assert summary["nonfinite_skipped"] == 3
     assert all(math.isfinite(v) for _, v in rec.metrics["train_loss"])  # the mean leaves skipped steps out
@@ -191,33 +196,32 @@ def test_nonfinite_steps_counted_and_run_goes_on(token_files):
 
 
 def test_nonfinite_streak_stops_the_run(token_files):
-    exp = experiment(max_iters=20, log_interval=2, eval_interval=10, max_nonfinite_steps=3)
-    engine = Engine.build(exp, CPU)
+    t = train_section(max_iters=20, log_interval=2, eval_interval=10, max_nonfinite_steps=3)
+    engine = Engine.build(MODEL, t, CPU)
     rec = Recorder()
-    batches = PoisonedBatches(batches_for(exp, token_files), Poison(engine), bad_steps={3, 4, 5})
+    batches = PoisonedBatches(batches_for(t, token_files), Poison(engine), bad_steps={3, 4, 5})
     with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
-        train(exp, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
+        train(MODEL, t, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
     assert rec.metrics["train_loss"][-1][0] == 4  # stopped at the first log after the third bad step (step 6)
 
 
 def test_lr_schedule():
-    exp = experiment(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    assert lr_at(0, exp) == pytest.approx(1e-3 / 11)
-    assert lr_at(4, exp) == pytest.approx(1e-3 * 5 / 11)
-    warm = [lr_at(s, exp) for s in range(11)]
-    assert warm == sorted(warm) and lr_at(10, exp) == pytest.approx(1e-3)  # warmup ends at the peak
-    assert lr_at(60, exp) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
-    decay = [lr_at(s, exp) for s in range(10, 111)]
+    t = train_section(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert lr_at(0, t) == pytest.approx(1e-3 / 11)
+    assert lr_at(4, t) == pytest.approx(1e-3 * 5 / 11)
+    warm = [lr_at(s, t) for s in range(11)]
+    assert warm == sorted(warm) and lr_at(10, t) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr_at(60, t) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
+    decay = [lr_at(s, t) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert lr_at(110, exp) == pytest.approx(1e-4) and lr_at(500, exp) == pytest.approx(1e-4)
-    longer = config.resolve(experiment(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110,
-                                       lr_decay_iters=60), 100_000)
+    assert lr_at(110, t) == pytest.approx(1e-4) and lr_at(500, t) == pytest.approx(1e-4)
+    longer = train_section(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, lr_decay_iters=60)
     assert lr_at(60, longer) == pytest.approx(1e-4) and lr_at(80, longer) == pytest.approx(1e-4)
 
 
 def test_batches_are_deterministic(token_files):
-    exp = experiment()
-    a, b = batches_for(exp, token_files), batches_for(exp, token_files)
+    t = train_section()
+    a, b = batches_for(t, token_files), batches_for(t, token_files)
     for step, micro in [(0, 0), (7, 0), (7, 1), (1000, 3)]:
         xa, ya = a.train_batch(step, micro)
         xb, yb = b.train_batch(step, micro)
@@ -226,7 +230,7 @@ def test_batches_are_deterministic(token_files):
         assert xa.shape == (8, 32) and xa.dtype == torch.int64
     assert not torch.equal(a.train_batch(0, 0)[0], a.train_batch(1, 0)[0])
     assert not torch.equal(a.train_batch(0, 0)[0], a.train_batch(0, 1)[0])
-    other = Batches(a.train, a.val, 8, seed=exp.train.seed + 1)
+    other = Batches(a.train, a.val, 8, seed=t.seed + 1)
     assert not torch.equal(a.train_batch(0, 0)[0], other.train_batch(0, 0)[0])
     assert torch.equal(a.val_batch(2)[0], b.val_batch(2)[0])
     # every window is real data from the file
@@ -241,11 +245,11 @@ def test_resume_from_a_state_dict_marked_assign(token_files):
     """A checkpoint's model state that went through `load_state_dict(..., assign=True)` elsewhere (the sampler
     borrows the training weights that way) carries "assign" in its _metadata; resuming from it must still copy into
     the engine's tied parameters, or the optimizer would step parameters the model no longer uses."""
-    exp = experiment(max_iters=4, eval_interval=4, eval_iters=1, log_interval=2, warmup_iters=1)
+    t = train_section(max_iters=4, eval_interval=4, eval_iters=1, log_interval=2, warmup_iters=1)
     rec = Recorder()
-    train(exp, batches_for(exp, token_files), rec, device=CPU, train_tokens=100_000)
+    train(MODEL, t, batches_for(t, token_files), rec, device=CPU, train_tokens=100_000)
     state = rec.states[4]
-    cfg = Engine.build(exp, CPU).raw_model.config
+    cfg = Engine.build(MODEL, t, CPU).raw_model.config
     with torch.device("meta"):
         borrower = GPT(cfg)
     borrower.load_state_dict(state["model"], assign=True)  # marks state["model"]._metadata
@@ -254,7 +258,7 @@ def test_resume_from_a_state_dict_marked_assign(token_files):
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
-    engine = Engine.build(exp, CPU)
+    engine = Engine.build(MODEL, t, CPU)
     engine.load(state)
     model = engine.raw_model
     assert model.lm_head.weight is model.transformer.wte.weight

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fwray import config, memory, plan, probe, trial
+from fwray.config import ModelConfig, TrainConfig
 from fwray.errors import ProbeError
 from fwray.model import count_params
 
@@ -14,13 +15,12 @@ PROBE_CPU = ROOT / "experiments" / "probe-cpu.yaml"
 
 
 def tiny(**train) -> config.Experiment:
-    return config.from_dict({
-        "name": "probe-test",
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
-        "train": {"batch_size": 2, "gradient_accumulation_steps": 8, "max_iters": 10, "compile": False, **train},
-        "data": {"paths": ["unused.parquet"]},
-        "probe": {"batch_sizes": [1, 2, 4, 8], "steps": 3, "context_overhead_gb": 0},
-    })
+    """The sections a probe trial reads; data comes from the job's token files, so there is no data section."""
+    return config.Experiment(
+        name="probe-test", model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32),
+        train=TrainConfig(**{"batch_size": 2, "gradient_accumulation_steps": 8, "max_iters": 10, "compile": False,
+                             **train}),
+        probe=config.ProbeConfig(batch_sizes=(1, 2, 4, 8), steps=3, context_overhead_gb=0))
 
 
 # ---------------------------------------------------------------- memory.py
@@ -28,23 +28,23 @@ def tiny(**train) -> config.Experiment:
 
 def test_estimate_grows_with_batch_size():
     exp = tiny()
-    peaks = [memory.estimate_peak_bytes(exp, b)["peak"] for b in (1, 2, 4, 8)]
+    peaks = [memory.estimate_peak_bytes(exp.model, exp.train, b)["peak"] for b in (1, 2, 4, 8)]
     assert peaks == sorted(peaks) and peaks[-1] > 1.5 * peaks[0]
 
 
 def test_activation_checkpointing_lowers_the_train_peak():
     # small loss chunks so that the layers' activations, not the logits, dominate
-    exp = config.from_dict({"model": {"n_layer": 6, "n_head": 4, "n_embd": 256, "block_size": 256},
-                            "train": {"max_iters": 10, "loss_chunk_size": 256}, "data": {"paths": ["x"]}})
-    plain = memory.estimate_peak_bytes(exp, 32)["train_peak"]
-    checkpointed = memory.estimate_peak_bytes(exp, 32, activation_checkpointing=True)["train_peak"]
+    model = ModelConfig(n_layer=6, n_head=4, n_embd=256, block_size=256)
+    train = TrainConfig(max_iters=10, loss_chunk_size=256)
+    plain = memory.estimate_peak_bytes(model, train, 32)["train_peak"]
+    checkpointed = memory.estimate_peak_bytes(model, train, 32, activation_checkpointing=True)["train_peak"]
     assert checkpointed < 0.7 * plain
 
 
 def test_fake_estimate_matches_a_real_cpu_run():
     exp = tiny(loss_chunk_size=64)
-    fake = memory.measure_peak_bytes(exp, 4, dtype=torch.float32, fake=True)
-    real = memory.measure_peak_bytes(exp, 4, dtype=torch.float32, fake=False)
+    fake = memory.measure_peak_bytes(exp.model, exp.train, 4, dtype=torch.float32, fake=True)
+    real = memory.measure_peak_bytes(exp.model, exp.train, 4, dtype=torch.float32, fake=False)
     assert fake["peak"] == pytest.approx(real["peak"], rel=0.05)
     n_params = count_params(exp.model)
     assert real["params"] == pytest.approx(4 * n_params, rel=0.01)
@@ -53,8 +53,9 @@ def test_fake_estimate_matches_a_real_cpu_run():
 
 def test_estimate_uses_the_cuda_dtype():
     exp = tiny()
-    assert memory.estimate_peak_bytes(exp, 1)["dtype"] == "bfloat16"  # auto is bf16 on CUDA, whatever the CPU does
-    assert memory.estimate_peak_bytes(tiny(dtype="float32"), 1)["dtype"] == "float32"
+    # auto is bf16 on CUDA, whatever the CPU does
+    assert memory.estimate_peak_bytes(exp.model, exp.train, 1)["dtype"] == "bfloat16"
+    assert memory.estimate_peak_bytes(exp.model, TrainConfig(dtype="float32"), 1)["dtype"] == "float32"
 
 
 # ---------------------------------------------------------------- the verdict
@@ -132,7 +133,8 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     from mlflow.tracking import MlflowClient
 
     exp = tiny()
-    peaks = {b: memory.estimate_peak_bytes(exp, b, accumulation=trial.probe_accumulation(exp, b))["reserved"]
+    peaks = {b: memory.estimate_peak_bytes(exp.model, exp.train, b,
+                                           accumulation=trial.probe_accumulation(exp, b))["reserved"]
              / trial.GIB for b in (1, 2, 4, 8)}
     cap = (peaks[4] + peaks[8]) / 2 / 0.9  # 1, 2 and 4 fit the limit, 8 does not
     exp = exp.with_changes("probe", gpu_memory_gb=cap)

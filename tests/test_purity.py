@@ -29,18 +29,16 @@ SCRIPT = textwrap.dedent("""
     from fwray.engine import train
     from fwray.loader import Batches
 
-    exp = config.from_dict({"name": "pure", "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
-                            "train": {"batch_size": 2, "max_iters": 3, "eval_interval": 3, "eval_iters": 1,
-                                      "log_interval": 1, "compile": False},
-                            "data": {"paths": ["x.parquet"]}})
-    exp = config.resolve(exp, 10_000)
+    model = config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    train_config = config.TrainConfig(batch_size=2, max_iters=3, eval_interval=3, eval_iters=1, log_interval=1,
+                                      compile=False)
     folder = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         rng.integers(0, 50257, 2_000, dtype=np.uint16).tofile(folder / f"{split}.bin")
     batches = Batches.from_files([folder / "train.bin"], [folder / "val.bin"], 16, batch_size=2, seed=0)
     seen = []
-    summary = train(exp, batches, lambda step, metrics, state: seen.append(step), device=torch.device("cpu"),
+    summary = train(model, train_config, batches, lambda step, metrics, state: seen.append(step), device=torch.device("cpu"),
                     train_tokens=10_000)
     assert seen == [0, 1, 2, 3, 3], seen
     assert summary["steps"] == 3 and summary["final_val_loss"] > 0

@@ -1,15 +1,11 @@
 """The sampler CLI on saved models (no Ray, no server), its one-line errors, and the evaluation artifacts."""
-import dataclasses
-import json
-
 import pytest
 import torch
 
-from fwray import artifacts, config, sample, tokens
+from fwray import artifacts, checkpoint, config, sample, tokens
 from fwray.model import GPT
 
-EXP = config.from_dict({"name": "tiny", "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-                        "train": {"max_iters": 10, "batch_size": 2}, "data": {"paths": ["unused.parquet"]}})
+EXP = config.Experiment(name="tiny", model=config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
 
 
 def tiny_model() -> GPT:
@@ -20,11 +16,8 @@ def tiny_model() -> GPT:
 @pytest.fixture
 def model_folder(tmp_path):
     """What fwray.trainer writes as the run's `model/`: a weights-only state dict and the model config."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    torch.save(tiny_model().state_dict(), folder / "model.pt")
-    (folder / "model_config.json").write_text(json.dumps({**dataclasses.asdict(EXP.model), "tokenizer": "gpt2",
-                                                          "eot": tokens.EOT, "step": 10, "val_loss": 9.9}))
+    folder = tmp_path / checkpoint.MODEL_DIR
+    checkpoint.save_model(folder, EXP, tiny_model().state_dict(), step=10, val_loss=9.9)
     return folder
 
 
@@ -45,8 +38,7 @@ def test_checkpoint_folder_prints_a_deterministic_continuation(model_folder, cap
 def test_ray_checkpoint_and_run_folders_load_the_same_weights(model_folder, tmp_path, capsys):
     ckpt = tmp_path / "ray_run" / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
-    torch.save({"model": tiny_model().state_dict(), "optimizer": {}, "step": 10, "config": config.to_yaml(EXP)},
-               ckpt / "state.pt")
+    checkpoint.save_state(ckpt, {"model": tiny_model().state_dict(), "optimizer": {}, "step": 10}, EXP)
     args = ["--prompt", "Hello", "--max-new-tokens", "8", "--device", "cpu"]
     reference = run_cli(capsys, "--checkpoint", str(model_folder), *args)[1]
     for path in (ckpt, ckpt.parent, model_folder.parent):  # a Ray checkpoint, a Ray run folder, a run folder

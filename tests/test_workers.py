@@ -97,10 +97,9 @@ def _count_allreduces(rank: int, world: int, port: int, results) -> None:
     torch.compile = functools.partial(torch.compile, backend="aot_eager")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        exp = config.from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
-                                "train": {"batch_size": 2, "gradient_accumulation_steps": 4, "max_iters": 3},
-                                "data": {"paths": ["unused.parquet"]}})
-        engine = Engine.build(exp, torch.device("cpu"), compile=True)
+        engine = Engine.build(config.ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16),
+                              config.TrainConfig(batch_size=2, gradient_accumulation_steps=4, max_iters=3),
+                              torch.device("cpu"), compile=True)
         calls = []
 
         def counting_hook(state, bucket):
