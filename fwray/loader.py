@@ -13,9 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import FwrayError
 from .tokens import TOKEN_DTYPE
 
 _TRAIN, _VAL = 0, 1
+
+
+class SplitTooSmall(FwrayError):
+    """A split holds no window of block_size + 1 tokens."""
+
+    exit_code = 2
 
 
 class TokenShards:
@@ -29,7 +36,7 @@ class TokenShards:
         self.num_tokens = sum(len(s) for s in self.shards)
         if not self.shards or self.cum_windows[-1] == 0:
             names = ", ".join(Path(f).name for f in files) or "no files"
-            raise ValueError(f"the split ({names}) holds {self.num_tokens} tokens, fewer than block_size + 1 = "
+            raise SplitTooSmall(f"the split ({names}) holds {self.num_tokens} tokens, fewer than block_size + 1 = "
                              f"{block_size + 1}: use more data, a larger data.val_fraction or a smaller block_size")
 
     def windows(self, starts: np.ndarray) -> np.ndarray:

@@ -240,13 +240,15 @@ class _Progress:
             self.print()
 
     def print(self) -> None:
-        self.last = time.perf_counter()
+        self.last, self.printed = time.perf_counter(), (self.tasks, self.rows)
         elapsed = max(self.last - self.start, 1e-9)
         eta = (self.total_rows - self.rows) * elapsed / max(self.rows, 1)
         _say(self.enabled, f"prepare: {self.tasks}/{self.total_tasks} tasks, {self.rows:,}/{self.total_rows:,} rows, "
                            f"{self.rows / elapsed:,.0f} rows/s, {self.tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f} s")
 
     def done(self) -> None:
+        if self.last != self.start and self.printed == (self.tasks, self.rows):
+            return  # the last progress line already says it
         self.print()
 
 

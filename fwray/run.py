@@ -43,7 +43,7 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    from . import artifacts, config, plan, prepare, tracking, trainer
+    from . import artifacts, config, loader, plan, prepare, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
@@ -71,6 +71,9 @@ def run(exp, resume: bool = False) -> int:
         prepare_s = time.perf_counter() - prepare_start
         if not previous:
             tracking.log_prepare(client, exp, run_id, cache_dir, manifest, prepare_s, run_dir)
+        train_files, val_files = (tuple(map(str, split_files(cache_dir, manifest, s))) for s in ("train", "val"))
+        # a split too small for one window stops here, in one line, not in a Ray worker or a probe trial
+        loader.Batches.from_files(train_files, val_files, exp.model.block_size, batch_size=1, seed=0)
         verdict = None
         if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
             from . import probe
@@ -98,8 +101,7 @@ def run(exp, resume: bool = False) -> int:
             log.artifact(run_dir / artifacts.DATA_REPORT, "data")
             _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
                                                      "run_dir": str(run_dir), "tracking_uri": uri}))
-        job = trainer.TrainJob(exp=exp, train_files=tuple(map(str, split_files(cache_dir, manifest, "train"))),
-                               val_files=tuple(map(str, split_files(cache_dir, manifest, "val"))),
+        job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files,
                                train_tokens=manifest["splits"]["train"]["tokens"], tracking_uri=uri, run_id=run_id,
                                run_dir=str(run_dir))
         result = trainer.fit(job, ray_name)

@@ -8,6 +8,7 @@ a cluster the driver cannot see the files a worker writes on its own node.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,6 @@ from ray.train.torch import TorchTrainer
 
 from . import checkpoint, engine, hardware, ray_session
 from .config import Experiment
-from .engine import NonFiniteLoss
 from .errors import FwrayError
 from .loader import Batches
 from .artifacts import EvalArtifacts
@@ -28,6 +28,15 @@ from .tracking import RunLogger, metric_history
 
 class TrainingFailed(FwrayError):
     """The training workers failed for good (Ray's retries spent): the worker's last line says why."""
+
+
+class TrainingStopped(FwrayError):
+    """A worker stopped on a deterministic error (bad data or config, a diverged loss): never retried, since a
+    restart would only repeat it. Carries the worker error's message and exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,8 @@ class TrainJob:
 
 
 def fit(job: TrainJob, ray_run_name: str) -> dict:
-    """Train on Ray; returns rank 0's summary of the run. Raises TrainingFailed with one line on failure, NonFiniteLoss
-    when the loss stopped the run."""
+    """Train on Ray; returns rank 0's summary of the run. Raises TrainingFailed with one line when Ray's retries are
+    spent, TrainingStopped when a worker stopped on an fwray error (its message and exit code)."""
     exp = job.exp
     ray_session.start()  # unless the caller has
     use_gpu = ray_session.use_gpu(exp.resources.use_gpu)  # the cluster's GPUs, not the driver's
@@ -73,7 +82,7 @@ def fit(job: TrainJob, ray_run_name: str) -> dict:
     if not isinstance(summary, dict):
         raise TrainingFailed("training failed: rank 0 returned no summary of the run")
     if "stopped" in summary:
-        raise NonFiniteLoss(summary["stopped"])
+        raise TrainingStopped(summary["stopped"]["message"], summary["stopped"]["exit_code"])
     return summary
 
 
@@ -94,6 +103,8 @@ def _worker(config: dict) -> dict | None:
     """One Ray Train worker: the engine's loop, reports and checkpoints; rank 0 returns the run's summary."""
     job: TrainJob = config["job"]
     exp = job.exp
+    # Ray Train logs every report at INFO ("Reporting training result N: ..."); fwray prints its own progress lines
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -114,9 +125,6 @@ def _worker(config: dict) -> dict | None:
                    if resume else None)
         evals = EvalArtifacts(exp, job.run_dir, logger, history)
 
-    batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
-                                 batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
-                                 seed=exp.train.seed, rank=rank, world_size=world)
     final: dict = {}
 
     def report(step: int, metrics: dict, state: dict | None) -> None:
@@ -136,10 +144,13 @@ def _worker(config: dict) -> dict | None:
             ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
 
     try:
+        batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
+                                     batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
+                                     seed=exp.train.seed, rank=rank, world_size=world)
         summary = engine.train(exp.model, exp.train, batches, report, device=device, train_tokens=job.train_tokens,
                                resume=resume, world_size=world, peak_tflops=exp.hardware.peak_tflops)
-    except NonFiniteLoss as e:  # a verdict on the run, not a crash: restarting would only repeat it
-        summary = {"stopped": str(e)}
+    except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
+        summary = {"stopped": {"message": str(e), "exit_code": e.exit_code}}
     if rank != 0:
         return None
     if "stopped" not in summary:

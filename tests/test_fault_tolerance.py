@@ -3,7 +3,7 @@ logging to the same MLflow run, and ends where an uninterrupted run ends. And `-
 continues a finished run in the same MLflow run.
 
 Runs go through `fwray.run.run` in this process with the session's Ray; the experiment is the smoke experiment
-shrunk (1 layer x 16 wide, 4 x 64 tokens a step) so that each run costs seconds of training, not minutes.
+shrunk (tests/pipeline.py: TINY); the uninterrupted reference is the session's shared `tiny_run`.
 """
 import glob
 import json
@@ -13,41 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
 
 from fwray import config
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "experiments" / "smoke.yaml"
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.batch_size=4", "train.eval_iters=2",
-        "train.warmup_iters=2", "train.log_interval=4", "train.eval_interval=8", "train.max_iters=24"]
-
-
-def run_experiment(folder: Path, cache: Path, overrides=(), resume=False):
-    from fwray import run as fwrun
-
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    exp = config.load(SMOKE, [f"tracking.uri={uri}", f"resources.storage_path={folder / 'runs'}",
-                              f"data.cache_dir={cache}", *TINY, *overrides])
-    assert fwrun.run(exp, resume=resume) == 0
-    return exp, MlflowClient(tracking_uri=uri)
-
-
-def the_run(client):
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(top) == 1, [r.info.run_name for r in top]
-    return top[0]
-
-
-def history(client, run_id, name):
-    """{step: value}, the latest value logged at each step (a restarted worker logs some steps again)."""
-    out = {}
-    for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.timestamp):
-        out[m.step] = m.value
-    return out
+from pipeline import ONE_WORKER, SMOKE, TINY, history, latest_run_dir, run_smoke, top_run
 
 
 def own_train_workers():
@@ -99,31 +70,18 @@ class Killer(threading.Thread):
             self.error = e
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "fwray-cache"
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ray_session, tmp_path_factory, cache):
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    exp, client = run_experiment(folder, cache)
-    return folder, exp, client
-
-
-def test_killed_worker_resumes_in_the_same_run(uninterrupted, tmp_path, cache):
-    _, exp, base_client = uninterrupted
+def test_killed_worker_resumes_in_the_same_run(tiny_run, tmp_path, cache):
     killer = Killer(tmp_path / "runs")
     killer.start()
     try:
-        _, client = run_experiment(tmp_path, cache)
+        exp, client = run_smoke(tmp_path, cache, [*TINY, *ONE_WORKER])
     finally:
         killer.stop.set()
         killer.join()
     assert killer.error is None, killer.error
     assert killer.killed, "the worker was never killed"
 
-    run = the_run(client)  # one MLflow run, the one the run started with
+    run = top_run(client)  # one MLflow run, the one the run started with
     latest = json.loads((tmp_path / "runs" / "smoke.latest.json").read_text())
     assert run.info.run_id == latest["mlflow_run_id"] and run.info.status == "FINISHED"
     resumed_from = int(run.data.tags["fwray.resumed_from_step"])
@@ -133,19 +91,18 @@ def test_killed_worker_resumes_in_the_same_run(uninterrupted, tmp_path, cache):
     assert sorted(val) == [0, 8, 16, 24]
     assert max(history(client, run.info.run_id, "train_loss")) == 24
 
-    base_val = history(base_client, the_run(base_client).info.run_id, "val_loss")
+    base_val = tiny_run["val"]  # the same run, uninterrupted
     assert abs(val[24] - base_val[24]) <= 1e-4, (val, base_val)
-    assert "fwray.resumed_from_step" not in the_run(base_client).data.tags
+    assert "fwray.resumed_from_step" not in tiny_run["run"].data.tags
 
 
-def test_resume_continues_the_same_mlflow_run(uninterrupted, cache):
+def test_resume_continues_the_same_mlflow_run(tiny_run, cache):
     """--resume with a larger train.max_iters continues the uninterrupted run (24 steps) to 32, in its MLflow run."""
-    folder, _, client = uninterrupted
-    first = the_run(client)
-    assert max(history(client, first.info.run_id, "val_loss")) == 24
+    folder, first = tiny_run["folder"], tiny_run["run"]
+    assert max(tiny_run["val"]) == 24
 
-    exp, client = run_experiment(folder, cache, ["train.max_iters=32"], resume=True)
-    run = the_run(client)
+    exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER, "train.max_iters=32"], resume=True)
+    run = top_run(client)
     assert run.info.run_id == first.info.run_id  # the same MLflow run, no new one
     assert run.data.tags["fwray.resumed_from_step"] == "24"
     assert run.info.status == "FINISHED"
@@ -153,8 +110,7 @@ def test_resume_continues_the_same_mlflow_run(uninterrupted, cache):
     assert sorted(val) == [0, 8, 16, 24, 32]  # metrics beyond the old max_iters
     assert max(history(client, run.info.run_id, "train_loss")) == 32
     assert val[32] < val[24]
-    run_dir = Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
-    assert json.loads((run_dir / "model" / "model_config.json").read_text())["step"] == 32
+    assert json.loads((latest_run_dir(folder) / "model" / "model_config.json").read_text())["step"] == 32
 
 
 def test_resume_without_an_earlier_run_is_one_line(tmp_path, cache):
@@ -164,3 +120,32 @@ def test_resume_without_an_earlier_run_is_one_line(tmp_path, cache):
                               f"resources.storage_path={tmp_path / 'runs'}"])
     with pytest.raises(fwrun.ResumeError, match="--resume: no earlier run"):
         fwrun.run(exp, resume=True)
+
+
+def test_split_smaller_than_a_window_stops_before_training_in_one_line(ray_session, tmp_path, cache, capsys):
+    from fwray import run as fwrun
+
+    rc = fwrun.main([str(SMOKE), "model.block_size=60000", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                     f"resources.storage_path={tmp_path / 'runs'}", f"data.cache_dir={cache}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fwray:")]
+    assert rc == 2 and len(err) == 1, err
+    assert "fewer than block_size + 1 = 60001" in err[0] and "smaller block_size" in err[0]
+    assert not list((tmp_path / "runs").glob("*/checkpoint_*"))  # no training started
+
+
+def test_a_workers_deterministic_error_is_not_retried(ray_session, tmp_path):
+    """An fwray error inside the worker (here a validation split too small, which fwray.run would have caught
+    first) ends the run at once with its own message and exit code; Ray's retries are for crashes."""
+    from fwray import trainer
+
+    exp = config.load(SMOKE, [*TINY, "resources.max_failures=3", f"resources.storage_path={tmp_path / 'runs'}"])
+    tokens = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint16).tofile(tokens)
+    (tmp_path / "short.bin").write_bytes(tokens.read_bytes()[:20])  # 10 tokens
+    (tmp_path / "run").mkdir()
+    job = trainer.TrainJob(exp=exp, train_files=(str(tokens),), val_files=(str(tmp_path / "short.bin"),),
+                           train_tokens=1000, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id="0" * 32,
+                           run_dir=str(tmp_path / "run"))
+    with pytest.raises(trainer.TrainingStopped, match="holds 10 tokens, fewer than block_size") as stopped:
+        trainer.fit(job, "deterministic")
+    assert stopped.value.exit_code == 2

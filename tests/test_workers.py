@@ -6,20 +6,12 @@ differ only in float summation order (DDP averages the two ranks' gradients in o
 loss/2 twice). After a few AdamW steps that leaves differences around 1e-6 in the weights, far below the tolerance
 of 1e-3 on the validation loss and 1e-3 on the weights; a different data split would show up as ~1e-2 or more.
 """
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from fwray import config
 from fwray.loader import Batches, TokenShards
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "experiments" / "smoke.yaml"
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.batch_size=4", "train.eval_iters=4",
-        "train.warmup_iters=2", "train.log_interval=4", "train.eval_interval=8", "train.max_iters=8"]
+from pipeline import TINY, TWO_WORKERS, final_weights, history, run_smoke, top_run
 
 
 def test_global_batch_does_not_depend_on_the_split(tmp_path):
@@ -44,43 +36,25 @@ def test_global_batch_does_not_depend_on_the_split(tmp_path):
     assert torch.equal(two[1].val_batch(3)[0], one.val_batch(3)[0])  # validation does not depend on the rank
 
 
-def run_experiment(folder: Path, cache: Path, overrides):
-    from fwray import run as fwrun
-
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    exp = config.load(SMOKE, [f"tracking.uri={uri}", f"resources.storage_path={folder / 'runs'}",
-                              f"data.cache_dir={cache}", *TINY, *overrides])
-    assert fwrun.run(exp, resume=False) == 0
-    client = MlflowClient(tracking_uri=uri)
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-            if "mlflow.parentRunId" not in r.data.tags]
-    assert len(runs) == 1
-    val = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "val_loss")}
-    run_dir = Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
-    weights = torch.load(run_dir / "model" / "model.pt", weights_only=True)
-    return runs[0], val, weights
-
-
 @pytest.fixture(scope="module")
-def both(ray_session, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "fwray-cache"
-    two = run_experiment(tmp_path_factory.mktemp("two-workers"), cache,
-                         ["resources.num_workers=2", "train.gradient_accumulation_steps=1"])
-    one = run_experiment(tmp_path_factory.mktemp("one-worker"), cache,
-                         ["resources.num_workers=1", "train.gradient_accumulation_steps=2"])
-    return two, one
+def two_workers(ray_session, tmp_path_factory, cache) -> dict:
+    folder = tmp_path_factory.mktemp("two-workers")
+    _, client = run_smoke(folder, cache, [*TINY, *TWO_WORKERS])
+    run = top_run(client)
+    return {"run": run, "val": history(client, run.info.run_id, "val_loss"), "weights": final_weights(folder)}
 
 
-def test_two_workers_match_one_worker_with_accumulation(both):
-    (run2, val2, w2), (run1, val1, w1) = both
-    assert run2.data.params["resources.num_workers"] == "2" and run1.data.params["resources.num_workers"] == "1"
-    assert run2.data.params["plan.tokens_per_step"] == run1.data.params["plan.tokens_per_step"] == str(8 * 64)
-    assert sorted(val2) == sorted(val1) == [0, 8]
-    assert val2[0] == pytest.approx(val1[0], abs=1e-5)  # same initial weights, same validation batches
-    assert val2[8] < val2[0] - 0.1  # it trained
-    assert abs(val2[8] - val1[8]) <= 1e-3, (val2, val1)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-3)
+def test_two_workers_match_one_worker_with_accumulation(two_workers, tiny_run):
+    two, one = two_workers, tiny_run  # 2 workers x 1 micro-step; 1 worker x 2 micro-steps
+    assert two["run"].data.params["resources.num_workers"] == "2"
+    assert one["run"].data.params["resources.num_workers"] == "1"
+    assert two["run"].data.params["plan.tokens_per_step"] == one["run"].data.params["plan.tokens_per_step"] == "512"
+    assert sorted(two["val"]) == sorted(one["val"]) == [0, 8, 16, 24]
+    assert two["val"][0] == pytest.approx(one["val"][0], abs=1e-5)  # same initial weights, same validation batches
+    assert two["val"][24] < two["val"][0] - 0.1  # it trained
+    assert abs(two["val"][24] - one["val"][24]) <= 1e-3, (two["val"], one["val"])
+    for k, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][k], w, rtol=0, atol=1e-3)
 
 
 def _count_allreduces(rank: int, world: int, port: int, results) -> None:

@@ -1,0 +1,54 @@
+"""End-to-end runs shared between test files: `fwray.run.run` on the smoke experiment, in this process with the
+session's Ray, everything it writes under one folder, MLflow in a sqlite store there."""
+import json
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from fwray import config
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+# the smoke experiment shrunk (1 layer x 16 wide, 4 x 64 tokens a micro-step) so that a run costs seconds of training
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "train.batch_size=4", "train.eval_iters=4",
+        "train.warmup_iters=2", "train.log_interval=4", "train.eval_interval=8", "train.max_iters=24"]
+ONE_WORKER = ["resources.num_workers=1", "train.gradient_accumulation_steps=2"]  # 512 tokens a step
+TWO_WORKERS = ["resources.num_workers=2", "train.gradient_accumulation_steps=1"]  # the same 512
+
+
+def run_smoke(folder: Path, cache: Path, overrides=(), resume=False):
+    """fwray.run on the smoke experiment; returns (resolved experiment as loaded, MLflow client)."""
+    from fwray import run as fwrun
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    exp = config.load(SMOKE, [f"tracking.uri={uri}", f"resources.storage_path={folder / 'runs'}",
+                              f"data.cache_dir={cache}", *overrides])
+    assert fwrun.run(exp, resume=resume) == 0
+    return exp, MlflowClient(tracking_uri=uri)
+
+
+def top_run(client):
+    """The experiment's one top-level run (anything else is nested under it)."""
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(top) == 1, [r.info.run_name for r in top]
+    return top[0]
+
+
+def history(client, run_id, name):
+    """{step: value}, the latest value logged at each step (a restarted worker logs some steps again)."""
+    out = {}
+    for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.timestamp):
+        out[m.step] = m.value
+    return out
+
+
+def latest_run_dir(folder: Path) -> Path:
+    return Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
+
+
+def final_weights(folder: Path) -> dict:
+    from fwray import checkpoint
+
+    return torch.load(latest_run_dir(folder) / checkpoint.MODEL_DIR / checkpoint.MODEL_FILE, weights_only=True)
