@@ -116,7 +116,9 @@ def _worker(config: dict) -> dict | None:
 
     batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
                                  batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
-                                 seed=exp.train.seed, rank=rank, world_size=world)
+                                 seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
+                                 align_to_documents=exp.data.align_to_documents,
+                                 accumulation=exp.train.gradient_accumulation_steps)
     final: dict = {}
 
     def report(step: int, metrics: dict, state: dict | None) -> None:
