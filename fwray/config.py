@@ -101,6 +101,9 @@ class TrainConfig:
                "must be auto, float32 or bfloat16")
 
 
+SAMPLINGS = ("random", "epoch")  # data.sampling: how training windows are ordered (fwray.loader)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     paths: tuple[str, ...] = ()
@@ -113,6 +116,8 @@ class DataConfig:
     min_chars: int = 0
     num_workers: int | None = None  # tokenizer workers; None => one per CPU
     rows_per_task: int = 20_000  # rows one tokenizer task reads; bounds memory per worker
+    sampling: str = "random"  # random: windows drawn with replacement; epoch: each window once per epoch (loader)
+    align_to_documents: bool = False  # training windows start at document starts (loader)
 
     SECTION: typing.ClassVar[str] = "data"
 
@@ -122,6 +127,7 @@ class DataConfig:
         _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
         _at_least(self, 0, "min_chars")
         _at_least(self, 1, "num_workers", "rows_per_task")
+        _check(self.sampling in SAMPLINGS, "data.sampling", self.sampling, f"must be {' or '.join(SAMPLINGS)}")
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,9 @@ def _worker(config: dict) -> dict | None:
     try:
         batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
                                      batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
-                                     seed=exp.train.seed, rank=rank, world_size=world)
+                                     seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
+                                     align_to_documents=exp.data.align_to_documents,
+                                     accumulation=exp.train.gradient_accumulation_steps)
         summary = engine.train(exp.model, exp.train, batches, report, device=device, train_tokens=job.train_tokens,
                                resume=resume, world_size=world, peak_tflops=exp.hardware.peak_tflops)
     except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
