@@ -1,4 +1,4 @@
-"""What a run writes for people to look at: the data report, the loss curve, sample generations at each evaluation.
+"""What a training run writes for people to look at: the loss curve and sample generations at each evaluation.
 
 Files are written atomically under the run folder and handed to a logger (`tracking.RunLogger` in training), so
 they exist locally even while MLflow is away. No mlflow or ray import here.
@@ -16,65 +16,11 @@ from .model import GPT, generate_text
 
 LOSS_CURVE = "loss_curve.png"
 SAMPLES_DIR = "samples"
-DATA_REPORT = "data_report.txt"
 # Fixed prompts: the same ones at every evaluation, so the samples show the model learning.
 PROMPTS = ("The", "In this article, we will", "The most important thing about")
 SAMPLE_COUNT = 3  # prompts sampled at each evaluation (tracking.samples overrides where the config has it)
 SAMPLE_TOKENS = 48  # new tokens per sample (tracking.sample_tokens overrides): cheap even on CPU
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
-
-
-# ---------------------------------------------------------------- data report
-
-
-def data_report(manifest: dict) -> str:
-    """Documents, tokens and chars/token per split, skipped rows and the token_count check, from a manifest."""
-    splits = manifest["splits"]
-    total_docs = sum(s["documents"] for s in splits.values())
-    total_tokens = sum(s["tokens"] for s in splits.values())
-    fp = manifest.get("fingerprint", "?")[:16]
-    lines = [f"data report (fingerprint {fp}, tokenizer {manifest.get('tokenizer')})"]
-    for name, s in splits.items():
-        lines.append(f"  {name:5s} {s['documents']:>12,} documents {s['tokens']:>15,} tokens "
-                     f"in {len(s['files'])} files")
-    lines.append(f"  total {total_docs:>12,} documents {total_tokens:>15,} tokens (EOT before each document)")
-    chars = manifest.get("chars")
-    if chars is not None:
-        lines.append(f"  {chars:,} characters, {chars / max(total_tokens - total_docs, 1):.2f} chars/token "
-                     f"(EOT not counted)")
-    skipped = manifest.get("skipped", {})
-    lines.append(f"  skipped rows: {sum(skipped.values()):,}"
-                 + (f" ({', '.join(f'{k} {v:,}' for k, v in skipped.items())})" if skipped else ""))
-    check = manifest.get("token_count")
-    if check:
-        verdict = "matches" if check["matches"] else f"MISMATCH: {check['produced_without_eot']:,} produced"
-        lines.append(f"  token_count column sums to {check['column_sum']:,} ({verdict})")
-    if "val_fraction" in manifest:
-        lines.append(f"  split: val_fraction {manifest['val_fraction']} by {manifest.get('split_rule', 'hash of id')}")
-    if "seconds" in manifest:
-        lines.append(f"  prepared in {manifest['seconds']:.1f} s")
-    for f in manifest.get("inputs", []):
-        lines.append(f"  input: {f.get('path', f)}")
-    return "\n".join(lines) + "\n"
-
-
-def data_metrics(manifest: dict) -> dict[str, float]:
-    """The manifest's figures as metrics of the prepare run."""
-    out: dict[str, float] = {}
-    for name, s in manifest["splits"].items():
-        out[f"{name}_documents"] = s["documents"]
-        out[f"{name}_tokens"] = s["tokens"]
-        out[f"{name}_files"] = len(s["files"])
-    docs = sum(s["documents"] for s in manifest["splits"].values())
-    toks = sum(s["tokens"] for s in manifest["splits"].values())
-    if manifest.get("chars") is not None:
-        out["chars"] = manifest["chars"]
-        out["chars_per_token"] = manifest["chars"] / max(toks - docs, 1)
-    for k, v in manifest.get("skipped", {}).items():
-        out[f"skipped_{k}"] = v
-    if "seconds" in manifest:
-        out["seconds"] = manifest["seconds"]
-    return out
 
 
 # ---------------------------------------------------------------- loss curve

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import config, ray_session, tokens
+from .data_report import data_report
 from .config import DataConfig, Experiment
 from .errors import FwrayError
 from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspect_file, keep_mask, output_settings,
@@ -341,9 +342,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def summary(exp: Experiment, folder: Path, manifest: dict) -> str:
-    """The data report (documents, tokens, chars/token, skipped rows, time) and the epochs the configured run does."""
-    from .artifacts import data_report  # the report the run logs: one set of figures, here and in MLflow
-
+    """The data report the run logs (one set of figures, here and in MLflow) and the epochs the configured run does."""
     lines = [f"prepared {folder}", data_report(manifest).rstrip("\n")]
     train_tokens = manifest["splits"]["train"]["tokens"]
     if train_tokens:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from . import ray_session  # noqa: F401  (first: it sets Ray's environment before Ray starts)
+from .data_report import DATA_REPORT
 from .errors import FwrayError
 
 
@@ -43,7 +44,7 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    from . import artifacts, config, plan, prepare, tracking, trainer
+    from . import config, plan, prepare, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
@@ -95,7 +96,7 @@ def run(exp, resume: bool = False) -> int:
             log.artifact(run_dir / "config.yaml")
             log.artifact(run_dir / "plan.txt")
             log.artifact(Path(cache_dir) / "manifest.json", "data")
-            log.artifact(run_dir / artifacts.DATA_REPORT, "data")
+            log.artifact(run_dir / DATA_REPORT, "data")
             _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
                                                      "run_dir": str(run_dir), "tracking_uri": uri}))
         job = trainer.TrainJob(exp=exp, train_files=tuple(map(str, split_files(cache_dir, manifest, "train"))),

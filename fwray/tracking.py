@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import Experiment, flatten  # noqa: E402
+from .data_report import DATA_REPORT, data_metrics, data_report  # noqa: E402
 from .errors import FwrayError, first_line  # noqa: E402
 
 # The parent run's metrics (names are stable: dashboards and the loss curve read them). x = optimizer step.
@@ -185,8 +186,6 @@ def log_prepare(client: MlflowClient, exp: Experiment, parent_run_id: str, cache
                 manifest: dict, wall_seconds: float, run_dir: str | os.PathLike) -> str | None:
     """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
     data report. Returns its id, or None (after one warning) when MLflow fails: data logging never stops a run."""
-    from .artifacts import DATA_REPORT, data_metrics, data_report
-
     report = Path(run_dir) / DATA_REPORT
     report.write_text(data_report(manifest))
     try:

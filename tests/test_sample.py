@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fwray import artifacts, config, sample, tokens
+from fwray import artifacts, config, data_report, sample, tokens
 from fwray.model import GPT
 
 EXP = config.from_dict({"name": "tiny", "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
@@ -112,9 +112,9 @@ MANIFEST = {"fingerprint": "ab" * 32, "tokenizer": "gpt2", "val_fraction": 0.05,
 
 
 def test_data_report_and_metrics_come_from_the_manifest():
-    text = artifacts.data_report(MANIFEST)
+    text = data_report.data_report(MANIFEST)
     assert "train" in text and "1,009 tokens" in text and "skipped rows: 2" in text and "2.97 chars/token" in text
-    m = artifacts.data_metrics(MANIFEST)
+    m = data_report.data_metrics(MANIFEST)
     assert m["train_documents"] == 9 and m["val_tokens"] == 11 and m["skipped_null_or_empty"] == 2
     assert m["chars_per_token"] == pytest.approx(3000 / 1010)
 
