@@ -18,8 +18,8 @@ LOSS_CURVE = "loss_curve.png"
 SAMPLES_DIR = "samples"
 # Fixed prompts: the same ones at every evaluation, so the samples show the model learning.
 PROMPTS = ("The", "In this article, we will", "The most important thing about")
-SAMPLE_COUNT = 3  # prompts sampled at each evaluation (tracking.samples overrides where the config has it)
-SAMPLE_TOKENS = 48  # new tokens per sample (tracking.sample_tokens overrides): cheap even on CPU
+SAMPLE_COUNT = 3  # prompts sampled at each evaluation
+SAMPLE_TOKENS = 48  # new tokens per sample: cheap even on CPU
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
 
 
@@ -82,9 +82,6 @@ class EvalArtifacts:
         self.history: dict[str, dict[int, float]] = {"train_loss": {}, "val_loss": {}}
         for name, points in (history or {}).items():
             self.history.setdefault(name, {}).update(points)
-        tr = exp.tracking
-        self.count = min(int(getattr(tr, "samples", SAMPLE_COUNT)), len(PROMPTS))
-        self.max_new_tokens = int(getattr(tr, "sample_tokens", SAMPLE_TOKENS))
         self._enc = self._model = None
         self.broken: set[str] = set()
 
@@ -97,7 +94,7 @@ class EvalArtifacts:
     def on_eval(self, step: int, model_state: dict | None = None) -> None:
         """Refresh the loss curve; with the model's weights, write this evaluation's samples too."""
         self._guard("loss curve", self._curve)
-        if model_state is not None and self.count > 0:
+        if model_state is not None:
             self._guard("samples", self._samples, step, model_state)
 
     def _guard(self, what: str, fn, *args) -> None:
@@ -125,7 +122,7 @@ class EvalArtifacts:
         # assign=True shares the training tensors (same device, no copy): the sampler costs no extra weights memory.
         # A plain dict drops the state dict's `_metadata`, which assign=True would otherwise mark for the trainer too.
         self._model.load_state_dict(dict(model_state), assign=True)
-        text = samples_text(self._model, self._enc, step, PROMPTS[:self.count], self.max_new_tokens,
+        text = samples_text(self._model, self._enc, step, PROMPTS[:SAMPLE_COUNT], SAMPLE_TOKENS,
                             seed=self.exp.train.seed)
         folder = self.run_dir / SAMPLES_DIR
         folder.mkdir(parents=True, exist_ok=True)
