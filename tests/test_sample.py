@@ -1,6 +1,10 @@
 """The sampler CLI on saved models (no Ray, no server), its one-line errors, and the evaluation artifacts."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +143,17 @@ def test_eval_artifacts_write_curve_and_samples_and_hand_them_to_the_logger(tmp_
     text = (tmp_path / "samples" / "step_000010.txt").read_text()
     assert text.startswith("step 10:") and all(repr(p) in text for p in artifacts.PROMPTS)
     assert not evals.broken
+
+
+def test_loss_curve_keeps_the_font_cache_notice_off_the_terminal(tmp_path):
+    """A fresh matplotlib config builds its font cache on the first curve and logs it; none of that reaches stderr,
+    even with the root logger at INFO (as a configured worker's may be)."""
+    script = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+              "from fwray.artifacts import loss_curve_png\n"
+              "assert loss_curve_png({'train_loss': {1: 2.0}}, 8).startswith(b'\\x89PNG')\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "mpl").glob("fontlist-*.json"))  # the cache was built in this run
+    assert "font" not in proc.stderr.lower(), proc.stderr
