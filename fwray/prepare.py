@@ -5,7 +5,10 @@ block with bounded concurrency; each task reads only its rows and columns, token
 uint16 tokens straight to its own train/val shard files. The driver only sees small per-task summaries.
 
 Cache: `<data.cache_dir>/<fingerprint[:16]>`, built in `<entry>.tmp-<pid>` and renamed into place once every shard
-and the manifest are fsynced, so an entry folder is always whole. Temp folders of dead runs are removed.
+and the manifest are fsynced, so an entry folder is always whole. A build that fails removes its temp folder; one
+killed outright leaves it behind until the next build in that cache (a cache miss), which removes the temp folders
+whose process no longer runs on this machine. An entry with its manifest or a shard gone is no hit: it is rebuilt and
+replaced. Nothing is evicted: entries of other fingerprints stay until removed by hand.
 """
 from __future__ import annotations
 
@@ -302,7 +305,8 @@ def _entry_is_whole(entry: Path, manifest: dict, fp: str) -> bool:
 
 
 def _remove_stale(cache: Path) -> None:
-    """Temp folders whose run is dead, and entries left without a manifest, are removed."""
+    """Temp folders whose process no longer runs on this machine are removed. Entries are left alone: an incomplete
+    one is rebuilt and replaced by `_publish` when its fingerprint is prepared again."""
     for path in cache.iterdir():
         m = re.fullmatch(r"[0-9a-f]{16}\.tmp-(\d+)", path.name)
         if m and not _alive(int(m.group(1))):
