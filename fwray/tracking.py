@@ -51,7 +51,6 @@ FALLBACK_FILE = "unlogged_metrics.jsonl"
 
 DEFAULT_STORE = ".fwray/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
-MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
 class TrackingUnavailable(FwrayError):
@@ -117,9 +116,9 @@ def start_run(client: MlflowClient, exp: Experiment, run_name: str, tags: dict[s
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> None:
-    items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        client.log_batch(run_id, params=items[i:i + 100])
+    # One call: MlflowClient.log_batch splits params into requests of at most 100, and MLflow's store cuts a value
+    # over 6000 characters to 6000 with a warning (mlflow/mlflow#11208), so fwray neither chunks nor truncates.
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
 def log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None = None) -> None:
@@ -349,8 +348,7 @@ def replay(jsonl: str | os.PathLike, uri: str | None = None) -> dict[str, int]:
         run_id = rec["run_id"]
         if "metrics" in rec:
             items = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
-            for i in range(0, len(items), 1000):
-                client.log_batch(run_id, metrics=items[i:i + 1000])
+            client.log_batch(run_id, metrics=items)  # MLflow splits it into requests of at most 1000
             counts["metrics"] += len(items)
         if "params" in rec:
             log_params(client, run_id, rec["params"])
