@@ -1,9 +1,9 @@
-"""MLflow, and only here: the experiment, the runs, their params, metrics and artifacts.
+"""MLflow, live: the experiment, the runs, their params, metrics and artifacts.
 
 Everything goes through `MlflowClient` with explicit run ids, so the driver and a Ray worker (rank 0 only) log
 into the same run without sharing process state. A tracking failure mid-run never stops training: one warning,
-and the records (metrics, and the artifacts, tags and final status that could not be logged) go to
-`<run_dir>/unlogged_metrics.jsonl`, which `python -m fwray.tracking replay` logs later.
+and the records (metrics, and the artifacts, tags and final status that could not be logged) wait in the run's
+outbox, `<run_dir>/unlogged_metrics.jsonl` (fwray.outbox), which `python -m fwray.tracking replay` logs later.
 
 Layout: one MLflow experiment per experiment name (tagged as model training for MLflow 3's UI); one parent run per
 `fwray.run`, named after the Ray run; the data preparation as a nested run `prepare` (tag mlflow.parentRunId).
@@ -11,8 +11,8 @@ The metrics of the parent run, x = optimizer step, are listed in METRICS.
 """
 from __future__ import annotations
 
+import argparse
 import getpass
-import json
 import os
 import platform
 import subprocess
@@ -25,9 +25,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from . import outbox  # noqa: E402
 from .config import Experiment, flatten  # noqa: E402
 from .data_report import DATA_REPORT, data_metrics, data_report  # noqa: E402
 from .errors import FwrayError, first_line  # noqa: E402
@@ -47,7 +48,6 @@ METRICS = {
     "eta_s": "estimated seconds of training left",
 }
 PREPARE_RUN = "prepare"
-FALLBACK_FILE = "unlogged_metrics.jsonl"
 
 DEFAULT_STORE = ".fwray/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -59,13 +59,17 @@ class TrackingUnavailable(FwrayError):
 
 def resolve_uri(exp: Experiment) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else a local sqlite store under .fwray/."""
-    uri = exp.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + str(Path(DEFAULT_STORE).resolve())
+    return exp.tracking.uri or default_uri()
+
+
+def default_uri() -> str:
+    """Where a run without tracking.uri goes, and where the commands look by default: $MLFLOW_TRACKING_URI, else the
+    local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_fallback_uri()
 
 
 def local_fallback_uri() -> str:
+    """fwray's local sqlite store under .fwray/ (artifacts beside it)."""
     return "sqlite:///" + str(Path(DEFAULT_STORE).resolve())
 
 
@@ -119,14 +123,6 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> 
     # One call: MlflowClient.log_batch splits params into requests of at most 100, and MLflow's store cuts a value
     # over 6000 characters to 6000 with a warning (mlflow/mlflow#11208), so fwray neither chunks nor truncates.
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-
-
-def log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    """A file, or a folder's files, as artifacts of the run."""
-    if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    else:
-        client.log_artifact(run_id, str(path), artifact_path)
 
 
 # ---------------------------------------------------------------- what a run is tagged with
@@ -210,32 +206,27 @@ def log_prepare(client: MlflowClient, exp: Experiment, parent_run_id: str, cache
 def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLike | None = None,
            tags: dict[str, str] | None = None) -> bool:
     """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: an unreachable store gets
-    one warning, and with `run_dir` the tags and status wait in the run's JSONL for `replay`. Returns whether MLflow
+    one warning, and with `run_dir` the tags and status wait in the run's outbox for `replay`. Returns whether MLflow
     took them."""
     status = "FINISHED" if ok else "FAILED"
+    record = {"run_id": run_id, "uri": client.tracking_uri, "status": status, "timestamp": _now_ms(),
+              **({"tags": {k: str(v) for k, v in tags.items()}} if tags else {})}
     try:
-        if tags:
-            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        client.set_terminated(run_id, status)
+        outbox.send(client, record)
         return True
     except Exception as e:
         where = ""
         if run_dir is not None:
-            path = Path(run_dir) / FALLBACK_FILE
-            _append(path, {"run_id": run_id, "uri": client.tracking_uri, "status": status,
-                           "timestamp": int(time.time() * 1000), **({"tags": tags} if tags else {})})
+            path = Path(run_dir) / outbox.FALLBACK_FILE
+            outbox.keep(path, record)
             where = f"; the status is kept in {path}: log it with `python -m fwray.tracking replay {path}`"
         print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
               f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
         return False
 
 
-def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 # ---------------------------------------------------------------- logging that never stops training
@@ -244,46 +235,40 @@ def _append(path: Path, record: dict) -> None:
 class RunLogger:
     """Metrics, params, tags and artifacts into one run from any process.
 
-    On the first failure it prints one warning and from then on keeps every record in `<fallback_dir>/
-    unlogged_metrics.jsonl` (artifacts as their local paths) for `python -m fwray.tracking replay`.
+    Each is an outbox record, sent to MLflow as it comes. On the first failure it prints one warning and from then on
+    keeps every record in `<fallback_dir>/unlogged_metrics.jsonl` (artifacts as their local paths) for
+    `python -m fwray.tracking replay`.
     """
 
     def __init__(self, uri: str, run_id: str, fallback_dir: str | os.PathLike):
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(tracking_uri=uri)
-        self.fallback = Path(fallback_dir) / FALLBACK_FILE
+        self.fallback = Path(fallback_dir) / outbox.FALLBACK_FILE
         self.failed = False
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        values = {k: float(v) for k, v in values.items() if v is not None}
-        self._do(lambda: self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
-                                                                     for k, v in values.items()]),
-                 {"step": step, "timestamp": now, "metrics": values})
+        self._send({"step": step, "timestamp": _now_ms(),
+                    "metrics": {k: float(v) for k, v in values.items() if v is not None}})
 
     def params(self, values: dict[str, object]) -> None:
-        self._do(lambda: log_params(self.client, self.run_id, values),
-                 {"params": {k: str(v) for k, v in values.items()}})
+        self._send({"params": {k: str(v) for k, v in values.items()}})
 
     def tags(self, values: dict[str, object]) -> None:
-        values = {k: str(v) for k, v in values.items()}
-        self._do(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()]),
-                 {"tags": values})
+        self._send({"tags": {k: str(v) for k, v in values.items()}})
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        path = Path(path).resolve()
-        self._do(lambda: log_path(self.client, self.run_id, path, artifact_path),
-                 {"artifact": str(path), "artifact_path": artifact_path})
+        self._send({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
 
-    def _do(self, call, record: dict) -> None:
+    def _send(self, record: dict) -> None:
+        record = {"run_id": self.run_id, "uri": self.uri, **record}
         if not self.failed:
             try:
-                call()
+                outbox.send(self.client, record)
                 return
             except Exception as e:  # MlflowException, requests' ConnectionError, OSError from a store, ...
                 self._fail(e)
         try:
-            _append(self.fallback, {"run_id": self.run_id, "uri": self.uri, **record})
+            outbox.keep(self.fallback, record)
         except OSError as e:  # a full disk must not stop training either
             print(f"fwray: warning: cannot write {self.fallback} ({e.strerror}); a record is lost", file=sys.stderr)
 
@@ -308,79 +293,15 @@ def metric_history(uri: str, run_id: str, names: tuple[str, ...] = ("train_loss"
     except Exception as e:
         print(f"fwray: warning: could not read the run's metric history ({type(e).__name__}); the loss curve "
               "starts from here", file=sys.stderr, flush=True)
-    if fallback is not None and Path(fallback).is_file():
-        for rec in _records(Path(fallback)):
-            if rec.get("run_id") == run_id and "metrics" in rec:
-                for n in names:
-                    if n in rec["metrics"]:
-                        out[n][rec["step"]] = rec["metrics"][n]
+    if fallback is not None:
+        for n, points in outbox.kept_metrics(fallback, run_id, names).items():
+            out[n].update(points)
     if max_step is not None:
         out = {n: {s: v for s, v in pts.items() if s <= max_step} for n, pts in out.items()}
     return out
 
 
-def _records(path: Path):
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    continue
-
-
-# ---------------------------------------------------------------- replay
-
-
-def replay(jsonl: str | os.PathLike, uri: str | None = None) -> dict[str, int]:
-    """Log what a run kept locally while MLflow was away into its run: metrics, params, tags, artifacts (from their
-    local paths, as they are now) and the final status. The file is renamed `*.replayed` afterwards, so a second
-    replay cannot log twice. Returns counts per kind."""
-    path = Path(jsonl)
-    records = list(_records(path))
-    clients: dict[str, MlflowClient] = {}
-    counts = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "missing_artifacts": 0, "status": 0}
-    done_artifacts: set[tuple[str, str, str | None]] = set()
-    for rec in records:
-        target = uri or rec.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or local_fallback_uri()
-        client = clients.setdefault(target, MlflowClient(tracking_uri=target))
-        run_id = rec["run_id"]
-        if "metrics" in rec:
-            items = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
-            client.log_batch(run_id, metrics=items)  # MLflow splits it into requests of at most 1000
-            counts["metrics"] += len(items)
-        if "params" in rec:
-            log_params(client, run_id, rec["params"])
-            counts["params"] += len(rec["params"])
-        if "tags" in rec:
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
-            counts["tags"] += len(rec["tags"])
-        if "artifact" in rec:
-            key = (run_id, rec["artifact"], rec.get("artifact_path"))
-            if key in done_artifacts:  # a refreshed file (the loss curve): its latest version, once
-                continue
-            done_artifacts.add(key)
-            local = Path(rec["artifact"])
-            if not local.exists():
-                counts["missing_artifacts"] += 1
-                print(f"fwray: warning: {local} is gone; not logged", file=sys.stderr)
-            else:
-                log_path(client, run_id, local, rec.get("artifact_path"))
-                counts["artifacts"] += 1
-        if "status" in rec:
-            client.set_terminated(run_id, rec["status"], end_time=rec.get("timestamp"))
-            counts["status"] += 1
-    done = path.with_name(path.name + ".replayed")
-    if done.exists():
-        done = path.with_name(f"{path.name}.replayed-{int(time.time())}")
-    os.replace(path, done)
-    return counts
-
-
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m fwray.tracking")
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("replay", help="log what a run kept in unlogged_metrics.jsonl while MLflow was unreachable")
@@ -392,20 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in METRICS.items():
             print(f"{name:18s} {text}")
         return 0
-    if not Path(args.jsonl).is_file():
-        print(f"fwray: error: {args.jsonl}: no such file (nothing to replay?)", file=sys.stderr)
-        return 2
-    try:
-        counts = replay(args.jsonl, args.uri)
-    except Exception as e:
-        print(f"fwray: error: replay stopped ({type(e).__name__}: {first_line(e)}); the file is kept, fix the "
-              f"store and run it again (metrics already logged would be logged twice)", file=sys.stderr)
-        return 1
-    print(f"replayed {args.jsonl}: {counts['metrics']} metric values, {counts['params']} params, "
-          f"{counts['tags']} tags, "
-          f"{counts['artifacts']} artifacts, {counts['status']} status"
-          + (f" ({counts['missing_artifacts']} artifacts gone)" if counts["missing_artifacts"] else ""))
-    return 0
+    # a record names the store it was meant for; one that names none goes where a run without tracking.uri goes
+    return outbox.replay_command(args.jsonl, args.uri, default_uri())
 
 
 if __name__ == "__main__":

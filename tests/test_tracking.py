@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fwray import config, sample, tracking
+from fwray import config, outbox, sample, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -222,7 +222,7 @@ def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage
     assert out.count("stopped answering") == 1, out[-3000:]  # one warning (the worker's; the driver's never tried)
     assert "did not take the run's final status" in out and "done: validation loss" in out
     run_dir = next(outage["runs"].glob("smoke-*"))
-    jsonl = run_dir / tracking.FALLBACK_FILE
+    jsonl = run_dir / outbox.FALLBACK_FILE
     assert jsonl.is_file() and '"metrics"' in jsonl.read_text()
 
     # the new server on the same database and artifact folder, then replay
