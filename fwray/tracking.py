@@ -5,6 +5,10 @@ into the same run without sharing process state. A tracking failure mid-run neve
 and the records (metrics, and the artifacts, tags and final status that could not be logged) wait in the run's
 outbox, `<run_dir>/unlogged_metrics.jsonl` (fwray.outbox), which `python -m fwray.tracking replay` logs later.
 
+Who uses what: fwray.run holds one `Tracker` (store, parent run, nested prepare run, params, tags, artifacts, finish);
+a Ray worker logs with a `RunLogger` built from (uri, run_id, run_dir) and reads `metric_history`; the probe nests its
+runs with `start_run`, `log_params` and `finish` on the tracker's client.
+
 Layout: one MLflow experiment per experiment name (tagged as model training for MLflow 3's UI); one parent run per
 `fwray.run`, named after the Ray run; the data preparation as a nested run `prepare` (tag mlflow.parentRunId).
 The metrics of the parent run, x = optimizer step, are listed in METRICS.
@@ -125,6 +129,32 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> 
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLike | None = None,
+           tags: dict[str, str] | None = None) -> bool:
+    """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: an unreachable store gets
+    one warning, and with `run_dir` the tags and status wait in the run's outbox for `replay`. Returns whether MLflow
+    took them."""
+    status = "FINISHED" if ok else "FAILED"
+    record = {"run_id": run_id, "uri": client.tracking_uri, "status": status, "timestamp": _now_ms(),
+              **({"tags": {k: str(v) for k, v in tags.items()}} if tags else {})}
+    try:
+        outbox.send(client, record)
+        return True
+    except Exception as e:
+        where = ""
+        if run_dir is not None:
+            path = Path(run_dir) / outbox.FALLBACK_FILE
+            outbox.keep(path, record)
+            where = f"; the status is kept in {path}: log it with `python -m fwray.tracking replay {path}`"
+        print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
+              f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
+        return False
+
+
 # ---------------------------------------------------------------- what a run is tagged with
 
 
@@ -172,61 +202,6 @@ def run_tags(exp: Experiment, device: str) -> dict[str, str]:
         tags["fwray.git_commit"] = tags["mlflow.source.git.commit"] = found[0]
         tags["fwray.git_dirty"] = str(found[1]).lower()
     return tags
-
-
-# ---------------------------------------------------------------- the data preparation, as a nested run
-
-
-def log_prepare(client: MlflowClient, exp: Experiment, parent_run_id: str, cache_dir: str | os.PathLike,
-                manifest: dict, wall_seconds: float, run_dir: str | os.PathLike) -> str | None:
-    """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
-    data report. Returns its id, or None (after one warning) when MLflow fails: data logging never stops a run."""
-    report = Path(run_dir) / DATA_REPORT
-    report.write_text(data_report(manifest))
-    try:
-        child = start_run(client, exp, PREPARE_RUN, tags={"fwray.cache": str(cache_dir),
-                                                          "fwray.fingerprint": manifest.get("fingerprint", "")},
-                          parent_run_id=parent_run_id)
-        params = {k: v for k, v in flatten(exp).items() if k.startswith("data.")}
-        params["fingerprint"] = manifest.get("fingerprint", "")
-        log_params(client, child, params)
-        now = int(time.time() * 1000)
-        values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
-        client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
-        client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
-        client.log_artifact(child, str(report))
-        client.set_terminated(child, "FINISHED")
-        return child
-    except Exception as e:
-        print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
-              f"{first_line(e)}); training goes on", file=sys.stderr, flush=True)
-        return None
-
-
-def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLike | None = None,
-           tags: dict[str, str] | None = None) -> bool:
-    """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: an unreachable store gets
-    one warning, and with `run_dir` the tags and status wait in the run's outbox for `replay`. Returns whether MLflow
-    took them."""
-    status = "FINISHED" if ok else "FAILED"
-    record = {"run_id": run_id, "uri": client.tracking_uri, "status": status, "timestamp": _now_ms(),
-              **({"tags": {k: str(v) for k, v in tags.items()}} if tags else {})}
-    try:
-        outbox.send(client, record)
-        return True
-    except Exception as e:
-        where = ""
-        if run_dir is not None:
-            path = Path(run_dir) / outbox.FALLBACK_FILE
-            outbox.keep(path, record)
-            where = f"; the status is kept in {path}: log it with `python -m fwray.tracking replay {path}`"
-        print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
-              f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
-        return False
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 # ---------------------------------------------------------------- logging that never stops training
@@ -299,6 +274,79 @@ def metric_history(uri: str, run_id: str, names: tuple[str, ...] = ("train_loss"
     if max_step is not None:
         out = {n: {s: v for s, v in pts.items() if s <= max_step} for n, pts in out.items()}
     return out
+
+
+# ---------------------------------------------------------------- fwray.run's one tracking object
+
+
+class Tracker:
+    """fwray.run's one handle on MLflow, made before any work: the store checked reachable (an unreachable one is
+    `TrackingUnavailable`, one line; with tracking.required false, the local store with a warning), then the parent
+    run started or reused, the data preparation as a nested run, what the run logs, and its finish.
+
+    Once a run is started or reused, logging goes through a `RunLogger`: an outage warns and never stops the run.
+    `client` and `run_id` are what other code needs to nest its own runs (the probe).
+    """
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.client = connect(exp)
+        self.uri = self.client.tracking_uri
+        self.run_id: str | None = None
+        self.run_dir: Path | None = None
+        self._log: RunLogger | None = None
+
+    def start(self, run_name: str, run_dir: str | os.PathLike, device: str) -> str:
+        """A new parent run, tagged with fwray's version and commit, `device` and the library versions."""
+        return self.reuse(start_run(self.client, self.exp, run_name, tags=run_tags(self.exp, device)), run_dir)
+
+    def reuse(self, run_id: str, run_dir: str | os.PathLike) -> str:
+        """Log into `run_id` from here on (an earlier run's, on --resume), its outbox in `run_dir`."""
+        self.run_id, self.run_dir = run_id, Path(run_dir)
+        self._log = RunLogger(self.uri, run_id, self.run_dir)
+        return run_id
+
+    def log_prepare(self, cache_dir: str | os.PathLike, manifest: dict, wall_seconds: float) -> str | None:
+        """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
+        data report (written to the run folder first). Returns its id, or None (after one warning) when MLflow fails:
+        data logging never stops a run."""
+        report = self.run_dir / DATA_REPORT
+        report.write_text(data_report(manifest))
+        try:
+            tags = {"fwray.cache": str(cache_dir), "fwray.fingerprint": manifest.get("fingerprint", "")}
+            child = start_run(self.client, self.exp, PREPARE_RUN, tags, parent_run_id=self.run_id)
+            params = {k: v for k, v in flatten(self.exp).items() if k.startswith("data.")}
+            params["fingerprint"] = manifest.get("fingerprint", "")
+            log_params(self.client, child, params)
+            values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
+            self.client.log_batch(child, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in values.items()])
+            self.client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
+            self.client.log_artifact(child, str(report))
+            self.client.set_terminated(child, "FINISHED")
+            return child
+        except Exception as e:
+            print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
+                  f"{first_line(e)}); training goes on", file=sys.stderr, flush=True)
+            return None
+
+    def params(self, values: dict[str, object]) -> None:
+        self._log.params(values)
+
+    def tags(self, values: dict[str, object]) -> None:
+        self._log.tags(values)
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._log.artifact(path, artifact_path)
+
+    def finish(self, ok: bool, tags: dict[str, str] | None = None) -> bool:
+        """FINISHED or FAILED with the outcome `tags`; never raises (an outage keeps them in the outbox)."""
+        return finish(self.client, self.run_id, ok, self.run_dir, tags)
+
+    def ui_command(self) -> str:
+        return ui_command(self.uri)
+
+
+# ---------------------------------------------------------------- the command
 
 
 def main(argv: list[str] | None = None) -> int:
