@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from . import ray_session  # noqa: F401  (first: it sets Ray's environment before Ray starts)
+from . import config
 from .data_report import DATA_REPORT
 from .errors import FwrayError
 
@@ -29,10 +30,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .config import load
-
     try:
-        exp = load(args.experiment, args.overrides)
+        exp = config.load(args.experiment, args.overrides)
         return run(exp, resume=args.resume)
     except FwrayError as e:  # a problem the user can fix; anything else is a bug and keeps its traceback
         print(f"fwray: error: {e}", file=sys.stderr)
@@ -44,7 +43,8 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    from . import config, plan, prepare, tracking, trainer
+    # here, not at the top: --help and a bad experiment file answer at once, not after ~3 s of torch, Ray and MLflow
+    from . import plan, prepare, probe, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
@@ -73,8 +73,6 @@ def run(exp, resume: bool = False) -> int:
             tracker.log_prepare(cache_dir, manifest, prepare_s)
         verdict = None
         if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
-            from . import probe
-
             # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
             verdict = probe.run_probe(exp, cache_dir, manifest, client=tracker.client, parent_run_id=run_id,
                                       out_dir=run_dir / "probe", reuse=bool(previous))
