@@ -299,6 +299,21 @@ def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
     assert tracking.main(["replay", str(log.fallback), "--uri", store]) == 2  # renamed: nothing to log twice
 
 
+def test_mlflow_batches_and_cuts_what_fwray_hands_it(tmp_path):
+    """fwray neither chunks nor truncates: MlflowClient.log_batch splits the requests and the store cuts a param value
+    over 6000 characters. Here more params than one request holds, one of them too long, in one logger call."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    run_id = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    log = tracking.RunLogger(store, run_id, tmp_path / "run")
+    log.params({**{f"p{i}": i for i in range(150)}, "long": "x" * 7000})
+    log.metrics(1, {f"m{i}": float(i) for i in range(1200)})
+    assert not log.failed
+    run = client.get_run(run_id)
+    assert len(run.data.params) == 151 and run.data.params["long"] == "x" * 6000
+    assert len(run.data.metrics) == 1200
+
+
 def test_git_commit_only_in_a_checkout(tmp_path):
     assert tracking.git_commit(tmp_path) is None
     found = tracking.git_commit()
