@@ -1,4 +1,4 @@
-"""What a run writes for people to look at: the data report, the loss curve, sample generations at each evaluation.
+"""What a training run writes for people to look at: the loss curve and sample generations at each evaluation.
 
 Files are written atomically under the run folder and handed to a logger (`tracking.RunLogger` in training), so
 they exist locally even while MLflow is away. No mlflow or ray import here.
@@ -6,6 +6,7 @@ they exist locally even while MLflow is away. No mlflow or ray import here.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -16,65 +17,11 @@ from .model import GPT, generate_text
 
 LOSS_CURVE = "loss_curve.png"
 SAMPLES_DIR = "samples"
-DATA_REPORT = "data_report.txt"
 # Fixed prompts: the same ones at every evaluation, so the samples show the model learning.
 PROMPTS = ("The", "In this article, we will", "The most important thing about")
-SAMPLE_COUNT = 3  # prompts sampled at each evaluation (tracking.samples overrides where the config has it)
-SAMPLE_TOKENS = 48  # new tokens per sample (tracking.sample_tokens overrides): cheap even on CPU
+SAMPLE_COUNT = 3  # prompts sampled at each evaluation
+SAMPLE_TOKENS = 48  # new tokens per sample: cheap even on CPU
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
-
-
-# ---------------------------------------------------------------- data report
-
-
-def data_report(manifest: dict) -> str:
-    """Documents, tokens and chars/token per split, skipped rows and the token_count check, from a manifest."""
-    splits = manifest["splits"]
-    total_docs = sum(s["documents"] for s in splits.values())
-    total_tokens = sum(s["tokens"] for s in splits.values())
-    fp = manifest.get("fingerprint", "?")[:16]
-    lines = [f"data report (fingerprint {fp}, tokenizer {manifest.get('tokenizer')})"]
-    for name, s in splits.items():
-        lines.append(f"  {name:5s} {s['documents']:>12,} documents {s['tokens']:>15,} tokens "
-                     f"in {len(s['files'])} files")
-    lines.append(f"  total {total_docs:>12,} documents {total_tokens:>15,} tokens (EOT before each document)")
-    chars = manifest.get("chars")
-    if chars is not None:
-        lines.append(f"  {chars:,} characters, {chars / max(total_tokens - total_docs, 1):.2f} chars/token "
-                     f"(EOT not counted)")
-    skipped = manifest.get("skipped", {})
-    lines.append(f"  skipped rows: {sum(skipped.values()):,}"
-                 + (f" ({', '.join(f'{k} {v:,}' for k, v in skipped.items())})" if skipped else ""))
-    check = manifest.get("token_count")
-    if check:
-        verdict = "matches" if check["matches"] else f"MISMATCH: {check['produced_without_eot']:,} produced"
-        lines.append(f"  token_count column sums to {check['column_sum']:,} ({verdict})")
-    if "val_fraction" in manifest:
-        lines.append(f"  split: val_fraction {manifest['val_fraction']} by {manifest.get('split_rule', 'hash of id')}")
-    if "seconds" in manifest:
-        lines.append(f"  prepared in {manifest['seconds']:.1f} s")
-    for f in manifest.get("inputs", []):
-        lines.append(f"  input: {f.get('path', f)}")
-    return "\n".join(lines) + "\n"
-
-
-def data_metrics(manifest: dict) -> dict[str, float]:
-    """The manifest's figures as metrics of the prepare run."""
-    out: dict[str, float] = {}
-    for name, s in manifest["splits"].items():
-        out[f"{name}_documents"] = s["documents"]
-        out[f"{name}_tokens"] = s["tokens"]
-        out[f"{name}_files"] = len(s["files"])
-    docs = sum(s["documents"] for s in manifest["splits"].values())
-    toks = sum(s["tokens"] for s in manifest["splits"].values())
-    if manifest.get("chars") is not None:
-        out["chars"] = manifest["chars"]
-        out["chars_per_token"] = manifest["chars"] / max(toks - docs, 1)
-    for k, v in manifest.get("skipped", {}).items():
-        out[f"skipped_{k}"] = v
-    if "seconds" in manifest:
-        out["seconds"] = manifest["seconds"]
-    return out
 
 
 # ---------------------------------------------------------------- loss curve
@@ -82,12 +29,7 @@ def data_metrics(manifest: dict) -> dict[str, float]:
 
 def loss_curve_png(history: dict[str, dict[int, float]], tokens_per_step: int, title: str = "") -> bytes:
     """Train and validation loss against tokens seen, as PNG bytes (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure  # no pyplot: no global state, nothing to close
-
-    fig = Figure(figsize=(7, 4.2), dpi=100)
+    fig = _figure_class()(figsize=(7, 4.2), dpi=100)
     ax = fig.add_subplot()
     styles = {"train_loss": dict(label="train", color="tab:blue", lw=1.2),
               "val_loss": dict(label="validation", color="tab:orange", lw=1.8, marker="o", ms=3)}
@@ -105,6 +47,26 @@ def loss_curve_png(history: dict[str, dict[int, float]], tokens_per_step: int, t
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _figure_class():
+    """matplotlib's Figure (no pyplot: no global state, nothing to close), imported here: its import costs ~0.4 s
+    (measured warm), paid only by the process that draws a curve.
+
+    In a fresh environment that import builds matplotlib's font cache and says so on the user's terminal ("Matplotlib
+    is building the font cache; this may take a moment", "generated new fontManager"): its font_manager logger is
+    quiet for the import only, so later font warnings still show."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    fonts = logging.getLogger("matplotlib.font_manager")
+    level = fonts.level
+    fonts.setLevel(logging.ERROR)
+    try:
+        from matplotlib.figure import Figure
+    finally:
+        fonts.setLevel(level)
+    return Figure
 
 
 # ---------------------------------------------------------------- samples
@@ -136,9 +98,6 @@ class EvalArtifacts:
         self.history: dict[str, dict[int, float]] = {"train_loss": {}, "val_loss": {}}
         for name, points in (history or {}).items():
             self.history.setdefault(name, {}).update(points)
-        tr = exp.tracking
-        self.count = min(int(getattr(tr, "samples", SAMPLE_COUNT)), len(PROMPTS))
-        self.max_new_tokens = int(getattr(tr, "sample_tokens", SAMPLE_TOKENS))
         self._enc = self._model = None
         self.broken: set[str] = set()
 
@@ -151,7 +110,7 @@ class EvalArtifacts:
     def on_eval(self, step: int, model_state: dict | None = None) -> None:
         """Refresh the loss curve; with the model's weights, write this evaluation's samples too."""
         self._guard("loss curve", self._curve)
-        if model_state is not None and self.count > 0:
+        if model_state is not None:
             self._guard("samples", self._samples, step, model_state)
 
     def _guard(self, what: str, fn, *args) -> None:
@@ -179,7 +138,7 @@ class EvalArtifacts:
         # assign=True shares the training tensors (same device, no copy): the sampler costs no extra weights memory.
         # A plain dict drops the state dict's `_metadata`, which assign=True would otherwise mark for the trainer too.
         self._model.load_state_dict(dict(model_state), assign=True)
-        text = samples_text(self._model, self._enc, step, PROMPTS[:self.count], self.max_new_tokens,
+        text = samples_text(self._model, self._enc, step, PROMPTS[:SAMPLE_COUNT], SAMPLE_TOKENS,
                             seed=self.exp.train.seed)
         folder = self.run_dir / SAMPLES_DIR
         folder.mkdir(parents=True, exist_ok=True)

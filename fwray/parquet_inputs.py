@@ -36,7 +36,6 @@ class InputFile:
     mtime_ns: int
     rows: int
     fingerprint: str  # sha256 of size + footer: the content's identity, also names rows without an id
-    has_id: bool
     has_token_count: bool
 
     def manifest_entry(self) -> dict:
@@ -91,7 +90,7 @@ def inspect_file(path: Path, data: DataConfig) -> InputFile:
         raise PrepareError(f"{path}: the file has no rows; remove it from data.paths")
     fingerprint = hashlib.sha256(stat.st_size.to_bytes(8, "little") + footer).hexdigest()
     return InputFile(str(path), stat.st_size, stat.st_mtime_ns, meta.num_rows, fingerprint,
-                     has_id=data.id_column in schema.names, has_token_count="token_count" in schema.names)
+                     has_token_count="token_count" in schema.names)
 
 
 def _footer(path: Path, size: int) -> bytes:

@@ -5,7 +5,10 @@ block with bounded concurrency; each task reads only its rows and columns, token
 uint16 tokens straight to its own train/val shard files. The driver only sees small per-task summaries.
 
 Cache: `<data.cache_dir>/<fingerprint[:16]>`, built in `<entry>.tmp-<pid>` and renamed into place once every shard
-and the manifest are fsynced, so an entry folder is always whole. Temp folders of dead runs are removed.
+and the manifest are fsynced, so an entry folder is always whole. A build that fails removes its temp folder; one
+killed outright leaves it behind until the next build in that cache (a cache miss), which removes the temp folders
+whose process no longer runs on this machine. An entry with its manifest or a shard gone is no hit: it is rebuilt and
+replaced. Nothing is evicted: entries of other fingerprints stay until removed by hand.
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pyarrow
 
 from . import config, ray_session, tokens
 from .config import DataConfig, Experiment
+from .data_report import data_report
 from .errors import FwrayError
 from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspect_file, keep_mask, output_settings,
                              plan_tasks, read_task, resolve_paths)
@@ -46,8 +51,6 @@ PROGRESS_EVERY_S = 3.0
 def _encoder(name: str):
     """Once per worker process: the tokenizer, and Arrow on the system allocator (mimalloc keeps freed pages,
     ~30 MB a worker, and the memory budget counts every process)."""
-    import pyarrow
-
     pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     return tokens.get_tokenizer(name)
 
@@ -182,6 +185,7 @@ def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
 
 def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -> list[dict]:
     """Run the tasks with Ray Data, print progress as they finish, and return their results in task order."""
+    # Ray Data here, not at the top: a cache hit, --help and an input error answer without importing it (~0.8 s)
     import ray
     import ray.data  # configures its loggers on import: quiet them after
 
@@ -303,7 +307,8 @@ def _entry_is_whole(entry: Path, manifest: dict, fp: str) -> bool:
 
 
 def _remove_stale(cache: Path) -> None:
-    """Temp folders whose run is dead, and entries left without a manifest, are removed."""
+    """Temp folders whose process no longer runs on this machine are removed. Entries are left alone: an incomplete
+    one is rebuilt and replaced by `_publish` when its fingerprint is prepared again."""
     for path in cache.iterdir():
         m = re.fullmatch(r"[0-9a-f]{16}\.tmp-(\d+)", path.name)
         if m and not _alive(int(m.group(1))):
@@ -343,9 +348,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def summary(exp: Experiment, folder: Path, manifest: dict) -> str:
-    """The data report (documents, tokens, chars/token, skipped rows, time) and the epochs the configured run does."""
-    from .artifacts import data_report  # the report the run logs: one set of figures, here and in MLflow
-
+    """The data report the run logs (one set of figures, here and in MLflow) and the epochs the configured run does."""
     lines = [f"prepared {folder}", data_report(manifest).rstrip("\n")]
     train_tokens = manifest["splits"]["train"]["tokens"]
     if train_tokens:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from . import ray_session  # noqa: F401  (first: it sets Ray's environment before Ray starts)
+from . import config
+from .data_report import DATA_REPORT
 from .errors import FwrayError
 
 
@@ -28,10 +30,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .config import load
-
     try:
-        exp = load(args.experiment, args.overrides)
+        exp = config.load(args.experiment, args.overrides)
         return run(exp, resume=args.resume)
     except FwrayError as e:  # a problem the user can fix; anything else is a bug and keeps its traceback
         print(f"fwray: error: {e}", file=sys.stderr)
@@ -43,43 +43,41 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    from . import artifacts, config, loader, plan, prepare, tracking, trainer
+    # here, not at the top: --help and a bad experiment file answer at once, not after ~3 s of torch, Ray and MLflow
+    from . import loader, plan, prepare, probe, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
-    client = tracking.connect(exp)  # an unreachable server stops us before any work
-    uri = client.tracking_uri
+    tracker = tracking.Tracker(exp)  # an unreachable server stops us before any work
     previous = _previous_run(exp) if resume else None
 
     ray_session.start()  # a private Ray, or the cluster $RAY_ADDRESS names
     gpu = ray_session.use_gpu(exp.resources.use_gpu)  # stops now, not after the data, if use_gpu: true finds none
 
-    # the parent run first, so the data preparation (and the probe) can nest under it
+    # the parent run first, so the data preparation (and the probe) can nest under it; from here on an MLflow outage
+    # warns and never stops the run
     if previous:
-        run_id, ray_name = previous["mlflow_run_id"], previous["ray_run_name"]
-        run_dir = Path(previous["run_dir"])
+        ray_name, run_dir = previous["ray_run_name"], Path(previous["run_dir"])
+        run_id = tracker.reuse(previous["mlflow_run_id"], run_dir)
     else:
         ray_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = (Path(exp.resources.storage_path) / ray_name).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_id = tracking.start_run(client, exp, ray_name, tags=tracking.run_tags(exp, ray_session.device_label(gpu)))
-    log = tracking.RunLogger(uri, run_id, run_dir)  # from here on an MLflow outage warns and never stops the run
+        run_id = tracker.start(ray_name, run_dir, ray_session.device_label(gpu))
     ok, outcome = False, {}
     try:
         prepare_start = time.perf_counter()
         cache_dir, manifest = prepare.prepare(exp)
         prepare_s = time.perf_counter() - prepare_start
         if not previous:
-            tracking.log_prepare(client, exp, run_id, cache_dir, manifest, prepare_s, run_dir)
+            tracker.log_prepare(cache_dir, manifest, prepare_s)
         train_files, val_files = (tuple(map(str, split_files(cache_dir, manifest, s))) for s in ("train", "val"))
         # a split too small for one window stops here, in one line, not in a Ray worker or a probe trial
         loader.Batches.from_files(train_files, val_files, exp.model.block_size, batch_size=1, seed=0)
         verdict = None
         if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
-            from . import probe
-
             # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
-            verdict = probe.run_probe(exp, cache_dir, manifest, client=client, parent_run_id=run_id,
+            verdict = probe.run_probe(exp, cache_dir, manifest, client=tracker.client, parent_run_id=run_id,
                                       out_dir=run_dir / "probe", reuse=bool(previous))
             exp = plan.apply_verdict(exp, verdict)
         exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])
@@ -90,34 +88,34 @@ def run(exp, resume: bool = False) -> int:
         if previous:
             print(f"resuming MLflow run {run_id} (Ray run {ray_name}) from its latest checkpoint")
         else:
-            log.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan_text})
-            log.params(config.flatten(exp))
-            log.params({f"plan.{k}": v for k, v in fig.items()})
+            tracker.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan_text})
+            tracker.params(config.flatten(exp))
+            tracker.params({f"plan.{k}": v for k, v in fig.items()})
             (run_dir / "config.yaml").write_text(config.to_yaml(exp))
             (run_dir / "plan.txt").write_text(plan_text + "\n")
-            log.artifact(run_dir / "config.yaml")
-            log.artifact(run_dir / "plan.txt")
-            log.artifact(Path(cache_dir) / "manifest.json", "data")
-            log.artifact(run_dir / artifacts.DATA_REPORT, "data")
+            tracker.artifact(run_dir / "config.yaml")
+            tracker.artifact(run_dir / "plan.txt")
+            tracker.artifact(Path(cache_dir) / "manifest.json", "data")
+            tracker.artifact(run_dir / DATA_REPORT, "data")
             _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
-                                                     "run_dir": str(run_dir), "tracking_uri": uri}))
+                                                     "run_dir": str(run_dir), "tracking_uri": tracker.uri}))
         job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files,
-                               train_tokens=manifest["splits"]["train"]["tokens"], tracking_uri=uri, run_id=run_id,
-                               run_dir=str(run_dir))
+                               train_tokens=manifest["splits"]["train"]["tokens"], tracking_uri=tracker.uri,
+                               run_id=run_id, run_dir=str(run_dir))
         result = trainer.fit(job, ray_name)
         ok = True
         outcome = plan.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"))
     finally:
         # never raises: an outage warns and waits for replay; tags, not params: a resume may update them
         outcome_tags = {f"fwray.outcome.{k}": f"{v:.4g}" for k, v in outcome.items()}
-        tracking.finish(client, run_id, ok, run_dir, tags=outcome_tags)
+        tracker.finish(ok, tags=outcome_tags)
     print(f"\ndone: validation loss {result['first_val_loss']:.3f} -> {result['final_val_loss']:.3f} "
           f"after {exp.train.max_iters} steps")
     if outcome:
         print(plan.describe_outcome(outcome))
-    print(f"MLflow run {run_id} in experiment {exp.tracking.experiment or exp.name!r} at {uri}")
+    print(f"MLflow run {run_id} in experiment {exp.tracking.experiment or exp.name!r} at {tracker.uri}")
     print(f"final model: {run_dir / 'model'}")
-    print(f"browse it:   {tracking.ui_command(uri)}")
+    print(f"browse it:   {tracker.ui_command()}")
     return 0
 
 

@@ -50,6 +50,7 @@ def model_from_path(path: str | os.PathLike, device: str | torch.device = "cpu")
 def model_from_run(run_id: str, tracking_uri: str, dst: str | os.PathLike,
                    device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """Download the run's `model/` artifacts (local store or server) into `dst` and load them."""
+    # mlflow here, not at the top: it takes ~1.4 s to import and only --run-id needs it
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -73,12 +74,6 @@ def model_from_run(run_id: str, tracking_uri: str, dst: str | os.PathLike,
 
 
 # ---------------------------------------------------------------- the command
-
-
-def default_uri() -> str:
-    from .tracking import local_fallback_uri
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or local_fallback_uri()
 
 
 def parse_args(argv):
@@ -107,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SampleError(f"--max-new-tokens {args.max_new_tokens}: must be 0 or more")
         with tempfile.TemporaryDirectory(prefix="fwray-sample-") as tmp:
             if args.run_id:
+                from .tracking import default_uri  # with mlflow (see model_from_run): only for --run-id
+
                 model, meta = model_from_run(args.run_id, args.tracking_uri or default_uri(), tmp, device)
             else:
                 model, meta = model_from_path(args.checkpoint, device)

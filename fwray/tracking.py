@@ -1,9 +1,13 @@
-"""MLflow, and only here: the experiment, the runs, their params, metrics and artifacts.
+"""MLflow, live: the experiment, the runs, their params, metrics and artifacts.
 
 Everything goes through `MlflowClient` with explicit run ids, so the driver and a Ray worker (rank 0 only) log
 into the same run without sharing process state. A tracking failure mid-run never stops training: one warning,
-and the records (metrics, and the artifacts, tags and final status that could not be logged) go to
-`<run_dir>/unlogged_metrics.jsonl`, which `python -m fwray.tracking replay` logs later.
+and the records (metrics, and the artifacts, tags and final status that could not be logged) wait in the run's
+outbox, `<run_dir>/unlogged_metrics.jsonl` (fwray.outbox), which `python -m fwray.tracking replay` logs later.
+
+Who uses what: fwray.run holds one `Tracker` (store, parent run, nested prepare run, params, tags, artifacts, finish);
+a Ray worker logs with a `RunLogger` built from (uri, run_id, run_dir) and reads `metric_history`; the probe nests its
+runs with `start_run`, `log_params` and `finish` on the tracker's client.
 
 Layout: one MLflow experiment per experiment name (tagged as model training for MLflow 3's UI); one parent run per
 `fwray.run`, named after the Ray run; the data preparation as a nested run `prepare` (tag mlflow.parentRunId).
@@ -11,8 +15,8 @@ The metrics of the parent run, x = optimizer step, are listed in METRICS.
 """
 from __future__ import annotations
 
+import argparse
 import getpass
-import json
 import os
 import platform
 import subprocess
@@ -25,10 +29,12 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from . import __version__, outbox  # noqa: E402
 from .config import Experiment, flatten  # noqa: E402
+from .data_report import DATA_REPORT, data_metrics, data_report  # noqa: E402
 from .errors import FwrayError, first_line  # noqa: E402
 
 # The parent run's metrics (names are stable: dashboards and the loss curve read them). x = optimizer step.
@@ -46,11 +52,9 @@ METRICS = {
     "eta_s": "estimated seconds of training left",
 }
 PREPARE_RUN = "prepare"
-FALLBACK_FILE = "unlogged_metrics.jsonl"
 
 DEFAULT_STORE = ".fwray/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
-MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
 class TrackingUnavailable(FwrayError):
@@ -59,13 +63,17 @@ class TrackingUnavailable(FwrayError):
 
 def resolve_uri(exp: Experiment) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else a local sqlite store under .fwray/."""
-    uri = exp.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + str(Path(DEFAULT_STORE).resolve())
+    return exp.tracking.uri or default_uri()
+
+
+def default_uri() -> str:
+    """Where a run without tracking.uri goes, and where the commands look by default: $MLFLOW_TRACKING_URI, else the
+    local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_fallback_uri()
 
 
 def local_fallback_uri() -> str:
+    """fwray's local sqlite store under .fwray/ (artifacts beside it)."""
     return "sqlite:///" + str(Path(DEFAULT_STORE).resolve())
 
 
@@ -116,17 +124,35 @@ def start_run(client: MlflowClient, exp: Experiment, run_name: str, tags: dict[s
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> None:
-    items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        client.log_batch(run_id, params=items[i:i + 100])
+    # One call: MlflowClient.log_batch splits params into requests of at most 100, and MLflow's store cuts a value
+    # over 6000 characters to 6000 with a warning (mlflow/mlflow#11208), so fwray neither chunks nor truncates.
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
-def log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    """A file, or a folder's files, as artifacts of the run."""
-    if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    else:
-        client.log_artifact(run_id, str(path), artifact_path)
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLike | None = None,
+           tags: dict[str, str] | None = None) -> bool:
+    """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: an unreachable store gets
+    one warning, and with `run_dir` the tags and status wait in the run's outbox for `replay`. Returns whether MLflow
+    took them."""
+    status = "FINISHED" if ok else "FAILED"
+    record = {"run_id": run_id, "uri": client.tracking_uri, "status": status, "timestamp": _now_ms(),
+              **({"tags": {k: str(v) for k, v in tags.items()}} if tags else {})}
+    try:
+        outbox.send(client, record)
+        return True
+    except Exception as e:
+        where = ""
+        if run_dir is not None:
+            path = Path(run_dir) / outbox.FALLBACK_FILE
+            outbox.keep(path, record)
+            where = f"; the status is kept in {path}: log it with `python -m fwray.tracking replay {path}`"
+        print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
+              f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
+        return False
 
 
 # ---------------------------------------------------------------- what a run is tagged with
@@ -148,23 +174,16 @@ def git_commit(folder: str | os.PathLike | None = None) -> tuple[str, bool] | No
 
 
 def version_tags() -> dict[str, str]:
+    # torch and ray here, not at the top: `python -m fwray.tracking replay` and `metrics` need neither (~1.5 s)
+    import ray
     import torch
 
-    tags = {"torch_version": torch.__version__, "mlflow_version": mlflow.__version__,
+    return {"torch_version": torch.__version__, "ray_version": ray.__version__, "mlflow_version": mlflow.__version__,
             "python_version": platform.python_version()}
-    try:
-        import ray
-
-        tags["ray_version"] = ray.__version__
-    except ImportError:
-        pass
-    return tags
 
 
 def run_tags(exp: Experiment, device: str) -> dict[str, str]:
     """The parent run's tags: fwray version and commit, device (GPU name or "cpu"), library versions, source."""
-    from . import __version__
-
     tags = {"fwray.version": __version__, "fwray.device": device, "fwray.experiment_file": exp.source,
             "mlflow.source.name": "fwray.run", "mlflow.source.type": "LOCAL", **version_tags()}
     try:
@@ -178,114 +197,46 @@ def run_tags(exp: Experiment, device: str) -> dict[str, str]:
     return tags
 
 
-# ---------------------------------------------------------------- the data preparation, as a nested run
-
-
-def log_prepare(client: MlflowClient, exp: Experiment, parent_run_id: str, cache_dir: str | os.PathLike,
-                manifest: dict, wall_seconds: float, run_dir: str | os.PathLike) -> str | None:
-    """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
-    data report. Returns its id, or None (after one warning) when MLflow fails: data logging never stops a run."""
-    from .artifacts import DATA_REPORT, data_metrics, data_report
-
-    report = Path(run_dir) / DATA_REPORT
-    report.write_text(data_report(manifest))
-    try:
-        child = start_run(client, exp, PREPARE_RUN, tags={"fwray.cache": str(cache_dir),
-                                                          "fwray.fingerprint": manifest.get("fingerprint", "")},
-                          parent_run_id=parent_run_id)
-        params = {k: v for k, v in flatten(exp).items() if k.startswith("data.")}
-        params["fingerprint"] = manifest.get("fingerprint", "")
-        log_params(client, child, params)
-        now = int(time.time() * 1000)
-        values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
-        client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
-        client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
-        client.log_artifact(child, str(report))
-        client.set_terminated(child, "FINISHED")
-        return child
-    except Exception as e:
-        print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
-              f"{first_line(e)}); training goes on", file=sys.stderr, flush=True)
-        return None
-
-
-def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLike | None = None,
-           tags: dict[str, str] | None = None) -> bool:
-    """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: an unreachable store gets
-    one warning, and with `run_dir` the tags and status wait in the run's JSONL for `replay`. Returns whether MLflow
-    took them."""
-    status = "FINISHED" if ok else "FAILED"
-    try:
-        if tags:
-            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        client.set_terminated(run_id, status)
-        return True
-    except Exception as e:
-        where = ""
-        if run_dir is not None:
-            path = Path(run_dir) / FALLBACK_FILE
-            _append(path, {"run_id": run_id, "uri": client.tracking_uri, "status": status,
-                           "timestamp": int(time.time() * 1000), **({"tags": tags} if tags else {})})
-            where = f"; the status is kept in {path}: log it with `python -m fwray.tracking replay {path}`"
-        print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
-              f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
-        return False
-
-
-def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ---------------------------------------------------------------- logging that never stops training
 
 
 class RunLogger:
     """Metrics, params, tags and artifacts into one run from any process.
 
-    On the first failure it prints one warning and from then on keeps every record in `<fallback_dir>/
-    unlogged_metrics.jsonl` (artifacts as their local paths) for `python -m fwray.tracking replay`.
+    Each is an outbox record, sent to MLflow as it comes. On the first failure it prints one warning and from then on
+    keeps every record in `<fallback_dir>/unlogged_metrics.jsonl` (artifacts as their local paths) for
+    `python -m fwray.tracking replay`.
     """
 
     def __init__(self, uri: str, run_id: str, fallback_dir: str | os.PathLike):
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(tracking_uri=uri)
-        self.fallback = Path(fallback_dir) / FALLBACK_FILE
+        self.fallback = Path(fallback_dir) / outbox.FALLBACK_FILE
         self.failed = False
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        values = {k: float(v) for k, v in values.items() if v is not None}
-        self._do(lambda: self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
-                                                                     for k, v in values.items()]),
-                 {"step": step, "timestamp": now, "metrics": values})
+        self._send({"step": step, "timestamp": _now_ms(),
+                    "metrics": {k: float(v) for k, v in values.items() if v is not None}})
 
     def params(self, values: dict[str, object]) -> None:
-        self._do(lambda: log_params(self.client, self.run_id, values),
-                 {"params": {k: str(v) for k, v in values.items()}})
+        self._send({"params": {k: str(v) for k, v in values.items()}})
 
     def tags(self, values: dict[str, object]) -> None:
-        values = {k: str(v) for k, v in values.items()}
-        self._do(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()]),
-                 {"tags": values})
+        self._send({"tags": {k: str(v) for k, v in values.items()}})
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        path = Path(path).resolve()
-        self._do(lambda: log_path(self.client, self.run_id, path, artifact_path),
-                 {"artifact": str(path), "artifact_path": artifact_path})
+        self._send({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
 
-    def _do(self, call, record: dict) -> None:
+    def _send(self, record: dict) -> None:
+        record = {"run_id": self.run_id, "uri": self.uri, **record}
         if not self.failed:
             try:
-                call()
+                outbox.send(self.client, record)
                 return
             except Exception as e:  # MlflowException, requests' ConnectionError, OSError from a store, ...
                 self._fail(e)
         try:
-            _append(self.fallback, {"run_id": self.run_id, "uri": self.uri, **record})
+            outbox.keep(self.fallback, record)
         except OSError as e:  # a full disk must not stop training either
             print(f"fwray: warning: cannot write {self.fallback} ({e.strerror}); a record is lost", file=sys.stderr)
 
@@ -310,80 +261,88 @@ def metric_history(uri: str, run_id: str, names: tuple[str, ...] = ("train_loss"
     except Exception as e:
         print(f"fwray: warning: could not read the run's metric history ({type(e).__name__}); the loss curve "
               "starts from here", file=sys.stderr, flush=True)
-    if fallback is not None and Path(fallback).is_file():
-        for rec in _records(Path(fallback)):
-            if rec.get("run_id") == run_id and "metrics" in rec:
-                for n in names:
-                    if n in rec["metrics"]:
-                        out[n][rec["step"]] = rec["metrics"][n]
+    if fallback is not None:
+        for n, points in outbox.kept_metrics(fallback, run_id, names).items():
+            out[n].update(points)
     if max_step is not None:
         out = {n: {s: v for s, v in pts.items() if s <= max_step} for n, pts in out.items()}
     return out
 
 
-def _records(path: Path):
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    continue
+# ---------------------------------------------------------------- fwray.run's one tracking object
 
 
-# ---------------------------------------------------------------- replay
+class Tracker:
+    """fwray.run's one handle on MLflow, made before any work: the store checked reachable (an unreachable one is
+    `TrackingUnavailable`, one line; with tracking.required false, the local store with a warning), then the parent
+    run started or reused, the data preparation as a nested run, what the run logs, and its finish.
+
+    Once a run is started or reused, logging goes through a `RunLogger`: an outage warns and never stops the run.
+    `client` and `run_id` are what other code needs to nest its own runs (the probe).
+    """
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.client = connect(exp)
+        self.uri = self.client.tracking_uri
+        self.run_id: str | None = None
+        self.run_dir: Path | None = None
+        self._log: RunLogger | None = None
+
+    def start(self, run_name: str, run_dir: str | os.PathLike, device: str) -> str:
+        """A new parent run, tagged with fwray's version and commit, `device` and the library versions."""
+        return self.reuse(start_run(self.client, self.exp, run_name, tags=run_tags(self.exp, device)), run_dir)
+
+    def reuse(self, run_id: str, run_dir: str | os.PathLike) -> str:
+        """Log into `run_id` from here on (an earlier run's, on --resume), its outbox in `run_dir`."""
+        self.run_id, self.run_dir = run_id, Path(run_dir)
+        self._log = RunLogger(self.uri, run_id, self.run_dir)
+        return run_id
+
+    def log_prepare(self, cache_dir: str | os.PathLike, manifest: dict, wall_seconds: float) -> str | None:
+        """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
+        data report (written to the run folder first). Returns its id, or None (after one warning) when MLflow fails:
+        data logging never stops a run."""
+        report = self.run_dir / DATA_REPORT
+        report.write_text(data_report(manifest))
+        try:
+            tags = {"fwray.cache": str(cache_dir), "fwray.fingerprint": manifest.get("fingerprint", "")}
+            child = start_run(self.client, self.exp, PREPARE_RUN, tags, parent_run_id=self.run_id)
+            params = {k: v for k, v in flatten(self.exp).items() if k.startswith("data.")}
+            params["fingerprint"] = manifest.get("fingerprint", "")
+            log_params(self.client, child, params)
+            values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
+            self.client.log_batch(child, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in values.items()])
+            self.client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
+            self.client.log_artifact(child, str(report))
+            self.client.set_terminated(child, "FINISHED")
+            return child
+        except Exception as e:
+            print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
+                  f"{first_line(e)}); training goes on", file=sys.stderr, flush=True)
+            return None
+
+    def params(self, values: dict[str, object]) -> None:
+        self._log.params(values)
+
+    def tags(self, values: dict[str, object]) -> None:
+        self._log.tags(values)
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._log.artifact(path, artifact_path)
+
+    def finish(self, ok: bool, tags: dict[str, str] | None = None) -> bool:
+        """FINISHED or FAILED with the outcome `tags`; never raises (an outage keeps them in the outbox)."""
+        return finish(self.client, self.run_id, ok, self.run_dir, tags)
+
+    def ui_command(self) -> str:
+        return ui_command(self.uri)
 
 
-def replay(jsonl: str | os.PathLike, uri: str | None = None) -> dict[str, int]:
-    """Log what a run kept locally while MLflow was away into its run: metrics, params, tags, artifacts (from their
-    local paths, as they are now) and the final status. The file is renamed `*.replayed` afterwards, so a second
-    replay cannot log twice. Returns counts per kind."""
-    path = Path(jsonl)
-    records = list(_records(path))
-    clients: dict[str, MlflowClient] = {}
-    counts = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "missing_artifacts": 0, "status": 0}
-    done_artifacts: set[tuple[str, str, str | None]] = set()
-    for rec in records:
-        target = uri or rec.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or local_fallback_uri()
-        client = clients.setdefault(target, MlflowClient(tracking_uri=target))
-        run_id = rec["run_id"]
-        if "metrics" in rec:
-            items = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
-            for i in range(0, len(items), 1000):
-                client.log_batch(run_id, metrics=items[i:i + 1000])
-            counts["metrics"] += len(items)
-        if "params" in rec:
-            log_params(client, run_id, rec["params"])
-            counts["params"] += len(rec["params"])
-        if "tags" in rec:
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
-            counts["tags"] += len(rec["tags"])
-        if "artifact" in rec:
-            key = (run_id, rec["artifact"], rec.get("artifact_path"))
-            if key in done_artifacts:  # a refreshed file (the loss curve): its latest version, once
-                continue
-            done_artifacts.add(key)
-            local = Path(rec["artifact"])
-            if not local.exists():
-                counts["missing_artifacts"] += 1
-                print(f"fwray: warning: {local} is gone; not logged", file=sys.stderr)
-            else:
-                log_path(client, run_id, local, rec.get("artifact_path"))
-                counts["artifacts"] += 1
-        if "status" in rec:
-            client.set_terminated(run_id, rec["status"], end_time=rec.get("timestamp"))
-            counts["status"] += 1
-    done = path.with_name(path.name + ".replayed")
-    if done.exists():
-        done = path.with_name(f"{path.name}.replayed-{int(time.time())}")
-    os.replace(path, done)
-    return counts
+# ---------------------------------------------------------------- the command
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m fwray.tracking")
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("replay", help="log what a run kept in unlogged_metrics.jsonl while MLflow was unreachable")
@@ -395,20 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in METRICS.items():
             print(f"{name:18s} {text}")
         return 0
-    if not Path(args.jsonl).is_file():
-        print(f"fwray: error: {args.jsonl}: no such file (nothing to replay?)", file=sys.stderr)
-        return 2
-    try:
-        counts = replay(args.jsonl, args.uri)
-    except Exception as e:
-        print(f"fwray: error: replay stopped ({type(e).__name__}: {first_line(e)}); the file is kept, fix the "
-              f"store and run it again (metrics already logged would be logged twice)", file=sys.stderr)
-        return 1
-    print(f"replayed {args.jsonl}: {counts['metrics']} metric values, {counts['params']} params, "
-          f"{counts['tags']} tags, "
-          f"{counts['artifacts']} artifacts, {counts['status']} status"
-          + (f" ({counts['missing_artifacts']} artifacts gone)" if counts["missing_artifacts"] else ""))
-    return 0
+    # a record names the store it was meant for; one that names none goes where a run without tracking.uri goes
+    return outbox.replay_command(args.jsonl, args.uri, default_uri())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """The sampler CLI on saved models (no Ray, no server), its one-line errors, and the evaluation artifacts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from fwray import artifacts, checkpoint, config, sample, tokens
+from fwray import artifacts, checkpoint, config, data_report, sample, tokens
 from fwray.model import GPT
 
 EXP = config.Experiment(name="tiny", model=config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
@@ -104,9 +109,9 @@ MANIFEST = {"fingerprint": "ab" * 32, "tokenizer": "gpt2", "val_fraction": 0.05,
 
 
 def test_data_report_and_metrics_come_from_the_manifest():
-    text = artifacts.data_report(MANIFEST)
+    text = data_report.data_report(MANIFEST)
     assert "train" in text and "1,009 tokens" in text and "skipped rows: 2" in text and "2.97 chars/token" in text
-    m = artifacts.data_metrics(MANIFEST)
+    m = data_report.data_metrics(MANIFEST)
     assert m["train_documents"] == 9 and m["val_tokens"] == 11 and m["skipped_null_or_empty"] == 2
     assert m["chars_per_token"] == pytest.approx(3000 / 1010)
 
@@ -131,3 +136,17 @@ def test_eval_artifacts_write_curve_and_samples_and_hand_them_to_the_logger(tmp_
     text = (tmp_path / "samples" / "step_000010.txt").read_text()
     assert text.startswith("step 10:") and all(repr(p) in text for p in artifacts.PROMPTS)
     assert not evals.broken
+
+
+def test_loss_curve_keeps_the_font_cache_notice_off_the_terminal(tmp_path):
+    """A fresh matplotlib config builds its font cache on the first curve and logs it; none of that reaches stderr,
+    even with the root logger at INFO (as a configured worker's may be)."""
+    script = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+              "from fwray.artifacts import loss_curve_png\n"
+              "assert loss_curve_png({'train_loss': {1: 2.0}}, 8).startswith(b'\\x89PNG')\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "mpl").glob("fontlist-*.json"))  # the cache was built in this run
+    assert "font" not in proc.stderr.lower(), proc.stderr

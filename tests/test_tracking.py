@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fwray import config, sample, tracking
+from fwray import config, outbox, sample, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -222,7 +222,7 @@ def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage
     assert out.count("stopped answering") == 1, out[-3000:]  # one warning (the worker's; the driver's never tried)
     assert "did not take the run's final status" in out and "done: validation loss" in out
     run_dir = next(outage["runs"].glob("smoke-*"))
-    jsonl = run_dir / tracking.FALLBACK_FILE
+    jsonl = run_dir / outbox.FALLBACK_FILE
     assert jsonl.is_file() and '"metrics"' in jsonl.read_text()
 
     # the new server on the same database and artifact folder, then replay
@@ -297,6 +297,21 @@ def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
     assert run.info.status == "FINISHED" and run.data.tags["fwray.resumed_from_step"] == "2"
     assert [a.path for a in client.list_artifacts(run_id)] == ["curve.txt"]
     assert tracking.main(["replay", str(log.fallback), "--uri", store]) == 2  # renamed: nothing to log twice
+
+
+def test_mlflow_batches_and_cuts_what_fwray_hands_it(tmp_path):
+    """fwray neither chunks nor truncates: MlflowClient.log_batch splits the requests and the store cuts a param value
+    over 6000 characters. Here more params than one request holds, one of them too long, in one logger call."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    run_id = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    log = tracking.RunLogger(store, run_id, tmp_path / "run")
+    log.params({**{f"p{i}": i for i in range(150)}, "long": "x" * 7000})
+    log.metrics(1, {f"m{i}": float(i) for i in range(1200)})
+    assert not log.failed
+    run = client.get_run(run_id)
+    assert len(run.data.params) == 151 and run.data.params["long"] == "x" * 6000
+    assert len(run.data.metrics) == 1200
 
 
 def test_git_commit_only_in_a_checkout(tmp_path):
