@@ -161,7 +161,7 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     assert [a.path for a in client.list_artifacts(top[0].info.run_id)] == ["verdict.json"]
 
 
-def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path):
+def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path, cache):
     from mlflow.tracking import MlflowClient
 
     from fwray import run
@@ -169,7 +169,7 @@ def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path):
     exp = config.load(PROBE_CPU, [
         "probe.batch_sizes=[4, 8]", "train.max_iters=4", "train.eval_interval=4", "train.log_interval=2",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"resources.storage_path={tmp_path}/runs",
-        f"data.cache_dir={tmp_path}/cache"])
+        f"data.cache_dir={cache}"])  # the smoke sample's shared cache
     assert run.run(exp) == 0
 
     run_dir = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir() and (p / "config.yaml").is_file())

@@ -14,13 +14,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from fwray import config, outbox, sample, tracking
+from fwray import checkpoint, config, outbox, sample, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 SHORT = ["train.max_iters=20", "train.eval_interval=10", "train.eval_iters=2", "train.log_interval=5"]
+# the shared run: the smoke experiment as the README runs it, half its steps (the loss has fallen by > 4 by then)
+SHARED_STEPS = 40
 
 
 def free_port() -> int:
@@ -124,14 +127,15 @@ def outage(servers, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(servers, outage, tmp_path_factory, ray_session):
-    """The smoke experiment, shortened, trained in this process against the main server."""
+def trained(servers, outage, tmp_path_factory, ray_session, cache):
+    """The smoke experiment, shortened, trained in this process against the main server: the one end-to-end run
+    whose MLflow records (layout, params, metrics, artifacts, the model) the tests below read."""
     from fwray import run
 
     server = servers["main"].wait()
-    runs, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("cache")
+    runs = tmp_path_factory.mktemp("runs")
     rc = run.main([str(SMOKE), f"tracking.uri={server.uri}", f"resources.storage_path={runs}",
-                   f"data.cache_dir={cache}", *SHORT])
+                   f"data.cache_dir={cache}", f"train.max_iters={SHARED_STEPS}"])
     assert rc == 0
     client = MlflowClient(tracking_uri=server.uri)
     exp = client.get_experiment_by_name("smoke")
@@ -161,7 +165,10 @@ def test_layout_experiment_parent_and_nested_prepare_run(trained):
     assert {"torch_version", "ray_version", "mlflow_version"} <= set(tags)
     assert re.fullmatch(r"[0-9a-f]{40}", tags["fwray.git_commit"])  # the tests run from a checkout
     params = run.data.params
-    assert params["model.n_layer"] == "2" and params["train.max_iters"] == "20" and "plan.tokens_per_step" in params
+    assert params["model.n_layer"] == "2" and params["train.batch_size"] == "16"
+    assert params["train.max_iters"] == str(SHARED_STEPS) and params["plan.tokens_per_step"] == "1024"
+    assert int(params["plan.params"]) == 3_322_176  # 2 x 64 wide, vocab 50304, block 64
+    assert float(tags["fwray.outcome.measured_tokens_per_s"]) > 0  # after the run: the measured speed
     children = client.search_runs([trained["experiment"].experiment_id],
                                   f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert [c.info.run_name for c in children] == ["prepare"]
@@ -172,33 +179,50 @@ def test_layout_experiment_parent_and_nested_prepare_run(trained):
     assert artifact_paths(client, child.info.run_id) == {"manifest.json", "data_report.txt"}
 
 
-def test_metric_histories_are_complete(trained):
+def test_metric_histories_are_complete_and_the_loss_falls(trained):
     client, run_id = trained["client"], trained["run"].info.run_id
-    steps = {name: sorted(m.step for m in client.get_metric_history(run_id, name))
-             for name in ("train_loss", "val_loss", "lr", "tokens_per_s", "tokens_seen", "epoch")}
-    assert steps["val_loss"] == [0, 10, 20]
+    history = {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+               for name in ("train_loss", "val_loss", "lr", "tokens_per_s", "tokens_seen", "epoch")}
+    steps = {name: [s for s, _ in points] for name, points in history.items()}
+    assert steps["val_loss"] == [0, 20, 40]
     for name in ("train_loss", "lr", "tokens_per_s", "epoch"):
-        assert steps[name] == [5, 10, 15, 20], name
-    assert steps["tokens_seen"] == [0, 5, 10, 10, 15, 20, 20]  # logged with the train and the eval metrics
+        assert steps[name] == [10, 20, 30, 40], name
+    assert steps["tokens_seen"] == [0, 10, 20, 20, 30, 40, 40]  # logged with the train and the eval metrics
     assert set(trained["run"].data.metrics) <= set(tracking.METRICS)  # every name is documented
+    assert all(v > 0 for _, v in history["tokens_per_s"])
+    assert history["lr"][-1][1] == pytest.approx(3e-4, rel=0.1)  # decayed to about the smoke's min_lr
+    first, last = history["val_loss"][0][1], history["val_loss"][-1][1]
+    assert last <= first - 2.0, history["val_loss"]
 
 
 def test_artifacts_listed_and_downloadable(trained, tmp_path):
     client, run_id = trained["client"], trained["run"].info.run_id
     assert artifact_paths(client, run_id) == {
         "config.yaml", "plan.txt", "data/manifest.json", "data/data_report.txt", "loss_curve.png",
-        "samples/step_000010.txt", "samples/step_000020.txt", "model/model.pt", "model/model_config.json"}
+        "samples/step_000020.txt", "samples/step_000040.txt", "model/model.pt", "model/model_config.json"}
     import mlflow
 
     got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="loss_curve.png",
                                                    tracking_uri=trained["uri"], dst_path=str(tmp_path)))
     assert got.read_bytes().startswith(b"\x89PNG")
-    text = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/step_000020.txt",
+    text = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/step_000040.txt",
                                                     tracking_uri=trained["uri"], dst_path=str(tmp_path))).read_text()
-    assert text.startswith("step 20:") and text.count("--- prompt") == 3
-    resolved = config.from_dict(__import__("yaml").safe_load(Path(mlflow.artifacts.download_artifacts(
+    assert text.startswith("step 40:") and text.count("--- prompt") == 3
+    # the logged config is the resolved experiment: it loads back
+    resolved = config.from_dict(yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="config.yaml", tracking_uri=trained["uri"], dst_path=str(tmp_path))).read_text()))
-    assert resolved.train.max_iters == 20
+    assert resolved.train.max_iters == SHARED_STEPS and resolved.model == config.load(SMOKE).model
+    manifest = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="data/manifest.json", tracking_uri=trained["uri"], dst_path=str(tmp_path))
+    ).read_text())
+    assert manifest["splits"]["train"]["tokens"] > 0 and manifest["splits"]["val"]["tokens"] > 0
+    # the final model loads from its artifacts, and its validation loss is the run's last
+    model, meta = checkpoint.load_model(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="model", tracking_uri=trained["uri"], dst_path=str(tmp_path)))
+    assert meta["n_layer"] == 2 and meta["n_embd"] == 64 and meta["step"] == SHARED_STEPS
+    assert model.num_params() == 3_322_176
+    last_val = max(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step).value
+    assert meta["val_loss"] == pytest.approx(last_val)
 
 
 def test_sampler_prints_text_from_the_trained_run(trained, capsys):
