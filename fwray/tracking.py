@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import os
 import platform
 import subprocess
@@ -36,6 +37,9 @@ from . import __version__, outbox  # noqa: E402
 from .config import Experiment, flatten  # noqa: E402
 from .data_report import DATA_REPORT, data_metrics, data_report  # noqa: E402
 from .errors import FwrayError, first_line  # noqa: E402
+
+# MLflow announces at INFO that it creates a new sqlite store's tables; fwray's last lines say where the run is
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 # The parent run's metrics (names are stable: dashboards and the loss curve read them). x = optimizer step.
 METRICS = {
