@@ -36,6 +36,19 @@ def _at_least(section, minimum: int, *keys: str) -> None:
         _check(value is None or value >= minimum, f"{name}.{key}", value, f"must be at least {minimum}")
 
 
+# model.recipe -> the defaults of the architecture switches (each one a model key of its own, so an ablation is one
+# override: model.qk_norm=false)
+RECIPES = {
+    # nanoGPT's GPT-2: learned positions, LayerNorm, GELU, tied embeddings, GPT-2's scaled init of the projections
+    "gpt2": dict(positions="learned", norm="layernorm", qk_norm=False, mlp="gelu", tie_embeddings=True,
+                 zero_init_proj=False, logit_softcap=0.0),
+    # nanochat / modded-nanogpt: rotary positions, RMSNorm without a gain, RMSNorm on queries and keys, ReLU^2,
+    # untied head, zero-init residual projections and head, logits soft-capped at 15 (both projects' value)
+    "modern": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
+                   zero_init_proj=True, logit_softcap=15.0),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_layer: int = 12
@@ -43,8 +56,17 @@ class ModelConfig:
     n_embd: int = 768
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
-    bias: bool = False
+    bias: bool = False  # biases in the linear layers and LayerNorms (the modern recipe has none)
     dropout: float = 0.0
+    recipe: str = "gpt2"  # gpt2 | modern: the defaults of the switches below
+    # None => the recipe's value, resolved on construction (so the resolved value is what is logged and saved)
+    positions: str | None = None  # learned (wpe) | rotary
+    norm: str | None = None  # layernorm | rmsnorm (no learnable gain)
+    qk_norm: bool | None = None  # RMSNorm on each head's queries and keys before attention
+    mlp: str | None = None  # gelu | relu2
+    tie_embeddings: bool | None = None  # the output head shares the input embedding's matrix
+    zero_init_proj: bool | None = None  # residual projections (and an untied head) start at zero
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); 0 = off
 
     SECTION: typing.ClassVar[str] = "model"
 
@@ -54,6 +76,22 @@ class ModelConfig:
                f"must be divisible by model.n_head = {self.n_head}")
         _check(self.vocab_size >= 50257, "model.vocab_size", self.vocab_size, "must hold GPT-2's 50257 tokens")
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.recipe in RECIPES, "model.recipe", self.recipe, f"must be one of {', '.join(RECIPES)}")
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)  # frozen dataclass
+        _check(self.positions in ("learned", "rotary"), "model.positions", self.positions,
+               "must be learned or rotary")
+        _check(self.norm in ("layernorm", "rmsnorm"), "model.norm", self.norm, "must be layernorm or rmsnorm")
+        _check(self.mlp in ("gelu", "relu2"), "model.mlp", self.mlp, "must be gelu or relu2")
+        _check(math.isfinite(self.logit_softcap) and self.logit_softcap >= 0, "model.logit_softcap",
+               self.logit_softcap, "must be 0 (off) or positive")
+        object.__setattr__(self, "logit_softcap", float(self.logit_softcap))
+        _check(self.positions != "rotary" or (self.n_embd // self.n_head) % 2 == 0, "model.n_embd", self.n_embd,
+               f"rotary positions rotate pairs of channels: n_embd / n_head = {self.n_embd // self.n_head} "
+               "must be even")
+        _check(not (self.recipe == "modern" and self.bias), "model.bias", self.bias,
+               "the modern recipe has no biases (set model.bias=false)")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The GPT of nanoGPT: pre-LayerNorm blocks, causal scaled-dot-product attention, tied embeddings.
+"""The GPT of nanoGPT (pre-norm blocks, causal scaled-dot-product attention) and its recipes: gpt2 (learned positions,
+LayerNorm, GELU, tied embeddings) or modern (config.RECIPES; the blocks are in fwray.layers).
 
 The loss is computed in chunks of tokens with its gradients taken in the same pass, so the full (batch x block x
 vocab) logits never exist and nothing is recomputed: evaluation at the training micro-batch costs no more than
@@ -14,49 +15,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .layers import Block, Rotary, make_norm, softcap
 from .tokens import EOT
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -65,19 +25,31 @@ class GPT(nn.Module):
         self.config = cfg
         self.loss_chunk_size = loss_chunk_size
         self.activation_checkpointing = activation_checkpointing
+        modules = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        if cfg.positions == "learned":
+            modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **modules,
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            ln_f=make_norm(cfg, cfg.n_embd),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if cfg.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        # one table of rotary angles, shared by every layer
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size) if cfg.positions == "rotary" else None
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+        for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:  # each block starts as the identity and grows in (modded-nanogpt, nanochat)
+                    torch.nn.init.zeros_(p)
+                else:  # GPT-2's scaled init of the residual projections
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init_proj and not cfg.tie_embeddings:
+            # every logit starts at 0: the first loss is ln(vocab), no random preference (nanochat). A tied head is
+            # the input embedding and must not be zero
+            torch.nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -89,28 +61,36 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-LayerNorm hidden states, (B, T, n_embd)."""
+        """Final-norm hidden states, (B, T, n_embd)."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rotary = self.rotary(T) if self.rotary is not None else None  # positions rotate queries and keys...
+        if rotary is None:  # ...or are added to the input
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rotary, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, rotary)
         return self.transformer.ln_f(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states, soft-capped as the model's loss sees them (tests and benchmarks use it)."""
+        return softcap(self.lm_head(h), self.config.logit_softcap)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """With targets: the mean cross-entropy (a scalar). Without: logits of the last position, (B, vocab)."""
         h = self.hidden(idx)
         if targets is None:
-            return self.lm_head(h[:, -1, :])
-        return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk_size)
+            return self.logits(h[:, -1, :])
+        return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk_size,
+                                     self.config.logit_softcap)
 
     def num_params(self) -> int:
-        """Parameters counted once (the tied embedding once), position embeddings included, as nanoGPT's report."""
+        """Parameters counted once (a tied embedding once), position embeddings included, as nanoGPT's report."""
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
@@ -131,12 +111,13 @@ class GPT(nn.Module):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of (h @ weight.T) against targets, `chunk` rows at a time, with both gradients computed
-    in the forward pass: no chunk's logits outlive it and none is recomputed in backward (6 x rows x C x V FLOPs,
-    what plain autograd on the full logits costs). Matmuls follow the ambient autocast, as the model's do."""
+    """Summed cross-entropy of softcap(h @ weight.T) against targets, `chunk` rows at a time, with both gradients
+    computed in the forward pass: no chunk's logits outlive it and none is recomputed in backward (6 x rows x C x V
+    FLOPs, what plain autograd on the full logits costs). Matmuls follow the ambient autocast, as the model's do."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                cap: float) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -145,12 +126,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = h_c @ weight.t()
             matmul_dtype = logits.dtype  # bf16 under autocast
             logits = logits.float()
+            if cap:  # logits = cap * tanh(z / cap), whose derivative 1 - tanh^2 the chain rule needs below (in fp32:
+                # near saturation 1 - tanh^2 cancels); one more chunk of fp32 logits while it lives
+                dcap = logits.div_(cap).tanh_()
+                logits = dcap * cap
+                dcap.square_().neg_().add_(1)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
             # d(sum of losses)/d(logits) = softmax - one_hot, in place of the logits, then in the matmul dtype as
             # autograd's backward of the plain loss would have it
             grad = logits.sub_(lse[:, None]).exp_()
             grad.scatter_add_(1, t_c[:, None], torch.full_like(lse[:, None], -1.0))
+            if cap:
+                grad.mul_(dcap)
+                del dcap
             grad = grad.to(matmul_dtype)
             del logits, lse
             grad_h[start:start + chunk] = (grad @ weight).to(h.dtype)
@@ -161,29 +150,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total, grad_w * grad_total, None, None
+        return grad_h * grad_total, grad_w * grad_total, None, None, None
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean cross-entropy of (N, C) hidden states against (N,) targets, `chunk` rows of logits at a time.
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          cap: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of (N, C) hidden states against (N,) targets, `chunk` rows of logits at a time, the logits
+    soft-capped at `cap` (layers.softcap; 0 = off).
 
     The full (N x vocab) logits never exist: with a 50K vocabulary they would be the largest tensor of a step
     (1.6 GB at 12 x 1024 tokens in fp32) and the usual out-of-memory at evaluation on a 12 GB card.
     """
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, targets, chunk) / targets.numel()
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk, cap) / targets.numel()
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.size(0), chunk):
-        logits = h[start:start + chunk] @ weight.t()
-        total = total + F.cross_entropy(logits.float(), targets[start:start + chunk], reduction="sum")
+        logits = (h[start:start + chunk] @ weight.t()).float()
+        if cap:  # in place: no second chunk of logits
+            logits.div_(cap).tanh_().mul_(cap)
+        total = total + F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
     return total / targets.numel()
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token, PaLM appendix B as nanoGPT: 6N + 12*L*H*Q*T, with N the parameters that multiply
-    (position embeddings are looked up, not multiplied)."""
-    head_dim = cfg.n_embd // cfg.n_head
-    return 6 * (n_params - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.block_size
+    """Training FLOPs per token, PaLM appendix B as nanoGPT: 6N + 12*L*H*Q*T (T = block_size; attention counted
+    without the causal half, as FlopCounterMode counts it).
+
+    N is the weights that multiply in a matmul: every Linear's, the head included (a tied embedding counts there,
+    once). Not in N: input embeddings, which are looked up (wpe; wte when untied), and elementwise parameters (norm
+    gains, biases), which add no matmul FLOPs."""
+    C, L = cfg.n_embd, cfg.n_layer
+    lookups = ((cfg.block_size * C if cfg.positions == "learned" else 0)
+               + (0 if cfg.tie_embeddings else cfg.vocab_size * C))
+    norm_params = (2 * L + 1) * C * (2 if cfg.bias else 1) if cfg.norm == "layernorm" else 0  # rmsnorm has none
+    biases = L * (3 * C + C + 4 * C + C) if cfg.bias else 0  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    matmul_params = n_params - lookups - norm_params - biases
+    return 6 * matmul_params + 12 * L * cfg.n_head * (C // cfg.n_head) * cfg.block_size
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -1,9 +1,11 @@
-"""The GPT: exact parameter counts (nanoGPT's figures) and the chunked loss against plain cross-entropy."""
+"""The GPT: exact parameter counts (nanoGPT's figures) and the chunked loss (soft-capped or not) against plain
+cross-entropy. The recipes' pieces are in test_recipe.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fwray.config import ModelConfig as GPTConfig
+from fwray.layers import softcap
 from fwray.model import GPT, chunked_cross_entropy, count_params
 
 
@@ -26,30 +28,33 @@ def test_count_params_matches_a_real_model():
     assert real.lm_head.weight is real.transformer.wte.weight  # tied: counted once
 
 
+# cap 3 against logits of std 4: most logits are well into tanh's bend, many saturated
+@pytest.mark.parametrize("cap", [0.0, 3.0])
 @pytest.mark.parametrize("n, chunk", [(12, 64), (12, 12), (13, 4), (40, 7)])  # one chunk, exact fit, many + ragged
-def test_chunked_cross_entropy_matches_plain(n, chunk):
+def test_chunked_cross_entropy_matches_plain(n, chunk, cap):
     torch.manual_seed(0)
     vocab, dim = 101, 16
     h = torch.randn(n, dim, requires_grad=True)
     w = torch.randn(vocab, dim, requires_grad=True)
     targets = torch.randint(0, vocab, (n,))
 
-    got = chunked_cross_entropy(h, w, targets, chunk)
+    got = chunked_cross_entropy(h, w, targets, chunk, cap)
     got.backward()
     got_gh, got_gw = h.grad.clone(), w.grad.clone()
     h.grad, w.grad = None, None
 
-    want = F.cross_entropy(h @ w.t(), targets)
+    want = F.cross_entropy(softcap(h @ w.t(), cap), targets)  # plain autograd through the capped logits
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_gh, h.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_gw, w.grad, rtol=1e-5, atol=1e-6)
 
     with torch.no_grad():  # the evaluation path (no checkpointing) agrees too
-        torch.testing.assert_close(chunked_cross_entropy(h, w, targets, chunk), want.detach())
+        torch.testing.assert_close(chunked_cross_entropy(h, w, targets, chunk, cap), want.detach())
 
 
-def test_chunked_loss_recomputes_nothing():
+@pytest.mark.parametrize("cap", [0.0, 15.0])
+def test_chunked_loss_recomputes_nothing(cap):
     """Forward and backward of the loss cost 6 x N x C x V matmul FLOPs, as plain autograd on full logits does:
     the gradients are taken chunk by chunk in the forward, no chunk's logits recomputed in backward."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -58,18 +63,19 @@ def test_chunked_loss_recomputes_nothing():
     h = torch.randn(n, dim, requires_grad=True)
     w = torch.randn(vocab, dim, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
-        chunked_cross_entropy(h, w, torch.randint(0, vocab, (n,)), 7).backward()
+        chunked_cross_entropy(h, w, torch.randint(0, vocab, (n,)), 7, cap).backward()
     assert counter.get_total_flops() == 6 * n * dim * vocab
 
 
-def test_chunked_loss_under_bf16_autocast_matches_plain():
+@pytest.mark.parametrize("cap", [0.0, 3.0])
+def test_chunked_loss_under_bf16_autocast_matches_plain(cap):
     torch.manual_seed(0)
     h = torch.randn(24, 16, requires_grad=True)
     w = torch.randn(101, 16, requires_grad=True)
     targets = torch.randint(0, 101, (24,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = chunked_cross_entropy(h, w, targets, 5)
-        want = F.cross_entropy((h @ w.t()).float(), targets)
+        got = chunked_cross_entropy(h, w, targets, 5, cap)
+        want = F.cross_entropy(softcap((h @ w.t()).float(), cap), targets)
     got_grads = torch.autograd.grad(got, (h, w))
     want_grads = torch.autograd.grad(want, (h, w))
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

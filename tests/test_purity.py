@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["errors", "config", "tokens", "loader", "model", "hardware", "memory", "engine", "trial", "plan", "checkpoint",
-        "data_report"]
+PURE = ["errors", "config", "tokens", "loader", "layers", "model", "hf", "hardware", "memory", "engine", "trial", "plan",
+        "checkpoint", "data_report"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, sys, tempfile
