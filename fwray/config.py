@@ -63,9 +63,11 @@ class TrainConfig:
     learning_rate: float = 6e-4
     max_iters: int | None = None  # optimizer steps; None => derived from `epochs`
     epochs: float | None = None  # passes over the prepared train split; used when max_iters is None
+    schedule: str = "cosine"  # cosine, or wsd: warmup, constant, then linear decay over the last decay_fraction
     warmup_iters: int = 0
-    lr_decay_iters: int | None = None  # None => max_iters
-    min_lr: float = 6e-5
+    lr_decay_iters: int | None = None  # where the schedule reaches min_lr; None => max_iters
+    decay_fraction: float = 0.2  # wsd: the share of lr_decay_iters that decays
+    min_lr: float = 6e-5  # the floor: every group ends at min_lr / learning_rate of its own rate
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1
@@ -91,6 +93,8 @@ class TrainConfig:
         _check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
         _at_least(self, 0, "warmup_iters")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be positive")
+        _check(self.schedule in ("cosine", "wsd"), "train.schedule", self.schedule, "must be cosine or wsd")
+        _check(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction, "must be in (0, 1]")
         _check(0 <= self.min_lr <= self.learning_rate, "train.min_lr", self.min_lr,
                "must be in [0, train.learning_rate]")
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")

@@ -19,7 +19,7 @@ from .config import ModelConfig, TrainConfig
 from .errors import FwrayError
 from .loader import Batches
 from .model import GPT, flops_per_token
-from .optim import lr_at, make_optimizer
+from .optim import lr_multiplier, make_optimizer
 
 
 class NonFiniteLoss(FwrayError):
@@ -101,7 +101,7 @@ class Engine:
         t = self.train
         accum = t.gradient_accumulation_steps
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
+            group["lr"] = t.learning_rate * lr_multiplier(step, t)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -228,7 +228,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
             tok_s = interval_steps * tokens_per_step / elapsed
             if step >= start + t.log_interval:  # the first interval carries compilation and warm-up
                 steps_timed, seconds_timed = steps_timed + interval_steps, seconds_timed + elapsed
-            metrics = {"train_loss": loss_acc.item() / good if good else float("nan"), "lr": lr_at(step, t),
+            metrics = {"train_loss": loss_acc.item() / good if good else float("nan"),
+                       "lr": t.learning_rate * lr_multiplier(step, t),
                        "tokens_per_s": tok_s, "tokens_seen": done * tokens_per_step,
                        "epoch": done * tokens_per_step / train_tokens, "nonfinite_skipped": nonfinite_total,
                        "eta_s": (t.max_iters - done) * elapsed / interval_steps,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fwray.config import ModelConfig, TrainConfig
 from fwray.engine import Engine, NonFiniteLoss, train
-from fwray.optim import lr_at
+from fwray.optim import lr_multiplier
 from fwray.loader import Batches
 from fwray.model import GPT
 from fwray.tokens import encode_documents, get_tokenizer
@@ -207,16 +207,33 @@ def test_nonfinite_streak_stops_the_run(token_files):
 
 def test_lr_schedule():
     t = train_section(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    assert lr_at(0, t) == pytest.approx(1e-3 / 11)
-    assert lr_at(4, t) == pytest.approx(1e-3 * 5 / 11)
-    warm = [lr_at(s, t) for s in range(11)]
-    assert warm == sorted(warm) and lr_at(10, t) == pytest.approx(1e-3)  # warmup ends at the peak
-    assert lr_at(60, t) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
-    decay = [lr_at(s, t) for s in range(10, 111)]
+
+    def lr_at(step, train=t):
+        return train.learning_rate * lr_multiplier(step, train)
+
+    assert lr_at(0) == pytest.approx(1e-3 / 11)
+    assert lr_at(4) == pytest.approx(1e-3 * 5 / 11)
+    warm = [lr_at(s) for s in range(11)]
+    assert warm == sorted(warm) and lr_at(10) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr_at(60) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
+    decay = [lr_at(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert lr_at(110, t) == pytest.approx(1e-4) and lr_at(500, t) == pytest.approx(1e-4)
+    assert lr_at(110) == pytest.approx(1e-4) and lr_at(500) == pytest.approx(1e-4)
     longer = train_section(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, lr_decay_iters=60)
     assert lr_at(60, longer) == pytest.approx(1e-4) and lr_at(80, longer) == pytest.approx(1e-4)
+
+
+def test_wsd_schedule():
+    t = train_section(schedule="wsd", learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110,
+                      decay_fraction=0.2)
+    m = [lr_multiplier(s, t) for s in range(121)]
+    assert m[0] == pytest.approx(1 / 11) and m[10] == 1.0  # the same warmup as cosine
+    assert m[10:89] == [1.0] * 79  # constant up to the decay's start, (1 - 0.2) x 110 = 88
+    assert m[99] == pytest.approx(1 - 0.5 * (1 - 0.1))  # linear: halfway down at 99
+    assert all(a > b for a, b in zip(m[88:111], m[89:111]))
+    assert m[110] == pytest.approx(0.1) and m[120] == pytest.approx(0.1)  # min_lr / learning_rate, then held
+    # a pure function of the step: any order, any number of calls
+    assert [lr_multiplier(s, t) for s in reversed(range(121))] == m[::-1]
 
 
 def test_batches_are_deterministic(token_files):
