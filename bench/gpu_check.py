@@ -259,7 +259,7 @@ def nonfinite(cuda: bool) -> dict:
     loss_after, bad_after = engine.step(2, lambda m: (x[:, :-1], x[:, 1:]))
     return {"flagged": bool(bad), "weights_unchanged": weights_kept, "moments_unchanged": moments_kept,
             "next_step_finite": bool(torch.isfinite(loss_after)) and not bool(bad_after),
-            "fused": bool(engine.optimizer.defaults.get("fused"))}
+            "fused": bool(engine.optimizer.optimizers["adamw"].defaults.get("fused"))}
 
 
 def resume(cuda: bool) -> dict:
