@@ -13,6 +13,7 @@ Sections (the report is rewritten after each, so a run cut short still leaves wh
               micro-batch: fwray's tokens/s / the reference's
   nonfinite   fused AdamW skips a non-finite step on the device: weights and moments unchanged
   resume      a state saved, loaded with weights_only=True and resumed gives the losses of an uninterrupted run
+  nonfinite_muon, resume_muon   the same two with train.optimizer = muon (Muon's skip reads the flag back)
 """
 from __future__ import annotations
 
@@ -242,30 +243,31 @@ def reference(shape: str, batch_size: int, steps: int, cuda: bool) -> dict:
 # ---------------------------------------------------------------- non-finite step and resume
 
 
-def nonfinite(cuda: bool) -> dict:
+def nonfinite(cuda: bool, optimizer: str = "adamw") -> dict:
     device = hardware.cuda_device() if cuda else torch.device("cpu")
-    exp = experiment("tiny", 4, 10, compile=False)
+    exp = experiment("tiny", 4, 10, compile=False, optimizer=optimizer)
     engine = Engine.build(exp.model, exp.train, device)
     x = torch.randint(0, 50257, (4, exp.model.block_size + 1))
     engine.step(0, lambda m: (x[:, :-1], x[:, 1:]))
     before = {k: v.clone() for k, v in engine.raw_model.state_dict().items()}
-    head = engine.raw_model.lm_head.weight
-    moments = {k: v.clone() for k, v in engine.optimizer.state[head].items()}
+    # every parameter's state: AdamW's moments and step counts, Muon's momentum buffers
+    state = engine.optimizer.state
+    moments = {(p, k): v.clone() for p, s in state.items() for k, v in s.items()}
     hook = engine.raw_model.transformer.ln_f.register_forward_hook(lambda mod, args, out: out * float("nan"))
     loss, bad = engine.step(1, lambda m: (x[:, :-1], x[:, 1:]))
     hook.remove()
     weights_kept = all(torch.equal(v, before[k]) for k, v in engine.raw_model.state_dict().items())
-    moments_kept = all(torch.equal(v, moments[k]) for k, v in engine.optimizer.state[head].items())
+    moments_kept = all(torch.equal(state[p][k], v) for (p, k), v in moments.items())
     loss_after, bad_after = engine.step(2, lambda m: (x[:, :-1], x[:, 1:]))
     return {"flagged": bool(bad), "weights_unchanged": weights_kept, "moments_unchanged": moments_kept,
             "next_step_finite": bool(torch.isfinite(loss_after)) and not bool(bad_after),
-            "fused": bool(engine.optimizer.defaults.get("fused"))}
+            "fused": bool(engine.optimizer.optimizers["adamw"].defaults.get("fused"))}
 
 
-def resume(cuda: bool) -> dict:
+def resume(cuda: bool, optimizer: str = "adamw") -> dict:
     device = hardware.cuda_device() if cuda else torch.device("cpu")
     # dropout draws from the random generators: the resumed losses match only if the checkpoint restores them
-    exp = experiment("full" if cuda else "tiny", 4, 16, compile=False, dropout=0.1)
+    exp = experiment("full" if cuda else "tiny", 4, 16, compile=False, dropout=0.1, optimizer=optimizer)
     with tempfile.TemporaryDirectory() as tmp:
         batches = synthetic_batches(Path(tmp), exp.model.block_size, 4)
 
@@ -311,6 +313,8 @@ def main(argv=None) -> int:
     report.section("reference", lambda: _ratio(report, shapes[0], steps, cuda))
     report.section("nonfinite", nonfinite, cuda)
     report.section("resume", resume, cuda)
+    report.section("nonfinite_muon", nonfinite, cuda, "muon")
+    report.section("resume_muon", resume, cuda, "muon")
     if not cuda:
         report.data["skipped"] = ("CUDA only: probe trials under a CUDA cap (the CPU estimate runs instead), "
                                   "compilation, MFU, host-sync debug mode, flash attention and pinned-copy profile")

@@ -98,15 +98,22 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 12  # micro-batch per worker
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 6e-4
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest (fwray.optim)
+    learning_rate: float = 6e-4  # AdamW's rate: every group under adamw; norms, biases and scalars under muon
+    muon_lr: float | None = None  # None => fwray.optim's default (shape-scaled: no retuning when n_embd changes)
+    muon_momentum: float = 0.95
+    embedding_lr: float | None = None  # None => learning_rate (adamw), a width-scaled default (muon)
+    head_lr: float | None = None  # the output layer (and the embedding tied to it); None as embedding_lr
     max_iters: int | None = None  # optimizer steps; None => derived from `epochs`
     epochs: float | None = None  # passes over the prepared train split; used when max_iters is None
+    schedule: str = "cosine"  # cosine, or wsd: warmup, constant, then linear decay over the last decay_fraction
     warmup_iters: int = 0
-    lr_decay_iters: int | None = None  # None => max_iters
-    min_lr: float = 6e-5
+    lr_decay_iters: int | None = None  # where the schedule reaches min_lr; None => max_iters
+    decay_fraction: float = 0.2  # wsd: the share of lr_decay_iters that decays
+    min_lr: float = 6e-5  # the floor: every group ends at min_lr / learning_rate of its own rate
     beta1: float = 0.9
     beta2: float = 0.95
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled, on every matrix (AdamW's and Muon's); none on norms, biases, scalars
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     eval_iters: int = 20
@@ -128,11 +135,18 @@ class TrainConfig:
                   "eval_batch_size")
         _check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
         _at_least(self, 0, "warmup_iters")
-        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be positive")
+        _check(self.optimizer in ("adamw", "muon"), "train.optimizer", self.optimizer, "must be adamw or muon")
+        for key in ("learning_rate", "muon_lr", "embedding_lr", "head_lr"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"train.{key}", value, "must be positive")
+        _check(0 <= self.muon_momentum < 1, "train.muon_momentum", self.muon_momentum, "must be in [0, 1)")
+        _check(self.schedule in ("cosine", "wsd"), "train.schedule", self.schedule, "must be cosine or wsd")
+        _check(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction, "must be in (0, 1]")
         _check(0 <= self.min_lr <= self.learning_rate, "train.min_lr", self.min_lr,
                "must be in [0, train.learning_rate]")
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be 0 (off) or positive")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be 0 (off) or positive")
         _check(self.compile in (True, False, "auto"), "train.compile", self.compile, "must be true, false or auto")
         _check(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype", self.dtype,

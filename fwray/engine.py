@@ -19,7 +19,7 @@ from .config import ModelConfig, TrainConfig
 from .errors import FwrayError
 from .loader import Batches
 from .model import GPT, flops_per_token
-from .optim import lr_at, make_optimizer
+from .optim import Optimizers, lr_multiplier, make_optimizer
 
 
 class NonFiniteLoss(FwrayError):
@@ -55,7 +55,7 @@ class Engine:
     device: torch.device
     raw_model: GPT  # uncompiled, unwrapped: what checkpoints hold
     model: torch.nn.Module  # what runs: maybe compiled, then maybe DDP-wrapped
-    optimizer: torch.optim.AdamW
+    optimizer: Optimizers
     dtype: torch.dtype
     compiled: bool
 
@@ -93,15 +93,14 @@ class Engine:
 
     def step(self, step: int, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[
             torch.Tensor, torch.Tensor]:
-        """One optimizer step over gradient_accumulation_steps micro-batches, with no host sync.
+        """One optimizer step over gradient_accumulation_steps micro-batches, with no host sync under adamw (one
+        under muon, see Optimizers.step).
 
-        Returns (mean loss, non-finite flag) as device tensors. A non-finite step is skipped on the device:
-        fused AdamW's found_inf leaves weights and moments untouched.
+        Returns (mean loss, non-finite flag) as device tensors. A non-finite step is skipped: weights and optimizer
+        state stay as they were.
         """
         t = self.train
         accum = t.gradient_accumulation_steps
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -116,9 +115,8 @@ class Engine:
         bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         if _world_size() > 1:  # each rank saw its own loss: skip the step on every rank if any saw a bad one
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone where found_inf is 1
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step(lr_multiplier(step, t), found_inf=bad)
+        self.optimizer.zero_grad()
         return loss_sum, bad.bool()
 
     @torch.no_grad()
@@ -228,7 +226,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
             tok_s = interval_steps * tokens_per_step / elapsed
             if step >= start + t.log_interval:  # the first interval carries compilation and warm-up
                 steps_timed, seconds_timed = steps_timed + interval_steps, seconds_timed + elapsed
-            metrics = {"train_loss": loss_acc.item() / good if good else float("nan"), "lr": lr_at(step, t),
+            metrics = {"train_loss": loss_acc.item() / good if good else float("nan"),
+                       "lr": t.learning_rate * lr_multiplier(step, t),  # adamw: every group's; muon: the scalars'
                        "tokens_per_s": tok_s, "tokens_seen": done * tokens_per_step,
                        "epoch": done * tokens_per_step / train_tokens, "nonfinite_skipped": nonfinite_total,
                        "eta_s": (t.max_iters - done) * elapsed / interval_steps,

@@ -80,8 +80,9 @@ def measure_peak_bytes(model: ModelConfig, train: TrainConfig, batch_size: int, 
 
     fake=True runs under FakeTensorMode (no allocation, no compute); fake=False allocates for real (small models: the
     check that faking changes nothing). accumulation defaults to min(train.gradient_accumulation_steps, 2): the second
-    micro-batch is the one that runs with the first one's gradients alive. Two steps: the second runs with AdamW's
-    moments alive. Returns bytes: params, train_peak, eval_peak, peak.
+    micro-batch is the one that runs with the first one's gradients alive. Two steps: the second runs with the
+    optimizer's state alive (AdamW's two moments per parameter; under muon, one momentum buffer per hidden matrix
+    instead). Returns bytes: params, train_peak, eval_peak, peak.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 

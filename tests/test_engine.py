@@ -1,5 +1,7 @@
-"""The pure-torch engine on CPU: loss falls on real tokens, accumulation scaling, non-finite steps, lr schedule,
-deterministic batches, and resume that reproduces an uninterrupted run."""
+"""The pure-torch engine on CPU: loss falls on real tokens, accumulation scaling, non-finite steps, lr schedules,
+deterministic batches, and resume that reproduces an uninterrupted run; what depends on the optimizer, under adamw
+and muon."""
+import copy
 import dataclasses
 import io
 import math
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from fwray.config import ModelConfig, TrainConfig
 from fwray.engine import Engine, NonFiniteLoss, train
-from fwray.optim import lr_at
+from fwray.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, lr_multiplier
 from fwray.loader import Batches
 from fwray.model import GPT
 from fwray.tokens import encode_documents, get_tokenizer
@@ -81,8 +83,9 @@ def test_loss_falls_on_real_tokens(token_files):
     assert sorted(rec.states) == [8, 16, 24]  # a checkpoint at every evaluation after the start
 
 
-def test_resume_reproduces_uninterrupted_run(token_files):
-    t = train_section(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_uninterrupted_run(token_files, optimizer):
+    t = train_section(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2, optimizer=optimizer)
     full = Recorder()
     train(MODEL, t, batches_for(t, token_files), full, device=CPU, train_tokens=100_000)
     first = Recorder()
@@ -96,6 +99,23 @@ def test_resume_reproduces_uninterrupted_run(token_files):
     assert resumed.metrics["val_loss"][-1] == full.metrics["val_loss"][-1]
     for k, v in full.states[8]["model"].items():
         torch.testing.assert_close(resumed.states[8]["model"][k], v, rtol=0, atol=0)
+    assert_identical(resumed.states[8]["optimizer"], full.states[8]["optimizer"])
+
+
+def assert_identical(a, b, where="state"):
+    """Two states (nested dicts and lists of tensors and plain values) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def fixed_batch(seed=0, n=8, T=32):
@@ -107,17 +127,20 @@ def fixed_batch(seed=0, n=8, T=32):
 def grads_at_step(engine, get_batch):
     """The gradients the optimizer sees (after clipping, before its step), through the optimizer's pre-hook."""
     seen = {}
-    handle = engine.optimizer.register_step_pre_hook(
+    handle = engine.optimizer.optimizers["adamw"].register_step_pre_hook(  # the first to step
         lambda opt, args, kwargs: seen.update({n: p.grad.clone() for n, p in engine.raw_model.named_parameters()}))
     loss, bad = engine.step(0, get_batch)
     handle.remove()
     return loss, bad, seen
 
 
-def test_accumulation_scaling_matches_one_big_batch():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_accumulation_scaling_matches_one_big_batch(optimizer):
     x, y = fixed_batch()
-    big = Engine.build(MODEL, train_section(batch_size=8, gradient_accumulation_steps=1, grad_clip=0.0), CPU)
-    acc = Engine.build(MODEL, train_section(batch_size=4, gradient_accumulation_steps=2, grad_clip=0.0), CPU)
+    big = Engine.build(MODEL, train_section(batch_size=8, gradient_accumulation_steps=1, grad_clip=0.0,
+                                            optimizer=optimizer), CPU)
+    acc = Engine.build(MODEL, train_section(batch_size=4, gradient_accumulation_steps=2, grad_clip=0.0,
+                                            optimizer=optimizer), CPU)
     loss_big, _, g_big = grads_at_step(big, lambda micro: (x, y))
     loss_acc, _, g_acc = grads_at_step(acc, lambda micro: (x[4 * micro: 4 * micro + 4], y[4 * micro: 4 * micro + 4]))
 
@@ -147,24 +170,26 @@ class Poison:
             lambda mod, args, out: out * float("nan") if self.on else out)
 
 
-def test_nonfinite_step_is_skipped():
-    engine = Engine.build(MODEL, train_section(), CPU)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_nonfinite_step_is_skipped(optimizer):
+    engine = Engine.build(MODEL, train_section(optimizer=optimizer), CPU)
     poison = Poison(engine)
     x, y = fixed_batch()
-    engine.step(0, lambda m: (x, y))  # one good step: moments exist
+    engine.step(0, lambda m: (x, y))  # one good step: moments (and Muon's momentum) exist
     before = {k: v.clone() for k, v in engine.raw_model.state_dict().items()}
-    moments = {k: v.clone() for k, v in engine.optimizer.state[engine.raw_model.lm_head.weight].items()}
+    state = copy.deepcopy({name: o.state_dict()["state"] for name, o in engine.optimizer.optimizers.items()})
     poison.on = True
     loss, bad = engine.step(1, lambda m: (x, y))
     assert bool(bad) and not torch.isfinite(loss)
     for k, v in engine.raw_model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed on a non-finite step"
-    for k, v in engine.optimizer.state[engine.raw_model.lm_head.weight].items():
-        assert torch.equal(v, moments[k]), f"optimizer {k} changed on a non-finite step"
+    # moments, momentum buffers, step counts (the groups' rates follow the step: the schedule's, not state)
+    assert_identical({name: o.state_dict()["state"] for name, o in engine.optimizer.optimizers.items()}, state)
     poison.on = False
     loss, bad = engine.step(2, lambda m: (x, y))
     assert not bool(bad) and torch.isfinite(loss)
-    assert not torch.equal(engine.raw_model.lm_head.weight, before["lm_head.weight"])
+    for k in ("lm_head.weight", "transformer.h.0.mlp.c_fc.weight"):  # an AdamW and (under muon) a Muon parameter
+        assert not torch.equal(engine.raw_model.state_dict()[k], before[k])
 
 
 class PoisonedBatches(Batches):
@@ -207,16 +232,47 @@ def test_nonfinite_streak_stops_the_run(token_files):
 
 def test_lr_schedule():
     t = train_section(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    assert lr_at(0, t) == pytest.approx(1e-3 / 11)
-    assert lr_at(4, t) == pytest.approx(1e-3 * 5 / 11)
-    warm = [lr_at(s, t) for s in range(11)]
-    assert warm == sorted(warm) and lr_at(10, t) == pytest.approx(1e-3)  # warmup ends at the peak
-    assert lr_at(60, t) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
-    decay = [lr_at(s, t) for s in range(10, 111)]
+
+    def lr_at(step, train=t):
+        return train.learning_rate * lr_multiplier(step, train)
+
+    assert lr_at(0) == pytest.approx(1e-3 / 11)
+    assert lr_at(4) == pytest.approx(1e-3 * 5 / 11)
+    warm = [lr_at(s) for s in range(11)]
+    assert warm == sorted(warm) and lr_at(10) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr_at(60) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
+    decay = [lr_at(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert lr_at(110, t) == pytest.approx(1e-4) and lr_at(500, t) == pytest.approx(1e-4)
+    assert lr_at(110) == pytest.approx(1e-4) and lr_at(500) == pytest.approx(1e-4)
     longer = train_section(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, lr_decay_iters=60)
     assert lr_at(60, longer) == pytest.approx(1e-4) and lr_at(80, longer) == pytest.approx(1e-4)
+
+
+def test_wsd_schedule():
+    t = train_section(schedule="wsd", learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110,
+                      decay_fraction=0.2)
+    m = [lr_multiplier(s, t) for s in range(121)]
+    assert m[0] == pytest.approx(1 / 11) and m[10] == 1.0  # the same warmup as cosine
+    assert m[10:89] == [1.0] * 79  # constant up to the decay's start, (1 - 0.2) x 110 = 88
+    assert m[99] == pytest.approx(1 - 0.5 * (1 - 0.1))  # linear: halfway down at 99
+    assert all(a > b for a, b in zip(m[88:111], m[89:111]))
+    assert m[110] == pytest.approx(0.1) and m[120] == pytest.approx(0.1)  # min_lr / learning_rate, then held
+    # a pure function of the step: any order, any number of calls
+    assert [lr_multiplier(s, t) for s in reversed(range(121))] == m[::-1]
+
+
+def test_every_group_follows_the_schedule_from_its_own_rate():
+    t = train_section(optimizer="muon", learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, max_iters=10,
+                      schedule="wsd", decay_fraction=0.5)
+    engine = Engine.build(MODEL, t, CPU)
+    width = (MODEL.n_embd / 768) ** -0.5
+    base = {"scalars": 1e-3, "head": HEAD_LR * width, "embedding": EMBEDDING_LR * width, "matrices": MUON_LR}
+    x, y = fixed_batch()
+    for step in range(8):
+        engine.step(step, lambda m: (x, y))
+        rates = {g["name"]: g["lr"] for g in engine.optimizer.param_groups}
+        assert rates == pytest.approx({name: lr * lr_multiplier(step, t) for name, lr in base.items()})
+    assert lr_multiplier(7, t) == pytest.approx(1 - 2 / 5 * 0.9)  # inside the decay: the rates moved down
 
 
 def test_batches_are_deterministic(token_files):

@@ -16,14 +16,17 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert set(sections) == {"probe", "throughput_tiny", "reference", "nonfinite", "resume"}
+    assert set(sections) == {"probe", "throughput_tiny", "reference", "nonfinite", "resume", "nonfinite_muon",
+                             "resume_muon"}
     assert not [name for name, s in sections.items() if "error" in s]
     assert report["mode"] == "cpu-smoke" and "CUDA only" in report["skipped"]
     assert sections["probe"]["all_verdicts_as_expected"]
     assert all(t["method"] == "cpu-estimate" and t["cap_gb"] == 11.5 for t in sections["probe"]["trials"])
     assert sections["throughput_tiny"]["tokens_per_s"] > 0 and not sections["throughput_tiny"]["host_sync_in_step"]
     assert sections["reference"]["fwray_over_reference"] > 0
-    nonfinite = sections["nonfinite"]
-    assert nonfinite["flagged"] and nonfinite["weights_unchanged"] and nonfinite["moments_unchanged"]
-    # dropout is on in the resume check: equal losses need the checkpoint's random generator state
-    assert sections["resume"]["max_loss_difference"] == 0.0 and sections["resume"]["state_on_cpu"]
+    for optimizer in ("", "_muon"):
+        nonfinite = sections["nonfinite" + optimizer]
+        assert nonfinite["flagged"] and nonfinite["weights_unchanged"] and nonfinite["moments_unchanged"]
+        # dropout is on in the resume check: equal losses need the checkpoint's random generator state
+        resume = sections["resume" + optimizer]
+        assert resume["max_loss_difference"] == 0.0 and resume["state_on_cpu"]

@@ -1,0 +1,131 @@
+"""fwray.optim: parameter groups (each parameter in exactly one, for the tied GPT-2 recipe and an untied model without
+position embeddings), the rates' defaults, checkpoints that do not fit, the train section's new keys, and the memory
+estimate under Muon. The schedules and the engine with Muon (skipped steps, accumulation, resume) are in
+test_engine.py."""
+import dataclasses
+
+import pytest
+import torch
+
+from fwray import memory
+from fwray.config import ConfigError, ModelConfig, TrainConfig
+from fwray.engine import Engine
+from fwray.errors import FwrayError
+from fwray.model import GPT
+from fwray.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, make_optimizer, param_groups
+
+CPU = torch.device("cpu")
+
+
+def gpt2(n_embd=32, bias=False) -> GPT:
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=n_embd, block_size=32, bias=bias))
+
+
+def untied_without_wpe() -> GPT:
+    """The modern recipe's shape as far as the groups care: an lm_head of its own, no position embeddings."""
+    model = gpt2(bias=True)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    del model.transformer["wpe"]
+    return model
+
+
+def by_name(model, groups) -> dict[str, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
+
+
+@pytest.mark.parametrize("build", [gpt2, lambda: gpt2(bias=True), untied_without_wpe])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_every_parameter_in_exactly_one_group(build, optimizer):
+    model = build()
+    t = TrainConfig(optimizer=optimizer)
+    groups = param_groups(model, t)
+    held = [p for g in groups for p in g["params"]]
+    assert len(held) == len({id(p) for p in held}) == len(list(model.parameters()))  # parameters() counts once
+    named = by_name(model, groups)
+    tied = model.lm_head.weight is getattr(model.transformer, "wte").weight
+    assert named["head"] == ({"transformer.wte.weight"} if tied else {"lm_head.weight"})
+    assert named.get("embedding", set()) == {n for n in ("transformer.wpe.weight", "transformer.wte.weight")
+                                             if n in dict(model.named_parameters()) and n not in named["head"]}
+    assert named["matrices"] == {n for n, p in model.named_parameters() if n.startswith("transformer.h.")
+                                 and p.ndim == 2}
+    assert named["scalars"] == {n for n, p in model.named_parameters() if p.ndim < 2}
+    # and the optimizers hold the same parameters once each: Muon the matrices, AdamW the rest
+    opt = make_optimizer(model, t)
+    in_optimizers = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in in_optimizers} == {id(p) for p in held} and len(in_optimizers) == len(held)
+    assert sorted(opt.optimizers) == (["adamw", "muon"] if optimizer == "muon" else ["adamw"])
+    if optimizer == "muon":
+        assert [g["name"] for g in opt.optimizers["muon"].param_groups] == ["matrices"]
+
+
+def test_adamw_rates_and_decay_are_nanogpts():
+    groups = {g["name"]: g for g in param_groups(gpt2(bias=True), TrainConfig(learning_rate=1e-3, weight_decay=0.1))}
+    assert {n: g["lr"] for n, g in groups.items()} == dict.fromkeys(groups, 1e-3)  # one rate for all
+    assert {n: g["weight_decay"] for n, g in groups.items()} == {"scalars": 0.0, "head": 0.1, "embedding": 0.1,
+                                                                 "matrices": 0.1}
+    given = param_groups(gpt2(), TrainConfig(learning_rate=1e-3, head_lr=2e-3, embedding_lr=3e-3))
+    assert {g["name"]: g["lr"] for g in given} == {"scalars": 1e-3, "head": 2e-3, "embedding": 3e-3, "matrices": 1e-3}
+
+
+def test_muon_defaults_scale_with_width():
+    def rates(n_embd, **train):
+        with torch.device("meta"):  # shapes only
+            model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=n_embd, block_size=16))
+        return {g["name"]: g["lr"] for g in param_groups(model, TrainConfig(optimizer="muon", **train))}
+
+    at_768 = rates(768)
+    assert at_768 == {"scalars": 6e-4, "head": HEAD_LR, "embedding": EMBEDDING_LR, "matrices": MUON_LR}
+    wider = rates(3072)  # 4x the width: AdamW's embedding and head rates halve, Muon's (shape-scaled) stays
+    assert wider["head"] == pytest.approx(HEAD_LR / 2) and wider["embedding"] == pytest.approx(EMBEDDING_LR / 2)
+    assert wider["matrices"] == MUON_LR and wider["scalars"] == 6e-4
+    assert rates(768, muon_lr=0.05, head_lr=1e-3, embedding_lr=0.1) == {
+        "scalars": 6e-4, "head": 1e-3, "embedding": 0.1, "matrices": 0.05}
+
+
+def test_muon_settings():
+    t = TrainConfig(optimizer="muon", muon_momentum=0.9, weight_decay=0.05)
+    muon = make_optimizer(gpt2(), t).optimizers["muon"]
+    assert isinstance(muon, torch.optim.Muon)
+    (group,) = muon.param_groups
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 0.05 and group["adjust_lr_fn"] == "original"
+
+
+def test_a_checkpoint_from_the_other_optimizer_is_refused():
+    t = TrainConfig(batch_size=2, max_iters=2, compile=False)
+    state = Engine.build(gpt2().config, t, CPU).state(0, {})
+    engine = Engine.build(gpt2().config, dataclasses.replace(t, optimizer="muon"), CPU)
+    with pytest.raises(FwrayError, match=r"optimizer state has parts \['adamw'\], this run's optimizers are "
+                                         r"\['adamw', 'muon'\]"):
+        engine.load(state)
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("optimizer", "sgd", "must be adamw or muon"),
+    ("schedule", "linear", "must be cosine or wsd"),
+    ("decay_fraction", 0.0, r"must be in \(0, 1\]"),
+    ("decay_fraction", 1.5, r"must be in \(0, 1\]"),
+    ("muon_lr", 0.0, "must be positive"),
+    ("head_lr", -1e-3, "must be positive"),
+    ("embedding_lr", 0.0, "must be positive"),
+    ("muon_momentum", 1.0, r"must be in \[0, 1\)"),
+    ("weight_decay", -0.1, "must be 0"),
+])
+def test_train_section_checks_the_new_keys(key, value, why):
+    with pytest.raises(ConfigError, match=f"train.{key} = .*: {why}"):
+        TrainConfig(**{key: value})
+
+
+def test_memory_estimate_under_muon():
+    model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
+    peaks = {}
+    for optimizer in ("adamw", "muon"):
+        t = TrainConfig(batch_size=2, gradient_accumulation_steps=8, max_iters=10, compile=False, loss_chunk_size=64,
+                        optimizer=optimizer)
+        fake = memory.measure_peak_bytes(model, t, 4, dtype=torch.float32, fake=True)
+        real = memory.measure_peak_bytes(model, t, 4, dtype=torch.float32, fake=False)
+        assert fake == real  # FakeTensorMode changes nothing, Muon's step included
+        peaks[optimizer] = real["train_peak"]
+    # Muon keeps one buffer per hidden matrix where AdamW keeps two (and a step count): the peak is that much lower
+    matrices = 2 * 12 * 32 * 32 * 4
+    assert peaks["adamw"] - peaks["muon"] == pytest.approx(matrices, rel=0.05)
