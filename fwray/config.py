@@ -47,6 +47,12 @@ RECIPES = {
     "modern": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
                    zero_init_proj=True, logit_softcap=15.0),
 }
+# ... and what it defaults in the other sections of an experiment file (a key the file sets wins): the modern recipe
+# trains with Muon and a warmup-stable-decay schedule, and reads every window once per epoch
+RECIPE_TRAINING = {
+    "gpt2": {},
+    "modern": {"train": {"optimizer": "muon", "schedule": "wsd"}, "data": {"sampling": "epoch"}},
+}
 
 
 @dataclass(frozen=True)
@@ -302,6 +308,10 @@ def from_dict(raw: dict, where: str = "<dict>") -> Experiment:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: name = {name!r}: must be a non-empty string")
     sections = {}
+    recipe = raw.get("model", {}).get("recipe", "gpt2") if isinstance(raw.get("model"), dict) else "gpt2"
+    for section, defaults in RECIPE_TRAINING.get(recipe, {}).items():
+        if isinstance(raw.get(section, {}), dict):
+            raw[section] = {**defaults, **raw.get(section, {})}
     for key, value in raw.items():
         if key not in SECTIONS:
             raise ConfigError(f"{where}: unknown section {key!r} (known: name, {', '.join(SECTIONS)})")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fwray import config
 from fwray.config import ConfigError, load
@@ -124,3 +125,14 @@ def test_cli_bad_key_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "train.max_itres" in lines[0] and str(SMOKE) in lines[0]
+
+
+def test_the_modern_recipe_defaults_its_training_and_a_file_overrides_it(tmp_path):
+    modern = load(write(tmp_path, BASE), ["model.recipe=modern"])
+    assert (modern.train.optimizer, modern.train.schedule, modern.data.sampling) == ("muon", "wsd", "epoch")
+    assert modern.model.positions == "rotary" and not modern.model.tie_embeddings
+    ablation = load(write(tmp_path, BASE), ["model.recipe=modern", "train.optimizer=adamw", "model.qk_norm=false"])
+    assert ablation.train.optimizer == "adamw" and ablation.train.schedule == "wsd" and not ablation.model.qk_norm
+    gpt2 = load(write(tmp_path, BASE))
+    assert (gpt2.train.optimizer, gpt2.train.schedule, gpt2.data.sampling) == ("adamw", "cosine", "random")
+    assert config.from_dict(yaml.safe_load(config.to_yaml(modern))) == modern  # the logged config loads back
