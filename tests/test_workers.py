@@ -3,8 +3,9 @@
 Worker `rank`'s micro-step m reads global micro-batch m * world_size + rank (fwray.loader.Batches), and evaluation
 shares validation batches 0..eval_iters-1 out between the ranks, so both setups see exactly the same sequences and
 differ only in float summation order (DDP averages the two ranks' gradients in one all-reduce; accumulation adds
-loss/2 twice). After a few AdamW steps that leaves differences around 1e-6 in the weights, far below the tolerance
-of 1e-3 on the validation loss and 1e-3 on the weights; a different data split would show up as ~1e-2 or more.
+loss/2 twice). The runs are the modern recipe (Muon + AdamW, epoch sampling: tests/pipeline.py); 24 steps leave
+differences far below the tolerance of 1e-3 on the validation loss and on the weights; a different data split would
+show up as ~1e-2 or more.
 """
 import pytest
 import torch
