@@ -135,9 +135,7 @@ class EvalArtifacts:
         if self._model is None:
             with torch.device("meta"):
                 self._model = GPT(self.exp.model)
-        # assign=True shares the training tensors (same device, no copy): the sampler costs no extra weights memory.
-        # A plain dict drops the state dict's `_metadata`, which assign=True would otherwise mark for the trainer too.
-        self._model.load_state_dict(dict(model_state), assign=True)
+        self._model.borrow(model_state)  # the training tensors, not a copy: the sampler costs no weights memory
         text = samples_text(self._model, self._enc, step, PROMPTS[:SAMPLE_COUNT], SAMPLE_TOKENS,
                             seed=self.exp.train.seed)
         folder = self.run_dir / SAMPLES_DIR

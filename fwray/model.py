@@ -51,6 +51,17 @@ class GPT(nn.Module):
             # the input embedding and must not be zero
             torch.nn.init.zeros_(self.lm_head.weight)
 
+    def borrow(self, state: dict) -> "GPT":
+        """Take `state`'s tensors as this model's own, without a copy and on their device: a model built on the meta
+        device becomes a view of a training model's weights. The rotary table, a buffer no state dict holds, is
+        rebuilt beside them."""
+        # a plain dict drops the state dict's `_metadata`, which assign=True would otherwise mark for its owner too
+        self.load_state_dict(dict(state), assign=True)
+        if self.rotary is not None and self.rotary.cos.is_meta:
+            with torch.device(next(iter(state.values())).device):
+                self.rotary = Rotary(self.config.n_embd // self.config.n_head, self.config.block_size)
+        return self
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

@@ -150,3 +150,14 @@ def test_loss_curve_keeps_the_font_cache_notice_off_the_terminal(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "mpl").glob("fontlist-*.json"))  # the cache was built in this run
     assert "font" not in proc.stderr.lower(), proc.stderr
+
+
+def test_eval_samples_borrow_the_weights_of_a_rotary_model(tmp_path):
+    """The modern recipe's rotary table is no part of a state dict: the sampler, built on the meta device, rebuilds
+    it beside the weights it borrows."""
+    exp = config.Experiment(name="tiny", model=config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32,
+                                                                  recipe="modern"))
+    torch.manual_seed(0)
+    evals = artifacts.EvalArtifacts(exp, tmp_path, type("Logger", (), {"artifact": lambda *a: None})())
+    evals.on_eval(4, GPT(exp.model).state_dict())
+    assert not evals.broken and (tmp_path / "samples" / "step_000004.txt").is_file()
