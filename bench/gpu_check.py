@@ -46,6 +46,9 @@ SHAPES = {
     "124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "full": dict(n_layer=12, n_head=8, n_embd=512, block_size=1024),  # experiments/full.yaml's model
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
+    # the modern recipe (rotary, RMSNorm, QK-norm, ReLU^2, untied head, soft-cap), trained with Muon as it defaults to
+    "124m-modern": dict(n_layer=12, n_head=6, n_embd=768, block_size=1024, recipe="modern"),
+    "tiny-modern": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, recipe="modern"),
 }
 CARD = {"gpu_memory_gb": 12, "context_overhead_gb": 0.5}  # the target: an RTX 4070, as experiments/full.yaml says
 
@@ -53,6 +56,8 @@ CARD = {"gpu_memory_gb": 12, "context_overhead_gb": 0.5}  # the target: an RTX 4
 def experiment(shape: str, batch_size: int, steps: int, compile: bool, dropout: float = 0.0,
                **train) -> config.Experiment:
     # built from the sections it uses: the core needs no data section
+    if SHAPES[shape].get("recipe") == "modern":
+        train = {"optimizer": "muon", "schedule": "wsd", **train}
     return config.Experiment(
         name=f"gpu-check-{shape}", model=config.ModelConfig(**SHAPES[shape], dropout=dropout),
         train=config.TrainConfig(batch_size=batch_size, max_iters=steps, warmup_iters=2, compile=compile,
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
     steps = args.steps or (30 if cuda else 3)
     report = Report(Path(args.out), "cuda" if cuda else "cpu-smoke")
     report.section("probe", probe_section, cuda)
-    shapes = [("124m", 12), ("full", 14)] if cuda else [("tiny", 4)]
+    shapes = [("124m", 12), ("full", 14), ("124m-modern", 12)] if cuda else [("tiny", 4), ("tiny-modern", 4)]
     for shape, batch_size in shapes:
         report.section(f"throughput_{shape}", throughput, shape, batch_size, steps, cuda)
     report.section("reference", lambda: _ratio(report, shapes[0], steps, cuda))

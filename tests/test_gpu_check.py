@@ -16,14 +16,15 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert set(sections) == {"probe", "throughput_tiny", "reference", "nonfinite", "resume", "nonfinite_muon",
-                             "resume_muon"}
+    assert set(sections) == {"probe", "throughput_tiny", "throughput_tiny-modern", "reference", "nonfinite", "resume",
+                             "nonfinite_muon", "resume_muon"}
     assert not [name for name, s in sections.items() if "error" in s]
     assert report["mode"] == "cpu-smoke" and "CUDA only" in report["skipped"]
     assert sections["probe"]["all_verdicts_as_expected"]
     assert all(t["method"] == "cpu-estimate" and t["cap_gb"] == 11.5 for t in sections["probe"]["trials"])
     assert sections["throughput_tiny"]["tokens_per_s"] > 0 and not sections["throughput_tiny"]["host_sync_in_step"]
     assert sections["reference"]["fwray_over_reference"] > 0
+    assert sections["throughput_tiny-modern"]["tokens_per_s"] > 0  # Muon reads its skip flag once a step
     for optimizer in ("", "_muon"):
         nonfinite = sections["nonfinite" + optimizer]
         assert nonfinite["flagged"] and nonfinite["weights_unchanged"] and nonfinite["moments_unchanged"]
