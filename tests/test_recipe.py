@@ -16,7 +16,7 @@ from fwray.layers import Rotary, apply_rotary
 from fwray.model import GPT, count_params, flops_per_token
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
-SWITCHES = list(RECIPES["gpt2"])  # positions, norm, qk_norm, mlp, tie_embeddings, zero_init_proj, logit_softcap
+SWITCHES = list(RECIPES["gpt2"])  # positions, norm, qk_norm, mlp, tie_embeddings, zero_init_proj/head, logit_softcap
 
 
 def modern(**changes) -> ModelConfig:
@@ -69,6 +69,7 @@ def test_overrides_on_the_command_line(tmp_path):
     ({"logit_softcap": math.inf}, "model.logit_softcap"),
     ({"recipe": "modern", "bias": True}, "model.bias"),
     ({"positions": "rotary", "n_embd": 30, "n_head": 2}, "model.n_embd"),  # head size 15: no channel pairs
+    ({"zero_init_head": True}, "model.zero_init_head"),  # gpt2's head is tied
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(changes, key):
     with pytest.raises(ConfigError) as info:
@@ -87,16 +88,19 @@ def test_wrong_types_in_yaml_name_the_key():
 def every_combination():
     values = dict(positions=("learned", "rotary"), norm=("layernorm", "rmsnorm"), qk_norm=(False, True),
                   mlp=("gelu", "relu2"), tie_embeddings=(False, True), zero_init_proj=(False, True),
-                  logit_softcap=(0.0, 15.0), bias=(False, True))
-    for combo in itertools.product(*values.values()):  # 256 models: 8 channels keep the 50304-row embeddings cheap
-        yield ModelConfig(**{**TINY, "n_embd": 8}, **dict(zip(values, combo)))
+                  zero_init_head=(False, True), logit_softcap=(0.0, 15.0), bias=(False, True))
+    for combo in itertools.product(*values.values()):  # 384 models: 4 channels keep the 50304-row embeddings cheap
+        switches = dict(zip(values, combo))
+        if not (switches["zero_init_head"] and switches["tie_embeddings"]):  # the one invalid pair
+            yield ModelConfig(**{**TINY, "n_embd": 4}, **switches)
 
 
 def test_count_params_equals_the_real_parameters_for_every_combination():
     counts = set()
     for cfg in every_combination():
-        counts.add(count_params(cfg))
-        assert count_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters()), cfg
+        n = count_params(cfg)
+        assert n == sum(p.numel() for p in GPT(cfg).parameters()), cfg
+        counts.add(n)
     assert len(counts) == 16  # positions x norm x tie x bias change the count; the other switches do not
 
 
@@ -166,7 +170,7 @@ def test_relu2_is_relu_squared():
 
 
 def test_soft_cap_bounds_the_logits_of_forward_and_generation():
-    cfg = modern(zero_init_proj=False)
+    cfg = modern()
     model = GPT(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(1000)  # logits far beyond the cap
@@ -184,16 +188,15 @@ def test_untied_head_and_zero_init():
     model = GPT(modern())
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
-    assert model.transformer.wte.weight.std() > 0.01
     for block in model.transformer.h:
         assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
-    assert not model.lm_head.weight.any()
-    # a zero head: every logit 0, the first loss exactly ln(vocab)
-    x, y = batch(model.config)
-    torch.testing.assert_close(model(x, y), torch.tensor(math.log(50304)))
-    tied = GPT(modern(tie_embeddings=True))  # a tied head is the embedding: zeroing it would zero the inputs
-    assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight.std() > 0.01
+    assert model.transformer.wte.weight.std() > 0.01 and model.lm_head.weight.std() > 0.01
     assert GPT(modern(zero_init_proj=False)).transformer.h[0].mlp.c_proj.weight.any()
+    # nanochat's zero head, one switch away: every logit 0, the first loss exactly ln(vocab)
+    zero_head = GPT(modern(zero_init_head=True))
+    assert not zero_head.lm_head.weight.any() and zero_head.transformer.wte.weight.std() > 0.01
+    x, y = batch(zero_head.config)
+    torch.testing.assert_close(zero_head(x, y), torch.tensor(math.log(50304)))
 
 
 # ---------------------------------------------------------------- the modern model through the machinery
@@ -206,8 +209,8 @@ def grads_of(model, x, y, run=None):
 
 
 def nonzero(cfg):
-    """A model of `cfg` with no zero weight, as after some training: with zero-init projections and head, most of
-    the first steps' gradients are zero or tiny, and comparisons of them would pass trivially or drown in rounding."""
+    """A model of `cfg` with no zero weight, as after some training: with zero-init projections, most of the first
+    steps' gradients are zero or tiny, and comparisons of them would pass trivially or drown in rounding."""
     torch.manual_seed(0)
     model = GPT(cfg, loss_chunk_size=12)
     with torch.no_grad():
