@@ -41,11 +41,13 @@ def _at_least(section, minimum: int, *keys: str) -> None:
 RECIPES = {
     # nanoGPT's GPT-2: learned positions, LayerNorm, GELU, tied embeddings, GPT-2's scaled init of the projections
     "gpt2": dict(positions="learned", norm="layernorm", qk_norm=False, mlp="gelu", tie_embeddings=True,
-                 zero_init_proj=False, logit_softcap=0.0),
+                 zero_init_proj=False, zero_init_head=False, logit_softcap=0.0),
     # nanochat / modded-nanogpt: rotary positions, RMSNorm without a gain, RMSNorm on queries and keys, ReLU^2,
-    # untied head, zero-init residual projections and head, logits soft-capped at 15 (both projects' value)
+    # untied head, zero-init residual projections, logits soft-capped at 15 (both projects' value). Not (yet) their
+    # zero-init head: they pair it with a head learning rate ~50x below the embedding's; under fwray's one AdamW rate
+    # it cost 0.53 nats of validation loss after 300 steps of a 4 x 128 model (5.38 vs 4.85 with a normal-init head)
     "modern": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
-                   zero_init_proj=True, logit_softcap=15.0),
+                   zero_init_proj=True, zero_init_head=False, logit_softcap=15.0),
 }
 # ... and what it defaults in the other sections of an experiment file (a key the file sets wins): the modern recipe
 # trains with Muon and a warmup-stable-decay schedule, and reads every window once per epoch
@@ -71,7 +73,8 @@ class ModelConfig:
     qk_norm: bool | None = None  # RMSNorm on each head's queries and keys before attention
     mlp: str | None = None  # gelu | relu2
     tie_embeddings: bool | None = None  # the output head shares the input embedding's matrix
-    zero_init_proj: bool | None = None  # residual projections (and an untied head) start at zero
+    zero_init_proj: bool | None = None  # the residual projections (attn and mlp c_proj) start at zero
+    zero_init_head: bool | None = None  # the (untied) output head starts at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); 0 = off
 
     SECTION: typing.ClassVar[str] = "model"
@@ -98,6 +101,8 @@ class ModelConfig:
                "must be even")
         _check(not (self.recipe == "modern" and self.bias), "model.bias", self.bias,
                "the modern recipe has no biases (set model.bias=false)")
+        _check(not (self.zero_init_head and self.tie_embeddings), "model.zero_init_head", self.zero_init_head,
+               "a tied head is the input embedding and cannot start at zero (set model.tie_embeddings=false)")
 
 
 @dataclass(frozen=True)

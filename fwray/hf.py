@@ -19,7 +19,7 @@ def gpt2_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> t
     a bias=False model's are zeros there.
     """
     for key, value in RECIPES["gpt2"].items():
-        if key != "zero_init_proj" and getattr(cfg, key) != value:  # the init leaves no trace in the weights
+        if not key.startswith("zero_init") and getattr(cfg, key) != value:  # the init is no part of the architecture
             raise ConfigError(f"model.{key} = {getattr(cfg, key)!r}: only the gpt2 architecture maps to "
                               f"GPT2LMHeadModel (it needs model.{key} = {value!r})")
     hf_config = dict(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,

@@ -46,9 +46,7 @@ class GPT(nn.Module):
                     torch.nn.init.zeros_(p)
                 else:  # GPT-2's scaled init of the residual projections
                     torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        if cfg.zero_init_proj and not cfg.tie_embeddings:
-            # every logit starts at 0: the first loss is ln(vocab), no random preference (nanochat). A tied head is
-            # the input embedding and must not be zero
+        if cfg.zero_init_head:  # every logit starts at 0: the first loss is ln(vocab), no random preference (nanochat)
             torch.nn.init.zeros_(self.lm_head.weight)
 
     def borrow(self, state: dict) -> "GPT":

@@ -16,7 +16,7 @@ from fwray.layers import Rotary, apply_rotary
 from fwray.model import GPT, count_params, flops_per_token
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
-SWITCHES = list(RECIPES["gpt2"])  # positions, norm, qk_norm, mlp, tie_embeddings, zero_init_proj, logit_softcap
+SWITCHES = list(RECIPES["gpt2"])  # positions, norm, qk_norm, mlp, tie_embeddings, zero_init_proj/head, logit_softcap
 
 
 def modern(**changes) -> ModelConfig:
@@ -69,6 +69,7 @@ def test_overrides_on_the_command_line(tmp_path):
     ({"logit_softcap": math.inf}, "model.logit_softcap"),
     ({"recipe": "modern", "bias": True}, "model.bias"),
     ({"positions": "rotary", "n_embd": 30, "n_head": 2}, "model.n_embd"),  # head size 15: no channel pairs
+    ({"zero_init_head": True}, "model.zero_init_head"),  # gpt2's head is tied
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(changes, key):
     with pytest.raises(ConfigError) as info:
@@ -90,11 +91,12 @@ def every_combination():
     shaping = dict(positions=("learned", "rotary"), norm=("layernorm", "rmsnorm"), tie_embeddings=(False, True),
                    bias=(False, True))
     others = dict(qk_norm=(False, True), mlp=("gelu", "relu2"), zero_init_proj=(False, True),
-                  logit_softcap=(0.0, 15.0))
+                  logit_softcap=(0.0, 15.0), zero_init_head=(False, True))
     for combo in itertools.product(*shaping.values()):
         for pick in (0, 1):  # 8 channels keep the 50304-row embeddings cheap
-            yield ModelConfig(**{**TINY, "n_embd": 8}, **dict(zip(shaping, combo)),
-                              **{k: v[pick] for k, v in others.items()})
+            switches = {**dict(zip(shaping, combo)), **{k: v[pick] for k, v in others.items()}}
+            switches["zero_init_head"] &= not switches["tie_embeddings"]  # a tied head is the input embedding
+            yield ModelConfig(**{**TINY, "n_embd": 8}, **switches)
 
 
 def expected_params(cfg: ModelConfig) -> int:
@@ -184,7 +186,7 @@ def test_relu2_is_relu_squared():
 
 
 def test_soft_cap_bounds_the_logits_of_forward_and_generation():
-    cfg = modern(zero_init_proj=False)
+    cfg = modern()
     model = GPT(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(1000)  # logits far beyond the cap
@@ -202,16 +204,15 @@ def test_untied_head_and_zero_init():
     model = GPT(modern())
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
-    assert model.transformer.wte.weight.std() > 0.01
     for block in model.transformer.h:
         assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
-    assert not model.lm_head.weight.any()
-    # a zero head: every logit 0, the first loss exactly ln(vocab)
-    x, y = batch(model.config)
-    torch.testing.assert_close(model(x, y), torch.tensor(math.log(50304)))
-    tied = GPT(modern(tie_embeddings=True))  # a tied head is the embedding: zeroing it would zero the inputs
-    assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight.std() > 0.01
+    assert model.transformer.wte.weight.std() > 0.01 and model.lm_head.weight.std() > 0.01
     assert GPT(modern(zero_init_proj=False)).transformer.h[0].mlp.c_proj.weight.any()
+    # nanochat's zero head, one switch away: every logit 0, the first loss exactly ln(vocab)
+    zero_head = GPT(modern(zero_init_head=True))
+    assert not zero_head.lm_head.weight.any() and zero_head.transformer.wte.weight.std() > 0.01
+    x, y = batch(zero_head.config)
+    torch.testing.assert_close(zero_head(x, y), torch.tensor(math.log(50304)))
 
 
 # ---------------------------------------------------------------- the modern model through the machinery
@@ -224,8 +225,8 @@ def grads_of(model, x, y, run=None):
 
 
 def nonzero(cfg):
-    """A model of `cfg` with no zero weight, as after some training: with zero-init projections and head, most of
-    the first steps' gradients are zero or tiny, and comparisons of them would pass trivially or drown in rounding."""
+    """A model of `cfg` with no zero weight, as after some training: with zero-init projections, most of the first
+    steps' gradients are zero or tiny, and comparisons of them would pass trivially or drown in rounding."""
     torch.manual_seed(0)
     model = GPT(cfg, loss_chunk_size=12)
     with torch.no_grad():
