@@ -16,6 +16,7 @@ import numpy as np
 from .errors import FwrayError
 
 EOT = 50256
+VOCAB_SIZE = EOT + 1  # GPT-2's ids, EOT the last; fwray's models pad theirs to 50304 (model.vocab_size) for speed
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits
 MANIFEST = "manifest.json"
 SPLIT_RULE = "val if blake2b-64(document id) / 2**64 < val_fraction; the row's file and position stand in for a missing id"
