@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow
+import pyarrow.compute as pc
 
 from . import config, ray_session, tokens
 from .config import DataConfig, Experiment
@@ -37,7 +38,7 @@ from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspe
 
 __all__ = ["PrepareError", "prepare", "main", "summary"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each split's UTF-8 bytes (bits per byte); an entry of version 1 is rebuilt
 SPLITS = ("train", "val")
 # Test hook: a shard writer fails with ENOSPC once it would pass this many bytes (read by the driver, sent to tasks)
 FAIL_WRITE_ENV = "FWRAY_FAIL_WRITE_AFTER_BYTES"
@@ -91,6 +92,7 @@ def _tokenize_rows(task: dict) -> dict:
     out = Path(task["out"])
     writers = {s: _ShardWriter(out / f"{s}-{task['index']:05d}.bin", task["fail_after"]) for s in SPLITS}
     result = {"rows": 0, "chars": 0, "token_count": None, "documents": dict.fromkeys(SPLITS, 0),
+              "bytes": dict.fromkeys(SPLITS, 0),
               "skipped": {"null_or_empty": 0, "min_language_score": 0, "min_chars": 0}}
     row = task["first_row"]
     try:
@@ -99,7 +101,8 @@ def _tokenize_rows(task: dict) -> dict:
             for k, n in skipped.items():
                 result["skipped"][k] += n
             kept = batch.filter(keep)
-            texts = kept.column(kept.schema.get_field_index(data.text_column)).to_pylist()
+            text_column = kept.column(kept.schema.get_field_index(data.text_column))
+            texts = text_column.to_pylist()
             positions = np.flatnonzero(np.asarray(keep)) + row
             ids = _doc_ids(column(kept, data.id_column), task["file_key"], positions)
             is_val = np.fromiter((tokens.is_validation(i, data.val_fraction) for i in ids), bool, len(ids))
@@ -109,6 +112,9 @@ def _tokenize_rows(task: dict) -> dict:
             writers["train"].write(toks[~val_tokens])
             result["documents"]["val"] += int(is_val.sum())
             result["documents"]["train"] += int((~is_val).sum())
+            text_bytes = pc.binary_length(text_column).to_numpy(zero_copy_only=False)  # Arrow holds text as UTF-8
+            result["bytes"]["val"] += int(text_bytes[is_val].sum())
+            result["bytes"]["train"] += int(text_bytes[~is_val].sum())
             result["chars"] += sum(map(len, texts))
             counts = column(kept, "token_count")
             if counts is not None:
@@ -267,7 +273,9 @@ def _manifest(fp: str, files: list[InputFile], data: DataConfig, settings: dict,
     for s in SPLITS:
         shard_files = [r["files"][s] for r in results if r["files"][s]]
         splits[s] = {"documents": sum(r["documents"][s] for r in results),
-                     "tokens": sum(f["tokens"] for f in shard_files), "files": shard_files}
+                     "tokens": sum(f["tokens"] for f in shard_files),
+                     "bytes": sum(r["bytes"][s] for r in results),  # UTF-8 bytes of the documents' text
+                     "files": shard_files}
     skipped = {k: sum(r["skipped"][k] for r in results) for k in results[0]["skipped"]}
     documents = splits["train"]["documents"] + splits["val"]["documents"]
     if documents == 0:

@@ -45,6 +45,7 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 METRICS = {
     "train_loss": "mean training loss over the last log_interval steps (non-finite steps left out)",
     "val_loss": "validation loss, mean of eval_iters batches, at every eval_interval steps and after the last",
+    "val_bpb": "the same evaluation in bits per UTF-8 byte of validation text (EOT targets left out: fwray.bpb)",
     "lr": "learning rate of the step just taken",
     "tokens_per_s": "training throughput over the last log_interval steps, all workers (evaluation time excluded)",
     "mfu": "model FLOPs utilisation, 0..1, per worker against the GPU's dense bf16 peak (absent on CPU)",

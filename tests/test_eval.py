@@ -35,3 +35,21 @@ def test_bits_per_byte_is_nats_over_ln2_times_tokens_over_bytes():
     assert bpb.text_counts(manifest) == (37, 120)  # one EOT per document is no text
     manifest["splits"]["val"].pop("bytes")
     assert bpb.text_counts(manifest) is None  # a cache prepared before bytes were counted: no bpb
+
+
+def test_progress_line_and_loss_curve_show_bpb():
+    import struct
+
+    from fwray.artifacts import loss_curve_png
+    from fwray.trainer import progress_line
+
+    assert progress_line(40, 40, {"val_loss": 3.21012, "val_bpb": 1.05123}) == "step 40/40 | val loss 3.2101 | bpb 1.0512"
+    assert progress_line(40, 40, {"val_loss": 3.21012}) == "step 40/40 | val loss 3.2101"  # a cache without bytes
+
+    def height(png: bytes) -> int:  # the IHDR chunk: width, height
+        return struct.unpack(">II", png[16:24])[1]
+
+    history = {"train_loss": {10: 9.0, 20: 8.0}, "val_loss": {0: 10.9, 20: 8.1}}
+    one = loss_curve_png(history, 1024)
+    two = loss_curve_png({**history, "val_bpb": {0: 3.9, 20: 2.9}}, 1024)
+    assert height(two) > height(one)  # a second panel for bits per byte
