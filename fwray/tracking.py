@@ -57,6 +57,11 @@ METRICS = {
     "epoch": "passes over the prepared train split so far",
     "nonfinite_skipped": "optimizer steps skipped so far because the loss or gradient was not finite",
     "eta_s": "estimated seconds of training left",
+    # logged by `python -m fwray.eval --run-id`, at the evaluated model's step
+    "eval_val_loss": "fwray.eval: validation loss of the final model (the training's windows, or --all-val's)",
+    "eval_val_bpb": "fwray.eval: the same in bits per UTF-8 byte (fwray.bpb)",
+    "hellaswag_acc": "fwray.eval: HellaSwag accuracy, the ending with the lowest summed loss",
+    "hellaswag_acc_norm": "fwray.eval: HellaSwag accuracy, the ending with the lowest loss per token",
 }
 PREPARE_RUN = "prepare"
 
