@@ -41,6 +41,36 @@ def get_tokenizer(name: str = "gpt2"):
             f"(e.g. ../shared/tiktoken) or allow the download once") from None
 
 
+# GPT-2's BPE files as tiktoken_ext/openai_public.py names them (URL, sha256); tiktoken caches each under the sha1 of
+# its URL. They are Hugging Face's GPT-2 tokenizer files too: encoder.json is vocab.json, vocab.bpe is merges.txt.
+GPT2_BPE_FILES = {
+    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def gpt2_bpe_files() -> dict[str, bytes]:
+    """{"vocab.json": ..., "merges.txt": ...} read from tiktoken's cache (where tiktoken looks: TIKTOKEN_CACHE_DIR,
+    DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache) and checked against tiktoken's hashes. Never downloaded."""
+    import tempfile
+
+    cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+             or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    out = {}
+    for name, (url, sha256) in GPT2_BPE_FILES.items():
+        path = Path(cache) / hashlib.sha1(url.encode()).hexdigest()
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            state = "damaged" if data else "missing"
+            raise TokenizerUnavailable(
+                f"{path}: tiktoken's cached copy of GPT-2's {url.rsplit('/', 1)[1]} is {state}; set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 cache (e.g. ../shared/tiktoken)")
+        out[name] = data
+    return out
+
+
 def encode_documents(encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of `texts` with EOT before each, as one uint16 array, and each document's length (EOT included).
 

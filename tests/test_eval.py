@@ -47,8 +47,9 @@ def test_progress_line_and_loss_curve_show_bpb():
     from fwray.artifacts import loss_curve_png
     from fwray.trainer import progress_line
 
-    assert progress_line(40, 40, {"val_loss": 3.21012, "val_bpb": 1.05123}) == "step 40/40 | val loss 3.2101 | bpb 1.0512"
-    assert progress_line(40, 40, {"val_loss": 3.21012}) == "step 40/40 | val loss 3.2101"  # a cache without bytes
+    line = progress_line(40, 40, {"val_loss": 3.21012, "val_bpb": 1.05123})
+    assert line == "step 40/40 | val loss 3.2101 | bpb 1.0512"
+    assert progress_line(40, 40, {"val_loss": 3.21012}) == "step 40/40 | val loss 3.2101"  # no bytes in the cache
 
     def height(png: bytes) -> int:  # the IHDR chunk: width, height
         return struct.unpack(">II", png[16:24])[1]
@@ -182,7 +183,8 @@ def test_hellaswag_finds_the_known_answer():
     model, enc = repeat_model(), tokens.get_tokenizer()
     examples = [hellaswag._example(json.dumps(r), "test") for r in KNOWN]
     assert examples[1].context == "Paris Paris. London London"  # ctx = ctx_a + " " + ctx_b
-    assert hellaswag.accuracy(model, enc, examples, torch.device("cpu")) == {"examples": 3, "acc": 1.0, "acc_norm": 1.0}
+    got = hellaswag.accuracy(model, enc, examples, torch.device("cpu"))
+    assert got == {"examples": 3, "acc": 1.0, "acc_norm": 1.0}
 
 
 def test_ending_losses_are_sums_and_means_over_the_ending_tokens():
