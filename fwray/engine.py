@@ -9,7 +9,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -35,20 +35,28 @@ class ValLoss(NamedTuple):
 
     loss: float  # over every target: val_loss
     text_loss: float  # over the targets that are text (EOT left out): what bits per byte converts (fwray.bpb)
+    targets: int  # how many targets were read
 
     @classmethod
     def of(cls, sums: torch.Tensor) -> "ValLoss":
         nats, targets, text_nats, text_targets = sums.tolist()  # the one read-back of an evaluation
-        return cls(nats / targets, text_nats / text_targets if text_targets else float("nan"))
+        return cls(nats / targets, text_nats / text_targets if text_targets else float("nan"), int(targets))
 
 
 @torch.no_grad()
-def loss_sums(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One batch's [nats, targets, text nats, text targets] (float64, on the device: summed over batches and ranks
-    without a sync)."""
-    losses = model.token_losses(x, y).flatten().double()
-    text = (y.flatten() != EOT).double()
-    return torch.stack([losses.sum(), text.new_tensor(float(y.numel())), (losses * text).sum(), text.sum()])
+def loss_sums(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              to_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """[nats, targets, text nats, text targets] summed over the batches, in float64 on the model's device: batches
+    and ranks add up without a sync. Every target counts in val_loss; the text targets (EOT left out) in bpb."""
+    device = next(model.parameters()).device
+    to_device = to_device or (lambda t: t.to(device))
+    total = torch.zeros(4, dtype=torch.float64, device=device)
+    for x, y in batches:
+        x, y = to_device(x), to_device(y)
+        losses = model.token_losses(x, y).flatten().double()
+        text = (y.flatten() != EOT).double()
+        total += torch.stack([losses.sum(), text.new_tensor(float(y.numel())), (losses * text).sum(), text.sum()])
+    return total
 
 
 def autocast_dtype(train: TrainConfig, device_type: str) -> torch.dtype:
@@ -56,6 +64,13 @@ def autocast_dtype(train: TrainConfig, device_type: str) -> torch.dtype:
     if train.dtype == "auto":
         return torch.bfloat16 if device_type == "cuda" else torch.float32
     return getattr(torch, train.dtype)
+
+
+def autocast_context(device_type: str, dtype: torch.dtype):
+    """Autocast to `dtype` (bf16 on CUDA), or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
@@ -104,9 +119,7 @@ class Engine:
                    autocast_dtype(train, device.type), compiled)
 
     def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_context(self.device.type, self.dtype)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -148,11 +161,8 @@ class Engine:
         self.model.eval()
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        total = torch.zeros(4, dtype=torch.float64, device=self.device)
-        for i in range(rank, iters, world):
-            x, y = (self.to_device(a) for a in get_batch(i))
-            with self.autocast():
-                total += loss_sums(self.raw_model, x, y)  # raw: eval shapes would recompile the compiled model
+        with self.autocast():  # raw: eval shapes would recompile the compiled model
+            total = loss_sums(self.raw_model, (get_batch(i) for i in range(rank, iters, world)), self.to_device)
         if distributed:
             dist.all_reduce(total)
         self.model.train()

@@ -12,12 +12,9 @@ No ray import; mlflow only for --run-id.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
 
 from . import bpb, checkpoint, config, engine, hellaswag, loader, tokens
 from .config import TrainConfig
@@ -91,14 +88,26 @@ def val_batches(shards: loader.TokenShards, train: TrainConfig, all_windows: boo
         left -= len(x)
 
 
-def validate(model, batches, device: torch.device) -> tuple[engine.ValLoss, int]:
-    """The losses over the batches, and the windows read."""
-    total = torch.zeros(4, dtype=torch.float64, device=device)
-    windows = 0
-    for x, y in batches:
-        total += engine.loss_sums(model, x.to(device), y.to(device))
-        windows += len(x)
-    return engine.ValLoss.of(total), windows
+def validation(model, folder: Path, manifest: dict, train: TrainConfig, args, dtype, metrics: dict,
+               tags: dict) -> None:
+    """Validate, print the line, and add to the metrics and tags logged."""
+    shards = loader.TokenShards(tokens.split_files(folder, manifest, "val"), model.config.block_size)
+    device_type = next(model.parameters()).device.type
+    with engine.autocast_context(device_type, dtype):
+        losses = engine.ValLoss.of(engine.loss_sums(model, val_batches(shards, train, args.all_val, args.limit)))
+    windows = losses.targets // model.config.block_size
+    what = "every window at stride block_size" if args.all_val else "the training's evaluation windows"
+    line = (f"validation: {windows:,} windows x {model.config.block_size} tokens ({what}) of {folder}: "
+            f"loss {losses.loss:.4f}")
+    metrics["eval_val_loss"] = losses.loss
+    counts = bpb.text_counts(manifest)
+    if counts:
+        metrics["eval_val_bpb"] = bpb.bits_per_byte(losses.text_loss, *counts)
+        line += f" | bpb {metrics['eval_val_bpb']:.4f}"
+    else:
+        line += " | no bpb: this cache was prepared before fwray counted bytes (prepare it again for bpb)"
+    print(line, flush=True)
+    tags.update({"fwray.eval.val_data": str(folder), "fwray.eval.val_windows": f"{windows} ({what})"})
 
 
 # ---------------------------------------------------------------- the command
@@ -122,30 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         val = None if args.no_val else val_data(args, run, exp)  # every input found before any work
         enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2")) if examples else None
         train = exp.train if exp else TrainConfig()
-        dtype = engine.autocast_dtype(train, device.type)
-        autocast = (contextlib.nullcontext() if dtype == torch.float32 else
-                    torch.autocast(device_type=device.type, dtype=dtype))
+        dtype = engine.autocast_dtype(train, device.type)  # as the training evaluated
         metrics, tags = {}, {}
         print(f"model: step {meta.get('step')}, {model.num_params():,} parameters ({meta.get('recipe', 'gpt2')})")
         if val is not None:
-            folder, manifest = val
-            shards = loader.TokenShards(tokens.split_files(folder, manifest, "val"), model.config.block_size)
-            with autocast:
-                losses, windows = validate(model, val_batches(shards, train, args.all_val, args.limit), device)
-            what = "every window at stride block_size" if args.all_val else "the training's evaluation windows"
-            line = (f"validation: {windows:,} windows x {model.config.block_size} tokens ({what}) of {folder}: "
-                    f"loss {losses.loss:.4f}")
-            metrics["eval_val_loss"] = losses.loss
-            counts = bpb.text_counts(manifest)
-            if counts:
-                metrics["eval_val_bpb"] = bpb.bits_per_byte(losses.text_loss, *counts)
-                line += f" | bpb {metrics['eval_val_bpb']:.4f}"
-            else:
-                line += " | no bpb: this cache was prepared before fwray counted bytes (prepare it again for bpb)"
-            print(line, flush=True)
-            tags.update({"fwray.eval.val_data": str(folder), "fwray.eval.val_windows": f"{windows} ({what})"})
+            validation(model, *val, train, args, dtype, metrics, tags)
         if examples:
-            with autocast:
+            with engine.autocast_context(device.type, dtype):
                 hs = hellaswag.accuracy(model, enc, examples, device)
             metrics.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"])
             print(f"hellaswag: {hs['examples']:,} examples of {args.hellaswag}: acc {hs['acc']:.4f} | "

@@ -111,7 +111,7 @@ def measure_peak_bytes(model: ModelConfig, train: TrainConfig, batch_size: int, 
         # Engine.evaluate's forward (its read-back has no value under FakeTensorMode)
         with torch.no_grad(), engine.autocast():
             raw.eval()
-            loss_sums(raw, *val)
+            loss_sums(raw, [val])
         eval_peak = counter.peak
     return {"params": params, "train_peak": train_peak, "eval_peak": eval_peak, "peak": max(train_peak, eval_peak)}
 

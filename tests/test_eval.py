@@ -24,7 +24,7 @@ def test_loss_sums_leave_eot_targets_out_of_the_text_loss():
     y[0, 3] = y[1, 0] = y[2, 15] = tokens.EOT  # documents ending inside the windows
     with torch.no_grad():
         plain = F.cross_entropy(model.logits(model.hidden(x)).flatten(0, 1), y.flatten(), reduction="none")
-        val = engine.ValLoss.of(engine.loss_sums(model, x, y))
+        val = engine.ValLoss.of(engine.loss_sums(model, [(x, y)]))
         assert model(x, y).item() == pytest.approx(plain.mean().item(), rel=1e-6)  # the loss the engine trains on
     text = y.flatten() != tokens.EOT
     assert val.loss == pytest.approx(plain.mean().item(), rel=1e-6)
@@ -160,8 +160,8 @@ def test_default_validation_reads_the_training_windows(tmp_path, split):
     eng = engine.Engine(TINY, train, torch.device("cpu"), model, model, None, torch.float32, False)
     want = eng.evaluate(batches.val_batch, 3)
     shards = loader.TokenShards(files, TINY.block_size)
-    got, windows = fw_eval.validate(model, fw_eval.val_batches(shards, train, False, None), torch.device("cpu"))
-    assert windows == 6 and got == want
+    got = engine.ValLoss.of(engine.loss_sums(model, fw_eval.val_batches(shards, train, False, None)))
+    assert got == want and got.targets == 6 * TINY.block_size
 
 
 # ---------------------------------------------------------------- HellaSwag
