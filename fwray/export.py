@@ -124,26 +124,18 @@ def publish(out: Path, write) -> None:
         os.umask(umask)
         for path in tmp.iterdir():
             os.chmod(path, 0o666 & ~umask)  # as any new file: some writers (transformers') make theirs private
-            _fsync(path)
-        _fsync(tmp)
+            tokens.fsync(path)
+        tokens.fsync(tmp)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync(out.parent)
+        tokens.fsync(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.is_dir():
             shutil.rmtree(old)
         elif old.exists():
             old.unlink()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- the command

@@ -194,7 +194,7 @@ def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
         manifest = _manifest(fp, files, data, settings, results, time.perf_counter() - start)
         _warn_on_count_mismatch(manifest, files)
         tokens.write_atomic(tmp / tokens.MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
+        tokens.fsync(tmp)
         _publish(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -353,15 +353,7 @@ def _publish(tmp: Path, entry: Path) -> None:
             return  # another run finished the same entry first
         shutil.rmtree(entry)
     os.replace(tmp, entry)
-    _fsync_dir(entry.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    tokens.fsync(entry.parent)
 
 
 # ---------------------------------------------------------------- the command

@@ -112,6 +112,15 @@ def split_files(folder: str | os.PathLike, manifest: dict, split: str) -> list[P
     return [Path(folder) / f["name"] for f in manifest["splits"][split]["files"]]
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (a rename is durable once its folder is synced), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: a crash leaves the old file or none, never half of one."""
     path = Path(path)

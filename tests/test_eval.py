@@ -149,6 +149,17 @@ def test_bpb_of_a_model_that_knows_nothing_matches_a_hand_count(tmp_path, split,
         assert windows == EXP.train.eval_iters * EXP.train.batch_size  # no config.yaml: TrainConfig's defaults
 
 
+def test_a_cache_prepared_before_bytes_were_counted_gives_no_bpb(tmp_path, split, capsys):
+    folder, manifest = split
+    for s in manifest["splits"].values():
+        del s["bytes"]
+    (folder / tokens.MANIFEST).write_text(json.dumps(manifest))
+    rc, out, err = run_cli(fw_eval.main, capsys, "--checkpoint", save(tmp_path / "model", zero_model()), "--data",
+                           folder, "--device", "cpu")
+    assert rc == 0, err
+    assert "loss 10.8258 | no bpb: this cache was prepared before fwray counted bytes" in out
+
+
 def test_default_validation_reads_the_training_windows(tmp_path, split):
     """fwray.eval's default batches are the ones the engine evaluated the run on: its figure is the run's val_loss."""
     folder, manifest = split
