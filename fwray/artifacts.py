@@ -16,6 +16,7 @@ from . import tokens
 from .model import GPT, generate_text
 
 LOSS_CURVE = "loss_curve.png"
+CURVES = ("train_loss", "val_loss", "val_bpb")  # the metrics the curve draws (a restarted worker reads them back)
 SAMPLES_DIR = "samples"
 # Fixed prompts: the same ones at every evaluation, so the samples show the model learning.
 PROMPTS = ("The", "In this article, we will", "The most important thing about")
@@ -28,25 +29,36 @@ SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
 
 
 def loss_curve_png(history: dict[str, dict[int, float]], tokens_per_step: int, title: str = "") -> bytes:
-    """Train and validation loss against tokens seen, as PNG bytes (matplotlib, Agg backend)."""
-    fig = _figure_class()(figsize=(7, 4.2), dpi=100)
-    ax = fig.add_subplot()
+    """Train and validation loss against tokens seen, and below it validation bits per byte when the run has them,
+    as PNG bytes (matplotlib, Agg backend). A panel of its own: bpb leaves EOT out, so it is no rescaled loss axis."""
+    with_bpb = bool(history.get("val_bpb"))
+    fig = _figure_class()(figsize=(7, 6.4 if with_bpb else 4.2), dpi=100)
+    axes = fig.subplots(2 if with_bpb else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
     styles = {"train_loss": dict(label="train", color="tab:blue", lw=1.2),
               "val_loss": dict(label="validation", color="tab:orange", lw=1.8, marker="o", ms=3)}
     for name, style in styles.items():
-        points = sorted(history.get(name, {}).items())
-        if points:
-            ax.plot([s * tokens_per_step for s, _ in points], [v for _, v in points], **style)
-    ax.set_xlabel("tokens seen")
+        _plot(ax, history.get(name), tokens_per_step, **style)
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
     if any(history.get(n) for n in styles):
         ax.legend()
+    if with_bpb:
+        _plot(axes[1], history["val_bpb"], tokens_per_step, color="tab:green", lw=1.8, marker="o", ms=3)
+        axes[1].set_ylabel("validation bits/byte")
+    axes[-1].set_xlabel("tokens seen")
+    for a in axes:
+        a.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _plot(ax, points: dict[int, float] | None, tokens_per_step: int, **style) -> None:
+    points = sorted((points or {}).items())
+    if points:
+        ax.plot([s * tokens_per_step for s, _ in points], [v for _, v in points], **style)
 
 
 def _figure_class():
@@ -95,14 +107,14 @@ class EvalArtifacts:
     def __init__(self, exp, run_dir: str | os.PathLike, logger, history: dict[str, dict[int, float]] | None = None):
         self.exp, self.logger = exp, logger
         self.run_dir = Path(run_dir)
-        self.history: dict[str, dict[int, float]] = {"train_loss": {}, "val_loss": {}}
+        self.history: dict[str, dict[int, float]] = {name: {} for name in CURVES}
         for name, points in (history or {}).items():
             self.history.setdefault(name, {}).update(points)
         self._enc = self._model = None
         self.broken: set[str] = set()
 
     def record(self, step: int, metrics: dict) -> None:
-        for name in ("train_loss", "val_loss"):
+        for name in CURVES:
             value = metrics.get(name)
             if value is not None and value == value:  # NaN is no point on a curve
                 self.history[name][step] = float(value)

@@ -15,7 +15,7 @@ def data_report(manifest: dict) -> str:
     lines = [f"data report (fingerprint {fp}, tokenizer {manifest.get('tokenizer')})"]
     for name, s in splits.items():
         lines.append(f"  {name:5s} {s['documents']:>12,} documents {s['tokens']:>15,} tokens "
-                     f"in {len(s['files'])} files")
+                     f"in {len(s['files'])} files" + (f", {s['bytes']:,} bytes of text" if "bytes" in s else ""))
     lines.append(f"  total {total_docs:>12,} documents {total_tokens:>15,} tokens (EOT before each document)")
     chars = manifest.get("chars")
     if chars is not None:
@@ -44,6 +44,8 @@ def data_metrics(manifest: dict) -> dict[str, float]:
         out[f"{name}_documents"] = s["documents"]
         out[f"{name}_tokens"] = s["tokens"]
         out[f"{name}_files"] = len(s["files"])
+        if "bytes" in s:  # UTF-8 bytes of the split's text (manifests of fwray.prepare version 2 on)
+            out[f"{name}_bytes"] = s["bytes"]
     docs = sum(s["documents"] for s in manifest["splits"].values())
     toks = sum(s["tokens"] for s in manifest["splits"].values())
     if manifest.get("chars") is not None:

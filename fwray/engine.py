@@ -9,17 +9,18 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import hardware
+from . import bpb, hardware
 from .config import ModelConfig, TrainConfig
 from .errors import FwrayError
 from .loader import Batches
 from .model import GPT, flops_per_token
 from .optim import Optimizers, lr_multiplier, make_optimizer
+from .tokens import EOT
 
 
 class NonFiniteLoss(FwrayError):
@@ -29,11 +30,47 @@ class NonFiniteLoss(FwrayError):
 Report = Callable[[int, dict, "dict | None"], None]  # (step, metrics, checkpoint state or None)
 
 
+class ValLoss(NamedTuple):
+    """Validation losses, nats per target."""
+
+    loss: float  # over every target: val_loss
+    text_loss: float  # over the targets that are text (EOT left out): what bits per byte converts (fwray.bpb)
+    targets: int  # how many targets were read
+
+    @classmethod
+    def of(cls, sums: torch.Tensor) -> "ValLoss":
+        nats, targets, text_nats, text_targets = sums.tolist()  # the one read-back of an evaluation
+        return cls(nats / targets, text_nats / text_targets if text_targets else float("nan"), int(targets))
+
+
+@torch.no_grad()
+def loss_sums(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              to_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """[nats, targets, text nats, text targets] summed over the batches, in float64 on the model's device: batches
+    and ranks add up without a sync. Every target counts in val_loss; the text targets (EOT left out) in bpb."""
+    device = next(model.parameters()).device
+    to_device = to_device or (lambda t: t.to(device))
+    total = torch.zeros(4, dtype=torch.float64, device=device)
+    for x, y in batches:
+        x, y = to_device(x), to_device(y)
+        losses = model.token_losses(x, y).flatten().double()
+        text = (y.flatten() != EOT).double()
+        total += torch.stack([losses.sum(), text.new_tensor(float(y.numel())), (losses * text).sum(), text.sum()])
+    return total
+
+
 def autocast_dtype(train: TrainConfig, device_type: str) -> torch.dtype:
     """train.dtype on a device type: auto means bf16 autocast on CUDA, float32 elsewhere."""
     if train.dtype == "auto":
         return torch.bfloat16 if device_type == "cuda" else torch.float32
     return getattr(torch, train.dtype)
+
+
+def autocast_context(device_type: str, dtype: torch.dtype):
+    """Autocast to `dtype` (bf16 on CUDA), or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
@@ -82,9 +119,7 @@ class Engine:
                    autocast_dtype(train, device.type), compiled)
 
     def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_context(self.device.type, self.dtype)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -120,21 +155,18 @@ class Engine:
         return loss_sum, bad.bool()
 
     @torch.no_grad()
-    def evaluate(self, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], iters: int) -> float:
-        """Mean loss over validation batches 0..iters-1, shared out between the ranks: the same figure for any
+    def evaluate(self, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], iters: int) -> ValLoss:
+        """Mean losses over validation batches 0..iters-1, shared out between the ranks: the same figures for any
         number of workers."""
         self.model.eval()
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        total = torch.zeros((), device=self.device)
-        for i in range(rank, iters, world):
-            x, y = (self.to_device(a) for a in get_batch(i))
-            with self.autocast():
-                total += self.raw_model(x, y).float()  # raw: eval shapes would recompile the compiled model
+        with self.autocast():  # raw: eval shapes would recompile the compiled model
+            total = loss_sums(self.raw_model, (get_batch(i) for i in range(rank, iters, world)), self.to_device)
         if distributed:
             dist.all_reduce(total)
         self.model.train()
-        return total.item() / iters
+        return ValLoss.of(total)
 
     def state(self, step: int, extra: dict) -> dict:
         """A checkpoint: uncompiled weights, optimizer, the step reached (batches derive from it), the random
@@ -164,9 +196,11 @@ def _world_size() -> int:
 
 def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches, report: Report, *,
           device: torch.device, train_tokens: int, resume: dict | None = None, world_size: int = 1,
-          engine: Engine | None = None, peak_tflops: float | None = None) -> dict:
+          engine: Engine | None = None, peak_tflops: float | None = None,
+          val_text: tuple[int, int] | None = None) -> dict:
     """Run train_config.max_iters optimizer steps (resolved: not None); returns a summary of the run.
-    `world_size` workers each run this loop; `peak_tflops` overrides the peak-FLOPs table for MFU.
+    `world_size` workers each run this loop; `peak_tflops` overrides the peak-FLOPs table for MFU; `val_text`, the
+    validation split's (text tokens, UTF-8 bytes) (fwray.bpb.text_counts), adds val_bpb to every evaluation.
 
     Evaluation (and a checkpoint) happens every eval_interval steps and after the last step; metrics every
     log_interval steps. Only log steps and evaluations read values back from the device.
@@ -193,13 +227,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
         last = step == t.max_iters
         if step % t.eval_interval == 0 or last:
             eval_start = time.perf_counter()
-            val_loss = engine.evaluate(batches.val_batch, t.eval_iters)
-            summary["first_val_loss"] = summary["first_val_loss"] or val_loss
-            summary["final_val_loss"] = val_loss
+            val = engine.evaluate(batches.val_batch, t.eval_iters)
+            summary["first_val_loss"] = summary["first_val_loss"] or val.loss
+            summary["final_val_loss"] = val.loss
             ckpt = None
             if step > start or last:
                 ckpt = engine.state(step, {"counters": {"nonfinite_skipped": nonfinite_total}})
-            report(step, {"val_loss": val_loss, "tokens_seen": step * tokens_per_step}, ckpt)
+            metrics = {"val_loss": val.loss, "tokens_seen": step * tokens_per_step}
+            if val_text:
+                metrics["val_bpb"] = bpb.bits_per_byte(val.text_loss, *val_text)
+            report(step, metrics, ckpt)
             interval_start += time.perf_counter() - eval_start  # evaluation is not training throughput
         if last:
             break

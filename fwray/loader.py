@@ -164,7 +164,7 @@ class Batches:
     def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The i-th validation batch: the same windows at every evaluation and for any number of workers (the
         engine shares the indices out between ranks), so val losses compare across steps and runs."""
-        return self.val.batch(_draw((self.seed, _VAL, i), int(self.val.cum_windows[-1]), self.eval_batch_size))
+        return val_batch(self.val, self.seed, i, self.eval_batch_size)
 
     def epoch_of(self, step: int) -> float:
         """Passes over the training data before `step`: windows read / windows in the layout, or, for random
@@ -192,6 +192,12 @@ class Batches:
             rng = np.random.default_rng([self.seed, _EPOCH, epoch])
             self._orders[epoch] = rng.permutation(self.num_windows)
         return self._orders[epoch]
+
+
+def val_batch(val: TokenShards, seed: int, i: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The i-th validation batch of a run with `seed`, from the validation split alone (fwray.eval reads a finished
+    run's batches without its train split)."""
+    return val.batch(_draw((seed, _VAL, i), int(val.cum_windows[-1]), batch_size))
 
 
 def _draw(seed_parts: tuple[int, ...], n: int, size: int) -> np.ndarray:

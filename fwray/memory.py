@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ModelConfig, TrainConfig
-from .engine import Engine, autocast_dtype
+from .engine import Engine, autocast_dtype, loss_sums
 from .model import GPT
 from .optim import make_optimizer
 
@@ -108,10 +108,10 @@ def measure_peak_bytes(model: ModelConfig, train: TrainConfig, batch_size: int, 
         del batch
         val = _batch(model, eval_batch_size, device)
         counter.reset_peak()
-        # Engine.evaluate's forward (its .item() has no value under FakeTensorMode)
+        # Engine.evaluate's forward (its read-back has no value under FakeTensorMode)
         with torch.no_grad(), engine.autocast():
             raw.eval()
-            raw(*val).float()
+            loss_sums(raw, [val])
         eval_peak = counter.peak
     return {"params": params, "train_peak": train_peak, "eval_peak": eval_peak, "peak": max(train_peak, eval_peak)}
 

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers import Block, Rotary, make_norm, softcap
-from .tokens import EOT
+from .tokens import EOT, VOCAB_SIZE
 
 
 class GPT(nn.Module):
@@ -98,6 +98,13 @@ class GPT(nn.Module):
         return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk_size,
                                      self.config.logit_softcap)
 
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of every target, (B, T) in fp32, for evaluation (call it under torch.no_grad): what the
+        validation loss, bits per byte and HellaSwag's per-ending scores are sums of."""
+        h = self.hidden(idx)
+        return chunked_token_losses(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk_size,
+                                    self.config.logit_softcap).view(targets.shape)
+
     def num_params(self) -> int:
         """Parameters counted once (a tied embedding once), position embeddings included, as nanoGPT's report."""
         return sum(p.numel() for p in self.parameters())
@@ -106,7 +113,7 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, :50257].float()
+            logits = self(idx[:, -self.config.block_size:])[:, :VOCAB_SIZE].float()  # no padding id
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -172,13 +179,20 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     """
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, chunk, cap) / targets.numel()
-    total = h.new_zeros((), dtype=torch.float32)
+    return chunked_token_losses(h, weight, targets, chunk, cap).sum() / targets.numel()
+
+
+def chunked_token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                         cap: float = 0.0) -> torch.Tensor:
+    """(N,) fp32 cross-entropy of each row of (N, C) hidden states against its target, `chunk` rows of soft-capped
+    logits at a time and no gradient: the loss without training's backward pass."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
     for start in range(0, h.size(0), chunk):
         logits = (h[start:start + chunk] @ weight.t()).float()
         if cap:  # in place: no second chunk of logits
             logits.div_(cap).tanh_().mul_(cap)
-        total = total + F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
-    return total / targets.numel()
+        out[start:start + chunk] = F.cross_entropy(logits, targets[start:start + chunk], reduction="none")
+    return out
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow
+import pyarrow.compute as pc
 
 from . import config, ray_session, tokens
 from .config import DataConfig, Experiment
@@ -37,7 +38,7 @@ from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspe
 
 __all__ = ["PrepareError", "prepare", "main", "summary"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each split's UTF-8 bytes (bits per byte); an entry of version 1 is rebuilt
 SPLITS = ("train", "val")
 # Test hook: a shard writer fails with ENOSPC once it would pass this many bytes (read by the driver, sent to tasks)
 FAIL_WRITE_ENV = "FWRAY_FAIL_WRITE_AFTER_BYTES"
@@ -91,6 +92,7 @@ def _tokenize_rows(task: dict) -> dict:
     out = Path(task["out"])
     writers = {s: _ShardWriter(out / f"{s}-{task['index']:05d}.bin", task["fail_after"]) for s in SPLITS}
     result = {"rows": 0, "chars": 0, "token_count": None, "documents": dict.fromkeys(SPLITS, 0),
+              "bytes": dict.fromkeys(SPLITS, 0),
               "skipped": {"null_or_empty": 0, "min_language_score": 0, "min_chars": 0}}
     row = task["first_row"]
     try:
@@ -99,7 +101,8 @@ def _tokenize_rows(task: dict) -> dict:
             for k, n in skipped.items():
                 result["skipped"][k] += n
             kept = batch.filter(keep)
-            texts = kept.column(kept.schema.get_field_index(data.text_column)).to_pylist()
+            text_column = kept.column(kept.schema.get_field_index(data.text_column))
+            texts = text_column.to_pylist()
             positions = np.flatnonzero(np.asarray(keep)) + row
             ids = _doc_ids(column(kept, data.id_column), task["file_key"], positions)
             is_val = np.fromiter((tokens.is_validation(i, data.val_fraction) for i in ids), bool, len(ids))
@@ -109,6 +112,9 @@ def _tokenize_rows(task: dict) -> dict:
             writers["train"].write(toks[~val_tokens])
             result["documents"]["val"] += int(is_val.sum())
             result["documents"]["train"] += int((~is_val).sum())
+            text_bytes = pc.binary_length(text_column).to_numpy(zero_copy_only=False)  # Arrow holds text as UTF-8
+            result["bytes"]["val"] += int(text_bytes[is_val].sum())
+            result["bytes"]["train"] += int(text_bytes[~is_val].sum())
             result["chars"] += sum(map(len, texts))
             counts = column(kept, "token_count")
             if counts is not None:
@@ -148,19 +154,31 @@ def _run_task(row: dict) -> dict:
 # ---------------------------------------------------------------- the driver
 
 
+def cache_entry(data: DataConfig, files: list[InputFile]) -> tuple[Path, str]:
+    """The cache folder the inputs and settings map to, and their fingerprint."""
+    fp = fingerprint(files, output_settings(data), FORMAT_VERSION)
+    return Path(data.cache_dir).expanduser().resolve() / fp[:16], fp
+
+
+def cached(data: DataConfig, files: list[InputFile]) -> tuple[Path, dict] | None:
+    """The whole cache entry of these inputs and settings, with its manifest, or None: nothing is prepared."""
+    entry, fp = cache_entry(data, files)
+    manifest = tokens.read_manifest(entry)
+    return (entry, manifest) if manifest is not None and _entry_is_whole(entry, manifest, fp) else None
+
+
 def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
     """Token shards + manifest for `exp.data`: from the cache when the inputs and settings are unchanged."""
     data = exp.data
     files = [inspect_file(p, data) for p in resolve_paths(data.paths)]
     tokens.get_tokenizer(data.tokenizer)  # fail here, in one line, rather than in every task
     settings = output_settings(data)
-    fp = fingerprint(files, settings, FORMAT_VERSION)
-    cache = Path(data.cache_dir).expanduser().resolve()
-    entry = cache / fp[:16]
-    manifest = tokens.read_manifest(entry)
-    if manifest is not None and _entry_is_whole(entry, manifest, fp):
+    entry, fp = cache_entry(data, files)
+    cache = entry.parent
+    hit = cached(data, files)
+    if hit is not None:
         _say(progress, f"prepare: cached {entry}")
-        return entry, manifest
+        return hit
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -176,7 +194,7 @@ def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
         manifest = _manifest(fp, files, data, settings, results, time.perf_counter() - start)
         _warn_on_count_mismatch(manifest, files)
         tokens.write_atomic(tmp / tokens.MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
+        tokens.fsync(tmp)
         _publish(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,7 +285,9 @@ def _manifest(fp: str, files: list[InputFile], data: DataConfig, settings: dict,
     for s in SPLITS:
         shard_files = [r["files"][s] for r in results if r["files"][s]]
         splits[s] = {"documents": sum(r["documents"][s] for r in results),
-                     "tokens": sum(f["tokens"] for f in shard_files), "files": shard_files}
+                     "tokens": sum(f["tokens"] for f in shard_files),
+                     "bytes": sum(r["bytes"][s] for r in results),  # UTF-8 bytes of the documents' text
+                     "files": shard_files}
     skipped = {k: sum(r["skipped"][k] for r in results) for k in results[0]["skipped"]}
     documents = splits["train"]["documents"] + splits["val"]["documents"]
     if documents == 0:
@@ -333,15 +353,7 @@ def _publish(tmp: Path, entry: Path) -> None:
             return  # another run finished the same entry first
         shutil.rmtree(entry)
     os.replace(tmp, entry)
-    _fsync_dir(entry.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    tokens.fsync(entry.parent)
 
 
 # ---------------------------------------------------------------- the command

@@ -44,7 +44,7 @@ def _latest_path(exp) -> Path:
 
 def run(exp, resume: bool = False) -> int:
     # here, not at the top: --help and a bad experiment file answer at once, not after ~3 s of torch, Ray and MLflow
-    from . import loader, plan, prepare, probe, tracking, trainer
+    from . import bpb, loader, plan, prepare, probe, tracking, trainer
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
@@ -101,7 +101,7 @@ def run(exp, resume: bool = False) -> int:
                                                      "run_dir": str(run_dir), "tracking_uri": tracker.uri}))
         job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files,
                                train_tokens=manifest["splits"]["train"]["tokens"], tracking_uri=tracker.uri,
-                               run_id=run_id, run_dir=str(run_dir))
+                               run_id=run_id, run_dir=str(run_dir), val_text=bpb.text_counts(manifest))
         result = trainer.fit(job, ray_name)
         ok = True
         outcome = plan.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"))

@@ -16,6 +16,7 @@ import numpy as np
 from .errors import FwrayError
 
 EOT = 50256
+VOCAB_SIZE = EOT + 1  # GPT-2's ids, EOT the last; fwray's models pad theirs to 50304 (model.vocab_size) for speed
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits
 MANIFEST = "manifest.json"
 SPLIT_RULE = "val if blake2b-64(document id) / 2**64 < val_fraction; the row's file and position stand in for a missing id"
@@ -38,6 +39,36 @@ def get_tokenizer(name: str = "gpt2"):
             f"tiktoken cannot load the {name} files (TIKTOKEN_CACHE_DIR={where}, no network: "
             f"{type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's {name} cache "
             f"(e.g. ../shared/tiktoken) or allow the download once") from None
+
+
+# GPT-2's BPE files as tiktoken_ext/openai_public.py names them (URL, sha256); tiktoken caches each under the sha1 of
+# its URL. They are Hugging Face's GPT-2 tokenizer files too: encoder.json is vocab.json, vocab.bpe is merges.txt.
+GPT2_BPE_FILES = {
+    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def gpt2_bpe_files() -> dict[str, bytes]:
+    """{"vocab.json": ..., "merges.txt": ...} read from tiktoken's cache (where tiktoken looks: TIKTOKEN_CACHE_DIR,
+    DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache) and checked against tiktoken's hashes. Never downloaded."""
+    import tempfile
+
+    cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+             or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    out = {}
+    for name, (url, sha256) in GPT2_BPE_FILES.items():
+        path = Path(cache) / hashlib.sha1(url.encode()).hexdigest()
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            state = "damaged" if data else "missing"
+            raise TokenizerUnavailable(
+                f"{path}: tiktoken's cached copy of GPT-2's {url.rsplit('/', 1)[1]} is {state}; set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 cache (e.g. ../shared/tiktoken)")
+        out[name] = data
+    return out
 
 
 def encode_documents(encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +110,15 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
 
 def split_files(folder: str | os.PathLike, manifest: dict, split: str) -> list[Path]:
     return [Path(folder) / f["name"] for f in manifest["splits"][split]["files"]]
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (a rename is durable once its folder is synced), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

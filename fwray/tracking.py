@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Fail fast against an unreachable server instead of retrying for minutes; set before mlflow reads them.
@@ -30,7 +31,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from . import __version__, outbox  # noqa: E402
@@ -45,6 +47,7 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 METRICS = {
     "train_loss": "mean training loss over the last log_interval steps (non-finite steps left out)",
     "val_loss": "validation loss, mean of eval_iters batches, at every eval_interval steps and after the last",
+    "val_bpb": "the same evaluation in bits per UTF-8 byte of validation text (EOT targets left out: fwray.bpb)",
     "lr": "learning rate of the step just taken",
     "tokens_per_s": "training throughput over the last log_interval steps, all workers (evaluation time excluded)",
     "mfu": "model FLOPs utilisation, 0..1, per worker against the GPU's dense bf16 peak (absent on CPU)",
@@ -54,6 +57,11 @@ METRICS = {
     "epoch": "passes over the prepared train split so far",
     "nonfinite_skipped": "optimizer steps skipped so far because the loss or gradient was not finite",
     "eta_s": "estimated seconds of training left",
+    # logged by `python -m fwray.eval --run-id`, at the evaluated model's step
+    "eval_val_loss": "fwray.eval: validation loss of the final model (the training's windows, or --all-val's)",
+    "eval_val_bpb": "fwray.eval: the same in bits per UTF-8 byte (fwray.bpb)",
+    "hellaswag_acc": "fwray.eval: HellaSwag accuracy, the ending with the lowest summed loss",
+    "hellaswag_acc_norm": "fwray.eval: HellaSwag accuracy, the ending with the lowest loss per token",
 }
 PREPARE_RUN = "prepare"
 
@@ -271,6 +279,57 @@ def metric_history(uri: str, run_id: str, names: tuple[str, ...] = ("train_loss"
     if max_step is not None:
         out = {n: {s: v for s, v in pts.items() if s <= max_step} for n, pts in out.items()}
     return out
+
+
+# ---------------------------------------------------------------- a finished run, read back (sample, eval, export)
+
+
+@dataclass(frozen=True)
+class FetchedRun:
+    model_dir: Path  # the run's model/ artifacts, downloaded
+    config_file: Path | None  # its config.yaml (the resolved experiment), when asked for and logged
+    tags: dict[str, str]
+
+
+def fetch_run(run_id: str, uri: str, dst: str | os.PathLike, with_config: bool = False) -> FetchedRun:
+    """Download a run's `model/` artifacts (and `config.yaml`) from a local store or a server into `dst`. An unknown
+    run, an unreadable store or a run without a model is one-line `ModelNotFound`."""
+    # here, not at the top: checkpoint brings torch, which replay and metrics do without (~1.5 s)
+    from mlflow.artifacts import download_artifacts
+
+    from .checkpoint import CONFIG_FILE, MODEL_CONFIG, MODEL_DIR, MODEL_FILE, ModelNotFound
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise ModelNotFound(f"no MLflow run {run_id!r} at {uri}") from None
+        raise ModelNotFound(f"MLflow at {uri} cannot be read ({first_line(e)})") from None
+    except Exception as e:  # requests' ConnectionError and friends
+        raise ModelNotFound(f"MLflow at {uri} is unreachable ({type(e).__name__})") from None
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, MODEL_DIR)}
+    if not {MODEL_FILE, MODEL_CONFIG} <= names:
+        raise ModelNotFound(f"MLflow run {run_id} has no model artifacts ({MODEL_DIR}/{MODEL_FILE}, "
+                            f"{MODEL_DIR}/{MODEL_CONFIG}); did its training finish? (python -m fwray.tracking replay "
+                            "logs what an outage held back)")
+    model_dir = Path(download_artifacts(run_id=run_id, artifact_path=MODEL_DIR, tracking_uri=uri, dst_path=str(dst)))
+    config_file = None
+    if with_config and CONFIG_FILE in {a.path for a in client.list_artifacts(run_id)}:
+        config_file = Path(download_artifacts(run_id=run_id, artifact_path=CONFIG_FILE, tracking_uri=uri,
+                                              dst_path=str(dst)))
+    return FetchedRun(model_dir, config_file, dict(run.data.tags))
+
+
+def log_evaluation(run_id: str, uri: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """An evaluation's results into the run it evaluated (at the model's step), in one request."""
+    try:
+        MlflowClient(tracking_uri=uri).log_batch(
+            run_id, metrics=[Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    except Exception as e:
+        raise TrackingUnavailable(f"MLflow at {uri} did not take the results for run {run_id} ({type(e).__name__}: "
+                                  f"{first_line(e)}); they are printed above") from None
 
 
 # ---------------------------------------------------------------- fwray.run's one tracking object

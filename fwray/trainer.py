@@ -22,7 +22,7 @@ from . import checkpoint, engine, hardware, ray_session
 from .config import Experiment
 from .errors import FwrayError
 from .loader import Batches
-from .artifacts import EvalArtifacts
+from .artifacts import CURVES, EvalArtifacts
 from .tracking import RunLogger, metric_history
 
 
@@ -50,6 +50,7 @@ class TrainJob:
     tracking_uri: str
     run_id: str
     run_dir: str  # local folder of this run: final model, unlogged metrics
+    val_text: tuple[int, int] | None = None  # validation (text tokens, UTF-8 bytes) for val_bpb: fwray.bpb
 
 
 def fit(job: TrainJob, ray_run_name: str) -> dict:
@@ -121,8 +122,8 @@ def _worker(config: dict) -> dict | None:
             logger.tags({"fwray.resumed_from_step": resume["step"]})
     evals = None  # rank 0: loss curve and samples at each evaluation; a restarted worker rebuilds the history
     if logger:
-        history = (metric_history(job.tracking_uri, job.run_id, fallback=logger.fallback, max_step=resume["step"])
-                   if resume else None)
+        history = (metric_history(job.tracking_uri, job.run_id, CURVES, fallback=logger.fallback,
+                                  max_step=resume["step"]) if resume else None)
         evals = EvalArtifacts(exp, job.run_dir, logger, history)
 
     final: dict = {}
@@ -150,7 +151,8 @@ def _worker(config: dict) -> dict | None:
                                      align_to_documents=exp.data.align_to_documents,
                                      accumulation=exp.train.gradient_accumulation_steps)
         summary = engine.train(exp.model, exp.train, batches, report, device=device, train_tokens=job.train_tokens,
-                               resume=resume, world_size=world, peak_tflops=exp.hardware.peak_tflops)
+                               resume=resume, world_size=world, peak_tflops=exp.hardware.peak_tflops,
+                               val_text=job.val_text)
     except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
         summary = {"stopped": {"message": str(e), "exit_code": e.exit_code}}
     if rank != 0:
@@ -165,7 +167,10 @@ def _worker(config: dict) -> dict | None:
 def progress_line(step: int, max_iters: int, m: dict) -> str:
     parts = [f"step {step:>{len(str(max_iters))}}/{max_iters}"]
     if "val_loss" in m:
-        return " | ".join(parts + [f"val loss {m['val_loss']:.4f}"])
+        parts.append(f"val loss {m['val_loss']:.4f}")
+        if "val_bpb" in m:
+            parts.append(f"bpb {m['val_bpb']:.4f}")
+        return " | ".join(parts)
     parts += [f"loss {m['train_loss']:.4f}", f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
     if "mfu" in m:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")

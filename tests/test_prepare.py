@@ -93,6 +93,17 @@ def test_manifest(prepared, corpus):
     assert manifest["chars"] == 11_044_695 and manifest["seconds"] > 0
 
 
+def test_each_split_counts_the_utf8_bytes_of_its_text(prepared, table):
+    """The bytes bits per byte divides by: the documents' text as UTF-8, which is what their tokens spell (EOT none)."""
+    _, folder, manifest = prepared
+    enc = tokens.get_tokenizer()
+    splits = manifest["splits"]
+    texts = table.column("text").to_pylist()
+    assert splits["train"]["bytes"] + splits["val"]["bytes"] == sum(len(t.encode()) for t in texts)
+    val = read_split(folder, manifest, "val")
+    assert splits["val"]["bytes"] == len(enc.decode_bytes(val[val != tokens.EOT].tolist()))
+
+
 def test_cache_hit_reads_nothing_and_writes_nothing(prepared):
     exp, folder, manifest = prepared
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ["errors", "config", "tokens", "loader", "layers", "model", "hf", "hardware", "memory", "engine", "trial", "plan",
-        "checkpoint", "data_report"]
+        "checkpoint", "data_report", "bpb", "hellaswag", "sample", "eval", "export"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, sys, tempfile

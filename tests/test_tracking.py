@@ -182,9 +182,9 @@ def test_layout_experiment_parent_and_nested_prepare_run(trained):
 def test_metric_histories_are_complete_and_the_loss_falls(trained):
     client, run_id = trained["client"], trained["run"].info.run_id
     history = {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
-               for name in ("train_loss", "val_loss", "lr", "tokens_per_s", "tokens_seen", "epoch")}
+               for name in ("train_loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "tokens_seen", "epoch")}
     steps = {name: [s for s, _ in points] for name, points in history.items()}
-    assert steps["val_loss"] == [0, 20, 40]
+    assert steps["val_loss"] == steps["val_bpb"] == [0, 20, 40]
     for name in ("train_loss", "lr", "tokens_per_s", "epoch"):
         assert steps[name] == [10, 20, 30, 40], name
     assert steps["tokens_seen"] == [0, 10, 20, 20, 30, 40, 40]  # logged with the train and the eval metrics
@@ -230,6 +230,29 @@ def test_sampler_prints_text_from_the_trained_run(trained, capsys):
                       "The module", "--max-new-tokens", "16", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith("The module") and len(out) > len("The module") + 5
+
+
+def test_eval_of_the_trained_run_is_its_last_validation_and_logs_to_it(trained, tmp_path, capsys):
+    """fwray.eval on the run by id (its cache from the run's tag) and on its run folder (the cache its config.yaml
+    maps to): both read the training's evaluation windows, so both give the run's last val_loss and val_bpb."""
+    from fwray import eval as fw_eval
+
+    client, run = trained["client"], trained["run"]
+    last = {name: max(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step).value
+            for name in ("val_loss", "val_bpb")}
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text(json.dumps({"ctx": "The module", "endings": ["imports os.", "a", "b", "c"], "label": 0}) + "\n")
+    rc = fw_eval.main(["--run-id", run.info.run_id, "--tracking-uri", trained["uri"], "--hellaswag", str(hs),
+                       "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["eval_val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert logged["eval_val_bpb"] == pytest.approx(last["val_bpb"], rel=1e-5)
+    assert logged["hellaswag_acc"] in (0.0, 1.0) and set(logged) <= set(tracking.METRICS)
+    capsys.readouterr()
+    rc = fw_eval.main(["--checkpoint", str(trained["runs"] / run.info.run_name), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"loss {last['val_loss']:.4f} | bpb {last['val_bpb']:.4f}" in out
 
 
 def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage):

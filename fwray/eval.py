@@ -1,0 +1,159 @@
+"""`python -m fwray.eval (--run-id ID | --checkpoint PATH) [--hellaswag FILE.jsonl] [--limit N]`: a trained model's
+validation loss and bits per byte on its run's data, and HellaSwag accuracy from a local file.
+
+Validation reads the split the run trained beside: the token cache its MLflow run names (tag fwray.cache), or for a
+checkpoint the cache its run folder's config.yaml maps to, or --data. By default it reads the very windows the
+training's evaluations read (eval_iters batches of eval_batch_size, drawn from the run's seed), so eval_val_loss is
+the run's last val_loss for its final model; --all-val reads every validation token once instead (windows at stride
+block_size). bpb follows fwray.bpb. With --run-id the results are logged to that run at the model's step (metrics
+eval_val_loss, eval_val_bpb, hellaswag_acc, hellaswag_acc_norm; tags fwray.eval.*) and printed; else printed.
+No ray import; mlflow only for --run-id.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from . import bpb, checkpoint, config, engine, hellaswag, loader, tokens
+from .config import TrainConfig
+from .errors import FwrayError
+from .sample import add_model_source, load, pick_device
+
+
+class EvalError(FwrayError):
+    """Nothing to evaluate, or data that cannot be found: one line with the fix (exit 2)."""
+
+    exit_code = 2
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fwray.eval", description="A trained model's validation loss and bits "
+                                "per byte on its run's data, and HellaSwag accuracy from a local file.")
+    add_model_source(p)
+    p.add_argument("--hellaswag", metavar="FILE.jsonl", help="HellaSwag examples, e.g. hellaswag_val.jsonl")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N validation windows and N HellaSwag examples")
+    p.add_argument("--all-val", action="store_true",
+                   help="every validation token once, instead of the windows the training's evaluations read")
+    p.add_argument("--data", metavar="FOLDER", help="a prepared token cache entry (its manifest.json) to validate on "
+                   "instead of the run's")
+    p.add_argument("--no-val", action="store_true", help="skip the validation loss (HellaSwag only)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def val_data(args, run, exp) -> tuple[Path, dict]:
+    """(cache entry, manifest): --data, else the cache the MLflow run names, else the one its experiment maps to."""
+    if args.data:
+        folder = Path(args.data)
+    elif run is not None and run.tags.get("fwray.cache"):
+        folder = Path(run.tags["fwray.cache"])
+    elif exp is not None:
+        from . import prepare  # pyarrow; only for a checkpoint without --data
+        from .parquet_inputs import inspect_file, resolve_paths
+
+        hit = prepare.cached(exp.data, [inspect_file(p, exp.data) for p in resolve_paths(exp.data.paths)])
+        if hit is None:
+            raise EvalError(f"the validation data of {exp.source} is not prepared under {exp.data.cache_dir}: run "
+                            f"`python -m fwray.prepare {exp.source}` there, pass --data FOLDER, or --no-val")
+        return hit
+    else:
+        raise EvalError(f"{args.checkpoint}: no config.yaml beside this model says what it trained on: pass --data "
+                        "FOLDER (a token cache entry with manifest.json), or --no-val")
+    manifest = tokens.read_manifest(folder)
+    if manifest is None:
+        raise EvalError(f"{folder}: no prepared token cache there (no {tokens.MANIFEST}); pass --data FOLDER, or "
+                        "--no-val")
+    return folder, manifest
+
+
+def val_batches(shards: loader.TokenShards, train: TrainConfig, all_windows: bool, limit: int | None):
+    """The validation batches: the training's (eval_iters x eval_batch_size windows from its seed), or every window
+    at stride block_size; at most `limit` windows."""
+    size = train.eval_batch_size or train.batch_size
+    if all_windows:
+        starts = shards.epoch_layout(align_to_documents=False)[:limit]
+        for i in range(0, len(starts), size):
+            yield shards.batch(starts[i:i + size])
+        return
+    left = limit if limit is not None else train.eval_iters * size
+    for i in range(train.eval_iters):
+        if left <= 0:
+            return
+        x, y = loader.val_batch(shards, train.seed, i, size)
+        yield x[:left], y[:left]
+        left -= len(x)
+
+
+def validation(model, folder: Path, manifest: dict, train: TrainConfig, args, dtype, metrics: dict,
+               tags: dict) -> None:
+    """Validate, print the line, and add to the metrics and tags logged."""
+    shards = loader.TokenShards(tokens.split_files(folder, manifest, "val"), model.config.block_size)
+    device_type = next(model.parameters()).device.type
+    with engine.autocast_context(device_type, dtype):
+        losses = engine.ValLoss.of(engine.loss_sums(model, val_batches(shards, train, args.all_val, args.limit)))
+    windows = losses.targets // model.config.block_size
+    what = "every window at stride block_size" if args.all_val else "the training's evaluation windows"
+    line = (f"validation: {windows:,} windows x {model.config.block_size} tokens ({what}) of {folder}: "
+            f"loss {losses.loss:.4f}")
+    metrics["eval_val_loss"] = losses.loss
+    counts = bpb.text_counts(manifest)
+    if counts:
+        metrics["eval_val_bpb"] = bpb.bits_per_byte(losses.text_loss, *counts)
+        line += f" | bpb {metrics['eval_val_bpb']:.4f}"
+    else:
+        line += " | no bpb: this cache was prepared before fwray counted bytes (prepare it again for bpb)"
+    print(line, flush=True)
+    tags.update({"fwray.eval.val_data": str(folder), "fwray.eval.val_windows": f"{windows} ({what})"})
+
+
+# ---------------------------------------------------------------- the command
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise EvalError(f"--limit {args.limit}: must be at least 1")
+        if args.no_val and not args.hellaswag:
+            raise EvalError("--no-val without --hellaswag leaves nothing to evaluate")
+        examples = hellaswag.read_examples(args.hellaswag, args.limit) if args.hellaswag else None  # before any work
+        with tempfile.TemporaryDirectory(prefix="fwray-eval-") as tmp:
+            model, meta, run = load(args, tmp, device, with_config=True)
+            if run is not None:  # the resolved experiment: the validation settings, and where its data is
+                exp = config.load(run.config_file) if run.config_file else None
+            else:
+                exp = checkpoint.experiment_near(args.checkpoint)
+        val = None if args.no_val else val_data(args, run, exp)  # every input found before any work
+        enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2")) if examples else None
+        train = exp.train if exp else TrainConfig()
+        dtype = engine.autocast_dtype(train, device.type)  # as the training evaluated
+        metrics, tags = {}, {}
+        print(f"model: step {meta.get('step')}, {model.num_params():,} parameters ({meta.get('recipe', 'gpt2')})")
+        if val is not None:
+            validation(model, *val, train, args, dtype, metrics, tags)
+        if examples:
+            with engine.autocast_context(device.type, dtype):
+                hs = hellaswag.accuracy(model, enc, examples, device)
+            metrics.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"])
+            print(f"hellaswag: {hs['examples']:,} examples of {args.hellaswag}: acc {hs['acc']:.4f} | "
+                  f"acc_norm {hs['acc_norm']:.4f}", flush=True)
+            tags["fwray.eval.hellaswag"] = f"{args.hellaswag} ({hs['examples']} examples)"
+        if run is not None:
+            from .tracking import default_uri, log_evaluation
+
+            uri = args.tracking_uri or default_uri()
+            log_evaluation(args.run_id, uri, int(meta.get("step") or 0), metrics, tags)
+            print(f"logged to MLflow run {args.run_id} at {uri}: {', '.join(metrics)}")
+    except FwrayError as e:
+        print(f"fwray: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
