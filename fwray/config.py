@@ -214,6 +214,7 @@ class TrackingConfig:
     uri: str | None = None  # None => $MLFLOW_TRACKING_URI, else a local sqlite store
     experiment: str | None = None  # None => the experiment's name
     required: bool = True  # False: an unreachable server falls back to the local store
+    register_model: bool = True  # the final model as a registered MLflow model too (a second copy of the weights)
 
     SECTION: typing.ClassVar[str] = "tracking"
 

@@ -2,8 +2,10 @@
 
 One record a line, for one run: {"run_id", "uri" (the store it was meant for), and one of
   "metrics" {name: value} with "step" and "timestamp" | "params" {name: text} | "tags" {name: text} |
-  "artifact" (a local path, file or folder) with "artifact_path" | "status" (FINISHED/FAILED) with "timestamp"
-  and the outcome "tags"}.
+  "artifact" (a local path, file or folder) with "artifact_path" | "dataset" (an MLflow dataset's fields: name,
+  digest, source_type, source, schema, profile) with its "context" | "model" (the run's model folder; when it is
+  not there, the run's model/ artifacts) with "registered_model": logged as an MLflow model and registered
+  (fwray.served) | "status" (FINISHED/FAILED) with "timestamp" and the outcome "tags"}.
 `send` logs one record into its run: `tracking.RunLogger` sends its records live through it and keeps them here when
 that fails, and `replay` sends the kept ones, so the format is read in one place. The command is
 `python -m fwray.tracking replay` (tracking.main hands it to `replay_command`). No fwray.tracking import here:
@@ -18,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # the input tag the UI shows beside a dataset
 
 from .errors import first_line
 
@@ -43,6 +46,13 @@ def send(client: MlflowClient, record: dict) -> None:
             client.log_artifacts(run_id, local, under)
         else:
             client.log_artifact(run_id, local, under)
+    if "dataset" in record:
+        client.log_inputs(run_id, [DatasetInput(Dataset(**record["dataset"]),
+                                                [InputTag(MLFLOW_DATASET_CONTEXT, record["context"])])])
+    if "model" in record:
+        from .served import log_run_model  # here: it loads torch and mlflow.pyfunc, which no other record needs
+
+        log_run_model(client.tracking_uri, run_id, record["model"], record["registered_model"])
     if "status" in record:  # after the tags: they are the outcome the status closes
         client.set_terminated(run_id, record["status"], end_time=record.get("timestamp"))
 
@@ -93,7 +103,8 @@ def replay(jsonl: str | os.PathLike, uri: str | None = None, *, default_uri: str
     counts per kind."""
     path = Path(jsonl)
     clients: dict[str | None, MlflowClient] = {}
-    counts = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "missing_artifacts": 0, "status": 0}
+    counts = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "missing_artifacts": 0, "datasets": 0,
+              "models": 0, "status": 0}
     done_artifacts: set[tuple[str, str, str | None]] = set()
     for rec in list(records(path)):
         if "artifact" in rec:
@@ -110,6 +121,8 @@ def replay(jsonl: str | os.PathLike, uri: str | None = None, *, default_uri: str
         for kind in ("metrics", "params", "tags"):
             counts[kind] += len(rec.get(kind, {}))
         counts["artifacts"] += "artifact" in rec
+        counts["datasets"] += "dataset" in rec
+        counts["models"] += "model" in rec
         counts["status"] += "status" in rec
     done = path.with_name(path.name + ".replayed")
     if done.exists():
@@ -132,5 +145,6 @@ def replay_command(jsonl: str, uri: str | None, default_uri: str) -> int:
     print(f"replayed {jsonl}: {counts['metrics']} metric values, {counts['params']} params, "
           f"{counts['tags']} tags, "
           f"{counts['artifacts']} artifacts, {counts['status']} status"
+          + "".join(f", {counts[k]} {k}" for k in ("datasets", "models") if counts[k])
           + (f" ({counts['missing_artifacts']} artifacts gone)" if counts["missing_artifacts"] else ""))
     return 0

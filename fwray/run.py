@@ -64,7 +64,7 @@ def run(exp, resume: bool = False) -> int:
         run_dir = (Path(exp.resources.storage_path) / ray_name).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id = tracker.start(ray_name, run_dir, ray_session.device_label(gpu))
-    ok, outcome = False, {}
+    ok, outcome, registered = False, {}, None
     try:
         prepare_start = time.perf_counter()
         cache_dir, manifest = prepare.prepare(exp)
@@ -97,6 +97,7 @@ def run(exp, resume: bool = False) -> int:
             tracker.artifact(run_dir / "plan.txt")
             tracker.artifact(Path(cache_dir) / "manifest.json", "data")
             tracker.artifact(run_dir / DATA_REPORT, "data")
+            tracker.dataset(manifest)
             _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
                                                      "run_dir": str(run_dir), "tracking_uri": tracker.uri}))
         job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files,
@@ -105,6 +106,10 @@ def run(exp, resume: bool = False) -> int:
         result = trainer.fit(job, ray_name)
         ok = True
         outcome = plan.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"))
+        if exp.tracking.register_model:
+            # in the driver, once, after any worker restarts (rank 0 may be on another node); never raises: it has
+            # trained
+            registered = tracker.log_model()
     finally:
         # never raises: an outage warns and waits for replay; tags, not params: a resume may update them
         outcome_tags = {f"fwray.outcome.{k}": f"{v:.4g}" for k, v in outcome.items()}
@@ -114,8 +119,14 @@ def run(exp, resume: bool = False) -> int:
     if outcome:
         print(plan.describe_outcome(outcome))
     print(f"MLflow run {run_id} in experiment {exp.tracking.experiment or exp.name!r} at {tracker.uri}")
-    print(f"final model: {run_dir / 'model'}")
-    print(f"browse it:   {tracker.ui_command()}")
+    print(f"final model: {run_dir / 'model'}" + (f", registered as {registered}" if registered else ""))
+    print(f"run page:    {tracker.run_page()}")
+    print(f"runs table:  {tracker.runs_table()}")
+    if not tracking.is_server(tracker.uri):
+        print(f"browse it:   {tracker.ui_command()}")
+    if registered:
+        print(f"serve it:    MLFLOW_TRACKING_URI={tracker.uri} mlflow models serve -m {registered} --env-manager local "
+              "--host 127.0.0.1 --port 5001")
     return 0
 
 

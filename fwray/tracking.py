@@ -11,15 +11,19 @@ runs with `start_run`, `log_params` and `finish` on the tracker's client.
 
 Layout: one MLflow experiment per experiment name (tagged as model training for MLflow 3's UI); one parent run per
 `fwray.run`, named after the Ray run; the data preparation as a nested run `prepare` (tag mlflow.parentRunId).
-The metrics of the parent run, x = optimizer step, are listed in METRICS.
+The metrics of the parent run, x = optimizer step, are listed in METRICS. The parent run's dataset input is the data
+it trained on (`training_dataset`); its final model is an MLflow model under it, registered under the experiment's
+name (`Tracker.log_model`, fwray.served).
 """
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +40,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from . import __version__, outbox  # noqa: E402
-from .config import Experiment, flatten  # noqa: E402
+from .config import DataConfig, Experiment, flatten  # noqa: E402
 from .data_report import DATA_REPORT, data_metrics, data_report  # noqa: E402
 from .errors import FwrayError, first_line  # noqa: E402
 
@@ -89,11 +93,32 @@ def local_fallback_uri() -> str:
     return "sqlite:///" + str(Path(DEFAULT_STORE).resolve())
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (which serves the UI too), not a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def ui_command(uri: str) -> str:
     """How to browse `uri` in a browser: a server URI is already a UI; a local store needs `mlflow ui`."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
+
+
+def ui_address(uri: str) -> str:
+    """The UI's address for a store: a server serves its own; a local store's is where `ui_command` puts it."""
+    return uri.rstrip("/") if is_server(uri) else "http://127.0.0.1:5000"
+
+
+def run_page(uri: str, experiment_id: str, run_id: str) -> str:
+    # MLflow 3.17's UI routes (a hash router): /experiments/:experimentId/runs/:runUuid is a run's page...
+    return f"{ui_address(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def runs_table(uri: str, experiment_id: str) -> str:
+    # ...and /experiments/:experimentId/runs the experiment's "Training runs" table. The experiment's own address
+    # (/experiments/:experimentId) can open on the GenAI overview instead, whatever the experiment's kind tag says
+    return f"{ui_address(uri)}/#/experiments/{experiment_id}/runs"
 
 
 def connect(exp: Experiment) -> MlflowClient:
@@ -209,6 +234,36 @@ def run_tags(exp: Experiment, device: str) -> dict[str, str]:
     return tags
 
 
+# ---------------------------------------------------------------- the data and the model, as MLflow shows them
+
+
+def training_dataset(manifest: dict, data: DataConfig) -> dict:
+    """The data a run trains on as an MLflow dataset (the fields of mlflow.entities.Dataset), for the runs table's
+    Dataset column and the run page: named after its parquet file(s), its source their path (their common folder
+    when there are several), its digest the token cache's fingerprint (the cache entry's folder name), its schema
+    the columns read, documents and tokens as its profile."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    paths = [f["path"] for f in manifest["inputs"]]
+    name = Path(paths[0]).stem + (f" +{len(paths) - 1} more" if len(paths) > 1 else "")
+    where = paths[0] if len(paths) == 1 else os.path.commonpath(paths)
+    source = get_dataset_source_from_json(json.dumps({"uri": where}), "local")
+    schema = Schema([ColSpec(DataType.string, data.text_column), ColSpec(DataType.string, data.id_column)])
+    fields = MetaDataset(source, name=name, digest=manifest["fingerprint"][:16], schema=schema).to_dict()
+    splits = manifest["splits"]
+    profile = {"documents": sum(s["documents"] for s in splits.values()),
+               "tokens": sum(s["tokens"] for s in splits.values()),
+               "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"], "files": len(paths)}
+    return {**fields, "profile": json.dumps(profile)}
+
+
+def registered_model_name(exp: Experiment) -> str:
+    """The registry name of an experiment's models: its MLflow experiment's name ('/' and ':' are not allowed)."""
+    return re.sub(r"[/:]", "-", exp.tracking.experiment or exp.name)
+
+
 # ---------------------------------------------------------------- logging that never stops training
 
 
@@ -238,6 +293,10 @@ class RunLogger:
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._send({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def dataset(self, fields: dict, context: str) -> None:
+        """A dataset input of the run (`training_dataset`'s fields), with its context ("training")."""
+        self._send({"dataset": fields, "context": context})
 
     def _send(self, record: dict) -> None:
         record = {"run_id": self.run_id, "uri": self.uri, **record}
@@ -349,6 +408,7 @@ class Tracker:
         self.client = connect(exp)
         self.uri = self.client.tracking_uri
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.run_dir: Path | None = None
         self._log: RunLogger | None = None
 
@@ -359,6 +419,7 @@ class Tracker:
     def reuse(self, run_id: str, run_dir: str | os.PathLike) -> str:
         """Log into `run_id` from here on (an earlier run's, on --resume), its outbox in `run_dir`."""
         self.run_id, self.run_dir = run_id, Path(run_dir)
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id  # for the addresses the run ends with
         self._log = RunLogger(self.uri, run_id, self.run_dir)
         return run_id
 
@@ -394,12 +455,43 @@ class Tracker:
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._log.artifact(path, artifact_path)
 
+    def dataset(self, manifest: dict) -> None:
+        """The prepared data as the run's training dataset: the runs table's Dataset column, the run page's inputs."""
+        self._log.dataset(training_dataset(manifest, self.exp.data), "training")
+
+    def log_model(self) -> str | None:
+        """The run's final model (`<run_dir>/model`, else the run's model/ artifacts: rank 0 may have trained on
+        another node) as an MLflow model under the run, registered as a new version of `registered_model_name`.
+        Returns its `models:/NAME/VERSION`. Never raises: the run has trained, so a failure is one warning, and the
+        model waits in the outbox for `replay`."""
+        from . import checkpoint, served  # torch and mlflow.pyfunc: only a run that trained needs them
+
+        name = registered_model_name(self.exp)
+        folder = (self.run_dir / checkpoint.MODEL_DIR).resolve()
+        record = {"run_id": self.run_id, "uri": self.uri, "model": str(folder), "registered_model": name}
+        try:
+            info = served.log_run_model(self.uri, self.run_id, record["model"], name)
+            return f"models:/{name}/{info.registered_model_version}"
+        except Exception as e:
+            path = self.run_dir / outbox.FALLBACK_FILE
+            outbox.keep(path, record)
+            print(f"fwray: warning: MLflow at {self.uri} did not take the trained model as an MLflow model "
+                  f"({type(e).__name__}: {first_line(e)[:160]}); it waits in {path}: log it with "
+                  f"`python -m fwray.tracking replay {path}`", file=sys.stderr, flush=True)
+            return None
+
     def finish(self, ok: bool, tags: dict[str, str] | None = None) -> bool:
         """FINISHED or FAILED with the outcome `tags`; never raises (an outage keeps them in the outbox)."""
         return finish(self.client, self.run_id, ok, self.run_dir, tags)
 
     def ui_command(self) -> str:
         return ui_command(self.uri)
+
+    def run_page(self) -> str:
+        return run_page(self.uri, self.experiment_id, self.run_id)
+
+    def runs_table(self) -> str:
+        return runs_table(self.uri, self.experiment_id)
 
 
 # ---------------------------------------------------------------- the command

@@ -215,7 +215,7 @@ def test_prepare_and_train_on_two_nodes(cluster, tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = [f"data.cache_dir={tmp_path / 'cache'}", f"resources.storage_path={tmp_path / 'runs'}",
-                f"tracking.uri={uri}"]
+                f"tracking.uri={uri}", "tracking.register_model=false"]  # test_tracking registers
     prepared = fwray("fwray.prepare", settings, cluster)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "prepared " in prepared.stdout

@@ -1,6 +1,9 @@
 """MLflow tracking end to end against real `mlflow server` processes: the run layout, metric histories, artifacts,
-the sampler on the trained run, a server killed mid-run (training finishes, replay logs the rest), and the
-failure paths at start. One training run in this process is shared by the module."""
+the dataset input, the registered model (served by `mlflow models serve`), the sampler on the trained run, a server
+killed mid-run (training finishes, replay logs the rest), and the failure paths at start. One training run in this
+process is shared by the module."""
+import contextlib
+import io
 import json
 import os
 import re
@@ -17,7 +20,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fwray import checkpoint, config, outbox, sample, tracking
+from fwray import checkpoint, config, outbox, sample, tokens, tracking
+from fwray.model import generate_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -84,6 +88,49 @@ class Server:
         self.log.close()
 
 
+class ModelServer(Server):
+    """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1, reading the registry at `tracking_uri`."""
+
+    def __init__(self, folder: Path, model_uri: str, tracking_uri: str):
+        super().__init__(folder)
+        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+
+    def start(self) -> "ModelServer":
+        self.port = free_port()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log = open(self.folder / f"serve-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri})
+        return self
+
+    def wait(self, timeout: float = 180) -> "ModelServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"mlflow models serve exited: {Path(self.log.name).read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.uri}/ping", timeout=2) as r:  # 200 once the model is loaded
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow models serve on port {self.port} not ready after {timeout} s: "
+                             f"{Path(self.log.name).read_text()[-3000:]}")
+
+
+class Tee(io.StringIO):
+    """Keeps what is printed and prints it too."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        return super().write(text)
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """Two servers started together (their ~20 s start-ups overlap): `main` for the shared run, `victim` to kill."""
@@ -129,19 +176,24 @@ def outage(servers, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(servers, outage, tmp_path_factory, ray_session, cache):
     """The smoke experiment, shortened, trained in this process against the main server: the one end-to-end run
-    whose MLflow records (layout, params, metrics, artifacts, the model) the tests below read."""
+    whose MLflow records (layout, params, metrics, artifacts, the model) the tests below read. Its registered model
+    is served from then on (`mlflow models serve` takes ~20 s to answer: it starts while the tests below run)."""
     from fwray import run
 
     server = servers["main"].wait()
     runs = tmp_path_factory.mktemp("runs")
-    rc = run.main([str(SMOKE), f"tracking.uri={server.uri}", f"resources.storage_path={runs}",
-                   f"data.cache_dir={cache}", f"train.max_iters={SHARED_STEPS}"])
+    with contextlib.redirect_stdout(Tee(sys.stdout)) as out:
+        rc = run.main([str(SMOKE), f"tracking.uri={server.uri}", f"resources.storage_path={runs}",
+                       f"data.cache_dir={cache}", f"train.max_iters={SHARED_STEPS}"])
     assert rc == 0
+    served = ModelServer(tmp_path_factory.mktemp("serve"), "models:/smoke/1", server.uri).start()
     client = MlflowClient(tracking_uri=server.uri)
     exp = client.get_experiment_by_name("smoke")
     parents = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'smoke-%'")
     assert len(parents) == 1
-    return {"uri": server.uri, "client": client, "experiment": exp, "run": parents[0], "runs": runs}
+    yield {"uri": server.uri, "client": client, "experiment": exp, "run": parents[0], "runs": runs,
+           "stdout": out.getvalue(), "served": served}
+    served.kill(signal.SIGTERM)
 
 
 def artifact_paths(client, run_id, path=None) -> set[str]:
@@ -255,6 +307,72 @@ def test_eval_of_the_trained_run_is_its_last_validation_and_logs_to_it(trained, 
     assert rc == 0 and f"loss {last['val_loss']:.4f} | bpb {last['val_bpb']:.4f}" in out
 
 
+def test_the_data_is_the_runs_training_dataset(trained):
+    """The runs table's Dataset column and the run page show the parquet the run trained on (search_runs is what
+    the table reads): named after the file, sourced at it, digest = the token cache's fingerprint."""
+    (given,) = trained["run"].inputs.dataset_inputs
+    assert {t.key: t.value for t in given.tags} == {"mlflow.data.context": "training"}
+    ds = given.dataset
+    cache_entry = Path(trained["run"].data.tags["fwray.cache"])
+    manifest = json.loads((cache_entry / "manifest.json").read_text())
+    assert ds.name == "smoke-sample" and ds.digest == manifest["fingerprint"][:16] == cache_entry.name
+    assert ds.source_type == "local"
+    assert json.loads(ds.source) == {"uri": str((SMOKE.parent / "smoke-sample.parquet").resolve())}
+    assert [c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]] == ["text", "id"]
+    profile = json.loads(ds.profile)
+    assert profile["documents"] == 218 and profile["files"] == 1
+    assert profile["tokens"] == profile["train_tokens"] + profile["val_tokens"] == sum(
+        s["tokens"] for s in manifest["splits"].values())
+
+
+def test_the_model_is_registered_one_version_per_run(trained, tmp_path, monkeypatch):
+    """The run's model is an MLflow model under the run (its page's logged models) and version 1 of `smoke`; a
+    second run of the experiment makes version 2, through the same Tracker call, here from a run folder without the
+    model (rank 0 on another node): it is fetched from the run's model/ artifacts. A local sqlite store has a
+    registry too."""
+    client, run_id = trained["client"], trained["run"].info.run_id
+    v1 = client.get_model_version("smoke", "1")
+    assert v1.run_id == run_id and v1.status == "READY"
+    logged = client.get_logged_model(v1.source.removeprefix("models:/"))
+    assert logged.source_run_id == run_id and logged.experiment_id == trained["experiment"].experiment_id
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [logged.model_id]
+    last_val = max(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)
+    assert {(m.key, m.step, m.value) for m in logged.metrics} >= {("val_loss", SHARED_STEPS, last_val.value)}
+
+    second = tracking.Tracker(config.load(SMOKE, [f"tracking.uri={trained['uri']}"]))
+    second.start("smoke-second", tmp_path, "cpu")
+    client.log_artifacts(second.run_id, str(next(trained["runs"].glob("smoke-*/model"))), "model")  # rank 0's
+    assert second.log_model() == "models:/smoke/2"
+    assert second.finish(True)
+    assert client.get_model_version("smoke", "2").run_id == second.run_id
+    assert checkpoint.is_model(tmp_path / "model")
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go to ./mlruns
+    local = tracking.Tracker(config.load(SMOKE, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]))
+    local.start("smoke-local", tmp_path, "cpu")  # tmp_path/model is there now
+    assert local.log_model() == "models:/smoke/1"
+    assert local.client.get_model_version("smoke", "1").run_id == local.run_id
+
+
+def test_run_ends_with_the_addresses_of_its_page_and_the_runs_table(trained):
+    uri, exp_id, run_id = trained["uri"], trained["experiment"].experiment_id, trained["run"].info.run_id
+    out = trained["stdout"]
+    assert f"\nrun page:    {uri}/#/experiments/{exp_id}/runs/{run_id}\n" in out
+    assert f"\nruns table:  {uri}/#/experiments/{exp_id}/runs\n" in out
+    assert "registered as models:/smoke/1" in out and (
+        f"\nserve it:    MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/smoke/1 --env-manager local" in out)
+    # routes of the installed UI, a hash router: the addresses break if an MLflow upgrade renames them
+    import mlflow
+
+    bundle = next((Path(mlflow.__file__).parent / "server/js/build/static/js").glob("main.*.js")).read_text()
+    assert "createHashRouter" in bundle
+    assert '"/experiments/:experimentId/runs/:runUuid"' in bundle and '"/experiments/:experimentId/runs"' in bundle
+    with urllib.request.urlopen(f"{uri}/", timeout=10) as r:  # the server serves that UI at its address
+        assert r.status == 200 and b"<html" in r.read().lower()
+    # a local store's addresses are those of `mlflow ui` on its default port
+    assert tracking.run_page("sqlite:///x.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+
+
 def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage):
     proc = outage["proc"]
     try:
@@ -268,6 +386,7 @@ def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage
     assert rc == 0, out[-3000:]
     assert out.count("stopped answering") == 1, out[-3000:]  # one warning (the worker's; the driver's never tried)
     assert "did not take the run's final status" in out and "done: validation loss" in out
+    assert out.count("did not take the trained model as an MLflow model") == 1, out[-3000:]
     run_dir = next(outage["runs"].glob("smoke-*"))
     jsonl = run_dir / outbox.FALLBACK_FILE
     assert jsonl.is_file() and '"metrics"' in jsonl.read_text()
@@ -286,6 +405,23 @@ def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage
     assert {"model/model.pt", "loss_curve.png", "samples/step_000020.txt"} <= paths
     assert sample.main(["--run-id", run_id, "--tracking-uri", again.uri, "--max-new-tokens", "4",
                         "--device", "cpu"]) == 0
+    assert client.get_model_version("smoke", "1").run_id == run_id  # the model waited for replay too
+    assert len(client.get_run(run_id).inputs.dataset_inputs) == 1  # logged live, before the kill
+
+
+def test_the_registered_model_serves_generated_text(trained):
+    """`mlflow models serve -m models:/smoke/1 --env-manager local` (started by `trained`) answers a generation
+    request with the text fwray's own sampler makes from the run's model folder: same prompt, params and seed."""
+    served = trained["served"].wait()
+    params = {"max_new_tokens": 12, "temperature": 0.8, "top_k": 200, "seed": 7}
+    request = json.dumps({"inputs": ["The module"], "params": params}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{served.uri}/invocations", data=request,
+                                                       headers={"Content-Type": "application/json"}), timeout=60) as r:
+        answer = json.loads(r.read())
+    (text,) = answer["predictions"]
+    model, meta = checkpoint.load_model(next(trained["runs"].glob("smoke-*/model")))
+    assert text == generate_text(model, tokens.get_tokenizer(), "The module", **params)
+    assert text.startswith("The module") and len(text) > len("The module")
 
 
 # ---------------------------------------------------------------- failures at start, without a server
