@@ -3,7 +3,7 @@
 A Ray Tune sweep over probe.batch_sizes x probe.activation_checkpointing (x probe.compile on a GPU). Every candidate
 is a trial in a fresh worker process (reuse_actors=False, one trial at a time) that runs `fwray.trial.measure`: the
 engine's real step under the target card's memory cap. A candidate fits when its peak <= (1 - probe.margin) x cap; an
-OOM is a verdict ("does not fit"), not a crash; `fwray.plan.decide` picks one. When the largest candidate fits, the
+OOM is a verdict ("does not fit"), not a crash; `fwray.verdict.decide` picks one. When the largest candidate fits, the
 verdict says so: the ceiling was not found. The verdict is saved as JSON and logged to MLflow, one nested run per
 candidate.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ray import tune
 
-from . import config, plan, prepare, ray_session, tokens, tracking
+from . import config, prepare, ray_session, tokens, tracking, verdict as verdicts
 from .config import Experiment
 from .errors import FwrayError, ProbeError
 from .trial import INJECT_ENV, ProbeJob, measure, usable_bytes
@@ -76,11 +76,11 @@ def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, 
     if not caps:
         raise ProbeError(f"every probe trial failed before measuring anything: {results[0]['reason']}")
     cap_gb = min(caps)
-    verdict = plan.decide(exp, results, cap_gb, "cuda" if use_gpu else "cpu-estimate")
+    verdict = verdicts.decide(exp, results, cap_gb, "cuda" if use_gpu else "cpu-estimate")
     verdict["device"] = next((r["device"] for r in results if r.get("device")), "cpu")
     verdict["path"] = str(out_dir / "verdict.json")
     tokens.write_atomic(out_dir / "verdict.json", json.dumps(verdict, indent=2).encode())
-    print(plan.table(verdict), flush=True)
+    print(verdicts.table(verdict), flush=True)
     print(f"probe: verdict saved in {verdict['path']}", flush=True)
     client = client or tracking.connect(exp)
     _track(client, exp, verdict, parent_run_id, out_dir)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir, manifest = (None, None) if args.synthetic else prepare.prepare(exp)
         ray_session.start()
         verdict = run_probe(exp, cache_dir, manifest, client=client)
-        plan.apply_verdict(exp, verdict)
+        verdicts.apply_verdict(exp, verdict)
     except FwrayError as e:
         print(f"fwray: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["errors", "config", "tokens", "loader", "model", "hardware", "memory", "engine", "trial", "plan", "checkpoint",
+PURE = ["errors", "config", "tokens", "loader", "model", "hardware", "memory", "engine", "trial", "figures", "verdict", "checkpoint",
         "data_report"]
 
 SCRIPT = textwrap.dedent("""
