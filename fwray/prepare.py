@@ -148,19 +148,31 @@ def _run_task(row: dict) -> dict:
 # ---------------------------------------------------------------- the driver
 
 
+def cache_entry(data: DataConfig, files: list[InputFile]) -> tuple[Path, str]:
+    """The cache folder the inputs and settings map to, and their fingerprint."""
+    fp = fingerprint(files, output_settings(data), FORMAT_VERSION)
+    return Path(data.cache_dir).expanduser().resolve() / fp[:16], fp
+
+
+def cached(data: DataConfig, files: list[InputFile]) -> tuple[Path, dict] | None:
+    """The whole cache entry of these inputs and settings, with its manifest, or None: nothing is prepared."""
+    entry, fp = cache_entry(data, files)
+    manifest = tokens.read_manifest(entry)
+    return (entry, manifest) if manifest is not None and _entry_is_whole(entry, manifest, fp) else None
+
+
 def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
     """Token shards + manifest for `exp.data`: from the cache when the inputs and settings are unchanged."""
     data = exp.data
     files = [inspect_file(p, data) for p in resolve_paths(data.paths)]
     tokens.get_tokenizer(data.tokenizer)  # fail here, in one line, rather than in every task
     settings = output_settings(data)
-    fp = fingerprint(files, settings, FORMAT_VERSION)
-    cache = Path(data.cache_dir).expanduser().resolve()
-    entry = cache / fp[:16]
-    manifest = tokens.read_manifest(entry)
-    if manifest is not None and _entry_is_whole(entry, manifest, fp):
+    entry, fp = cache_entry(data, files)
+    cache = entry.parent
+    hit = cached(data, files)
+    if hit is not None:
         _say(progress, f"prepare: cached {entry}")
-        return entry, manifest
+        return hit
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
