@@ -20,13 +20,14 @@ variables set after ray.init).
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 
 import torch
 
-from . import hardware, memory
+from . import checkpoint, hardware, memory
 from .config import Experiment
 from .engine import Engine
 from .errors import ProbeError
@@ -47,6 +48,10 @@ class ProbeJob:
     val_files: tuple[str, ...]
     use_gpu: bool
     inject: str = ""  # FWRAY_PROBE_INJECT_OOM, read in the driver
+    # CPU trials time the step only below this; fwray.plan raises it to time small models on a CPU it plans for
+    cpu_timing_max_flops: float = CPU_TIMING_MAX_FLOPS
+    # fwray.plan: also time one evaluation batch and one checkpoint write (what each evaluation of a run costs)
+    time_evaluation: bool = False
 
 
 # ---------------------------------------------------------------- one candidate (runs inside a Tune trial)
@@ -101,7 +106,7 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
         device = torch.device("cpu")
         out.update(method="cpu-estimate", peak_gb=est["reserved"] / GIB, cap_gb=usable_bytes(exp) / GIB)
         flops = _flops(run, batch_size * accum * steps + eval_bs)
-        if flops > CPU_TIMING_MAX_FLOPS:
+        if flops > job.cpu_timing_max_flops:
             out["reason"] = f"tokens/s not timed: {flops / 1e12:.0f} TFLOP is too much for a CPU"
             return out
     else:
@@ -147,8 +152,12 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
                 raise torch.OutOfMemoryError(f"injected by {INJECT_ENV}")
             return batches.val_batch(i)
 
-        engine.evaluate(val_batch, 1)
+        start = time.perf_counter()
+        engine.evaluate(val_batch, 1)  # .item() inside: waits for the device
         out["tokens_per_s"] = (steps - 1) * accum * batch_size * exp.model.block_size / elapsed
+        if job.time_evaluation:
+            out["eval_batch_s"] = time.perf_counter() - start
+            out["checkpoint_s"] = _checkpoint_seconds(engine, run)
     except torch.OutOfMemoryError as e:
         where = "during eval" if stage[0] == "eval" else f"at {stage[0]}{_phase(e)}"
         out.update(status="oom", reason=f"OOM {where}" + (f" ({e})" if inject else ""))
@@ -162,6 +171,14 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
         out.update(peak_alloc_gb=stats["peak_alloc_gb"], peak_reserved_gb=stats["peak_reserved_gb"],
                    peak_gb=stats["peak_reserved_gb"])
     return out
+
+
+def _checkpoint_seconds(engine: Engine, exp: Experiment) -> float:
+    """One training state written as a run writes it at each evaluation (Ray then copies it into its storage)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        checkpoint.save_state(tmp, engine.state(0, {}), exp)
+        return time.perf_counter() - start
 
 
 def _flops(exp: Experiment, sequences: int) -> float:
