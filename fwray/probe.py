@@ -106,7 +106,8 @@ def _result(r) -> dict:
 
 _KEYS = {"batch_size", "activation_checkpointing", "compile", "eval_batch_size", "probe_accumulation", "status",
          "reason", "tokens_per_s", "predicted_gb", "method", "peak_gb", "peak_alloc_gb", "peak_reserved_gb",
-         "device", "cap_gb", "measured_context_gb", "predicted_alloc_gb", "eval_batch_s", "checkpoint_s"}
+         "device", "cap_gb", "measured_context_gb", "predicted_alloc_gb", "eval_batch_s", "checkpoint_s",
+         "samples_s"}
 
 
 def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, out_dir: Path) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, hardware, memory
+from . import artifacts, checkpoint, hardware, memory, tokens
 from .config import Experiment
 from .engine import Engine
 from .errors import ProbeError
@@ -152,12 +152,13 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
                 raise torch.OutOfMemoryError(f"injected by {INJECT_ENV}")
             return batches.val_batch(i)
 
-        start = time.perf_counter()
-        engine.evaluate(val_batch, 1)  # .item() inside: waits for the device
+        engine.evaluate(val_batch, 1)
         out["tokens_per_s"] = (steps - 1) * accum * batch_size * exp.model.block_size / elapsed
-        if job.time_evaluation:
-            out["eval_batch_s"] = time.perf_counter() - start
-            out["checkpoint_s"] = _checkpoint_seconds(engine, run)
+        if job.time_evaluation:  # warm now: two more batches, timed
+            start = time.perf_counter()
+            engine.evaluate(val_batch, 2)  # .item() inside: waits for the device
+            out["eval_batch_s"] = (time.perf_counter() - start) / 2
+            out.update(_evaluation_extras(engine, run))
     except torch.OutOfMemoryError as e:
         where = "during eval" if stage[0] == "eval" else f"at {stage[0]}{_phase(e)}"
         out.update(status="oom", reason=f"OOM {where}" + (f" ({e})" if inject else ""))
@@ -173,12 +174,18 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
     return out
 
 
-def _checkpoint_seconds(engine: Engine, exp: Experiment) -> float:
-    """One training state written as a run writes it at each evaluation (Ray then copies it into its storage)."""
+def _evaluation_extras(engine: Engine, exp: Experiment) -> dict:
+    """Seconds of what a run does at an evaluation besides its forward passes: the training state written as a
+    checkpoint (Ray then copies it into its storage), and the sample generations (fwray.artifacts)."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         checkpoint.save_state(tmp, engine.state(0, {}), exp)
-        return time.perf_counter() - start
+        saved = time.perf_counter()
+    enc = tokens.get_tokenizer(exp.data.tokenizer)
+    start_samples = time.perf_counter()
+    artifacts.samples_text(engine.raw_model, enc, 0, artifacts.PROMPTS[:artifacts.SAMPLE_COUNT],
+                           artifacts.SAMPLE_TOKENS, seed=exp.train.seed)
+    return {"checkpoint_s": saved - start, "samples_s": time.perf_counter() - start_samples}
 
 
 def _flops(exp: Experiment, sequences: int) -> float:
