@@ -36,9 +36,10 @@ def figures(exp: Experiment, manifest: dict) -> dict[str, float]:
 GENERIC_MFU = 0.40
 # What one evaluation costs besides its forward passes, where fwray.plan --measure has not timed it: the checkpoint
 # (fp32 weights and AdamW's two moments, 12 bytes a parameter) is serialised, fsynced, then copied into Ray's
-# storage, ~0.5 GB/s end to end on a local SSD; the samples, the loss curve and their MLflow records ~1 s.
+# storage, ~0.5 GB/s end to end on a local SSD; the samples (144 tokens generated), the loss curve and their MLflow
+# records ~2 s with a GPU (on a CPU the samples alone take 5-20 s: fwray.plan --measure times them).
 CHECKPOINT_BYTES_PER_S = 0.5e9
-EVAL_FIXED_S = 1.0
+EVAL_FIXED_S = 2.0
 FORWARD_SPEEDUP = 3  # a forward pass costs about 1/3 of forward + backward (2N of 6N FLOPs a token)
 
 
@@ -82,7 +83,7 @@ def throughput(exp: Experiment, flops_per_tok: float) -> tuple[float | None, str
             " (set hardware.gpu, e.g. \"RTX 4070\", or hardware.peak_tflops)")
     mfu, source = assumed_mfu(exp, gpu, peak)
     tok_s = mfu * peak * 1e12 / flops_per_tok * exp.resources.num_workers
-    return tok_s, f"{gpu or 'this GPU'}: {peak:g} TFLOPS x {mfu:.0%} MFU ({source})"
+    return tok_s, f"{gpu or 'this GPU'}: {peak:.3g} TFLOPS x {mfu:.0%} MFU ({source})"
 
 
 def evaluations(train: TrainConfig) -> int:
@@ -125,11 +126,12 @@ def describe(exp: Experiment, fig: dict[str, float]) -> str:
         f"= {fig['epochs']:.2f} epochs over the train split ({fig['total_flops']:.3g} FLOPs)",
         f"  data         train {fig['train_documents']:,} documents / {fig['train_tokens']:,} tokens; "
         f"val {fig['val_documents']:,} documents / {fig['val_tokens']:,} tokens",
-        "  time         " + (f"~{_duration(fig['predicted_seconds'])} of training at {fig['predicted_tokens_per_s']:,.0f} "
-                              f"tokens/s ({fig['throughput_source']}), {fig['evaluations']} evaluations of "
-                              f"~{fig['predicted_eval_s']:.1f} s included; the run logs the measured figures"
-                              if "predicted_seconds" in fig else "no prediction: no known GPU (set hardware.gpu, e.g. "
-                              "\"RTX 4070\", or hardware.peak_tflops)"),
+        "  time         " + (f"~{_duration(fig['predicted_seconds'])} of training at "
+                              f"{fig['predicted_tokens_per_s']:,.0f} tokens/s ({fig['throughput_source']}), "
+                              f"{fig['evaluations']} evaluations of ~{fig['predicted_eval_s']:.1f} s included; the run "
+                              f"logs the measured figures" if "predicted_seconds" in fig else
+                              "no prediction: no known GPU (set hardware.gpu, e.g. \"RTX 4070\", or "
+                              "hardware.peak_tflops)"),
     ])
 
 
@@ -142,7 +144,8 @@ def outcome(fig: dict[str, float], summary: dict, predicted_peak_gb: float | Non
     loop, evaluations included), peak memory, and the measured / predicted ratios."""
     out = {"measured_tokens_per_s": summary.get("tokens_per_s"), "measured_seconds": summary.get("seconds"),
            "measured_hours": summary.get("seconds", 0) / 3600,
-           "predicted_tokens_per_s": fig.get("predicted_tokens_per_s"), "predicted_seconds": fig.get("predicted_seconds"),
+           "predicted_tokens_per_s": fig.get("predicted_tokens_per_s"),
+           "predicted_seconds": fig.get("predicted_seconds"),
            "predicted_peak_gb": predicted_peak_gb, "measured_peak_gb": summary.get("peak_reserved_gb")}
     for what, key in (("speed", "tokens_per_s"), ("time", "seconds")):
         if out[f"measured_{key}"] and out[f"predicted_{key}"]:

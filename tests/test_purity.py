@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["errors", "config", "tokens", "loader", "model", "hardware", "memory", "engine", "trial", "figures", "verdict", "checkpoint",
-        "data_report"]
+PURE = ["errors", "config", "tokens", "loader", "model", "hardware", "memory", "engine", "trial", "figures", "verdict",
+        "checkpoint", "data_report", "scaling", "data_size", "candidates", "plan"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, sys, tempfile
