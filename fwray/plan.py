@@ -13,6 +13,7 @@ The functions above main() are pure (no ray, no mlflow): main and the --measure 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -60,8 +61,9 @@ def make_plan(exp: Experiment, budget_s: float, data: DataSize, target: Target, 
     """Rank the family by the law's loss, keep the best that fits the card, and fill in the table around it.
 
     speed_exp: the experiment whose hardware section gives the predicted speed (peak x MFU). measure: times
-    experiments on the target (the --measure path), returning for each None or the trial's timings: tokens_per_s (of
-    the run, all workers), eval_batch_s, checkpoint_s, samples_s."""
+    experiments on the target (the --measure path), returning for each None (not timed), {"oom": why} (it did not
+    fit the card) or the trial's timings: tokens_per_s (of the run, all workers), eval_batch_s, checkpoint_s,
+    samples_s."""
     # a plan file fed back in: its figures were for its own shape, not the family's
     exp = exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
     speed_exp = speed_exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
@@ -126,8 +128,13 @@ def make_plan(exp: Experiment, budget_s: float, data: DataSize, target: Target, 
             cands[[x.depth for x in cands].index(c.depth)] = c
         # each with its predicted speed: a CPU trial sizes its timed steps by it
         shaped = [cand.with_shape(exp, c).with_changes("hardware", tokens_per_s=c.tokens_per_s) for c in todo]
+        results = measure(shaped)
         timed = {c.depth: (m["tokens_per_s"], cand.measured_eval_seconds(e, m, budget_s))
-                 for c, e, m in zip(todo, shaped, measure(shaped)) if m}
+                 for c, e, m in zip(todo, shaped, results) if m and "oom" not in m}
+        for c, m in zip(todo, results):  # the card said no: the estimate was wrong for this one
+            if m and "oom" in m:
+                cands[[x.depth for x in cands].index(c.depth)] = dataclasses.replace(
+                    c, fits=False, memory_note=f"{m['oom']} at micro-batch {c.micro_batch} in the probe's trial")
         measured |= {c.depth for c in todo}
         cands, scale = _with_measurements(exp, speed_exp, cands, timed, budget_s, data.train_tokens)
         cands, best = best_of(cands)

@@ -129,6 +129,10 @@ def measurer(exp: Experiment, target: Target, out_dir: Path):
         results = probe.sweep(jobs, trials, out_dir / f"measure-{len(rounds)}", cpus)
         out = []
         for e, r in zip(exps, results):
+            if r["status"] == "oom":
+                print(f"measure: depth {e.model.n_layer} does not fit the card ({r['reason']})", flush=True)
+                out.append({"oom": r["reason"]})
+                continue
             if r["status"] != "ok" or not r.get("tokens_per_s") or "eval_batch_s" not in r:
                 print(f"measure: depth {e.model.n_layer} not timed ({r['reason'] or r['status']}): its speed is "
                       f"scaled from the others", flush=True)

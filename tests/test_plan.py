@@ -139,6 +139,40 @@ def test_a_budget_too_small_or_a_card_too_small_is_one_plan_error():
         plan.make_plan(exp, 3600, data(), CARD, speed, depths=[2, 4], estimate=linear_estimate(per_sequence_gb=20))
 
 
+def test_measured_speeds_replace_the_prediction_and_scale_the_rest():
+    """--measure's arithmetic, with the trials' timings given: measured shapes use them, the others are scaled by
+    the measured / predicted ratio, and a shape the card refuses is out."""
+    exp = full("probe.enabled=false")
+    speed = exp.with_changes("hardware", gpu="Test Card", peak_tflops=100.0, assumed_mfu=0.5)
+    timed, refused = [], []
+
+    def measure(exps):  # half the predicted speed; the largest shape of the first call runs out of memory
+        refused.append(refused[0] if refused else max(e.model.n_layer for e in exps))
+        timed.extend(e.model.n_layer for e in exps)
+        return [{"oom": "OOM at step 1"} if e.model.n_layer == refused[0] else
+                {"tokens_per_s": 0.5 * e.hardware.tokens_per_s, "eval_batch_s": 0.1, "checkpoint_s": 1.0,
+                 "samples_s": 2.0} for e in exps]
+
+    p = plan.make_plan(exp, 6 * 3600, data(), CARD, speed, depths=range(8, 17, 2), estimate=linear_estimate(),
+                       measure=measure)
+    by_depth = {c.depth: c for c in p.cands}
+    assert len(timed) == len(set(timed)) >= 3  # the best and its neighbours, each timed once
+    k = cand.evaluation_intervals(6 * 3600)  # samples at every evaluation but the one at step 0
+    for d in set(timed) - {refused[0]}:
+        c = by_depth[d]
+        assert c.speed_source == "measured"
+        predicted = 0.5 * 100e12 / c.flops_per_token
+        assert c.tokens_per_s == pytest.approx(0.5 * predicted, rel=1e-3)
+        e = cand.with_shape(exp, c)
+        assert c.eval_s == pytest.approx(e.train.eval_iters * 0.1 + 2 * 1.0 + 2.0 * k / (k + 1) + cand.EVAL_RECORDS_S,
+                                         abs=0.01)
+    untimed = [c for c in p.cands if c.depth not in timed]
+    assert untimed and all(c.speed_source == "scaled" and c.tokens_per_s == pytest.approx(
+        0.25 * 100e12 / c.flops_per_token, rel=1e-3) for c in untimed)
+    assert by_depth[refused[0]].fits is False and "probe's trial" in by_depth[refused[0]].memory_note
+    assert p.best.depth != refused[0] and "measured on this machine" in plan.table(p)
+
+
 # ---------------------------------------------------------------- the data's size
 
 
