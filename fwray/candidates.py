@@ -65,7 +65,8 @@ class Candidate:
     seconds: float = 0.0  # predicted training time (steps and evaluations)
     tokens: int = 0
     epochs: float = 0.0
-    law: float = math.inf
+    law: float = math.inf  # the published law (scaling.loss)
+    law_small: float = math.inf  # its small-scale form (scaling.small_scale_loss), what ranks below its fitted range
 
     @property
     def tokens_per_param(self) -> float:
@@ -216,19 +217,33 @@ def schedule(exp: Experiment, c: Candidate, budget_s: float, train_tokens: int) 
             break
         steps -= 1  # an evaluation more than the estimate (rounding): a step or two
     if steps <= 0:
-        return dataclasses.replace(c, max_iters=0, seconds=0.0, tokens=0, epochs=0.0, law=math.inf)
+        return dataclasses.replace(c, max_iters=0, seconds=0.0, tokens=0, epochs=0.0, law=math.inf,
+                                   law_small=math.inf)
     tokens = steps * exp.tokens_per_step
     return dataclasses.replace(c, max_iters=steps, eval_interval=e.train.eval_interval, seconds=seconds,
                                tokens=tokens, epochs=tokens / train_tokens,
-                               law=scaling.loss(c.params, tokens, train_tokens))
+                               law=scaling.loss(c.params, tokens, train_tokens),
+                               law_small=scaling.small_scale_loss(c.params - embedding_params(c.model), tokens,
+                                                                  train_tokens))
+
+
+def embedding_params(model: ModelConfig) -> int:
+    """The token table, and the position table where the recipe learns one (gpt2)."""
+    positions = model.block_size if getattr(model, "recipe", "gpt2") == "gpt2" else 0
+    return (model.vocab_size + positions) * model.n_embd
+
+
+def modelled_eval_seconds(exp: Experiment, c: Candidate, tokens_per_s: float) -> float:
+    """fwray.figures' model of one evaluation at `tokens_per_s` (at the micro-batch, or the largest before it is
+    known)."""
+    return figures.eval_seconds(with_shape(exp, c, c.micro_batch or micro_batches(exp)[-1]), tokens_per_s, c.params)
 
 
 def with_speed(exp: Experiment, c: Candidate, tokens_per_s: float, source: str,
                eval_s: float | None = None) -> Candidate:
-    """The candidate at `tokens_per_s`; an evaluation's cost modelled by fwray.figures unless measured."""
+    """The candidate at `tokens_per_s`; an evaluation's cost modelled by fwray.figures unless given."""
     if eval_s is None:
-        eval_s = figures.eval_seconds(with_shape(exp, c, c.micro_batch or micro_batches(exp)[-1]), tokens_per_s,
-                                      c.params)
+        eval_s = modelled_eval_seconds(exp, c, tokens_per_s)
     # rounded as the experiment file writes them: the run predicts its time from the same figures
     return dataclasses.replace(c, tokens_per_s=round(tokens_per_s, 1), speed_source=source, eval_s=round(eval_s, 2))
 
@@ -248,9 +263,19 @@ def measured_eval_seconds(exp: Experiment, m: dict, budget_s: float) -> float:
 # ---------------------------------------------------------------- the recommendation
 
 
+def small_scale(cands: list[Candidate]) -> bool:
+    """Whether the budget is below the law's fitted range for every shape: then its small-scale form ranks."""
+    return max(c.tokens for c in cands) < scaling.FITTED_MIN_TOKENS
+
+
+def ranking_loss(c: Candidate, small: bool) -> float:
+    return c.law_small if small else c.law
+
+
 def ranked(cands: list[Candidate]) -> list[Candidate]:
-    """Lowest law loss first; those without enough steps last."""
-    return sorted(cands, key=lambda c: (c.max_iters < MIN_STEPS, round(c.law, 4), c.depth))  # a tie: the smaller
+    """Lowest law loss first (the small-scale form below the fitted range); those without enough steps last."""
+    small = small_scale(cands)
+    return sorted(cands, key=lambda c: (c.max_iters < MIN_STEPS, round(ranking_loss(c, small), 4), c.depth))
 
 
 def neighbours(cands: list[Candidate], best: Candidate) -> tuple[Candidate | None, Candidate | None]:
@@ -272,9 +297,12 @@ def why(best: Candidate, smaller: Candidate | None, larger: Candidate | None) ->
             parts.append(f"bigger models do not fit the card (depth {larger.depth}: {larger.memory_note})")
         elif larger.max_iters < MIN_STEPS:
             parts.append(f"bigger models get fewer than {MIN_STEPS} steps in the budget")
-        elif larger.epochs < 1:
+        elif larger.epochs < 1 <= best.epochs:
             parts.append(f"bigger models run out of time before 1 epoch (depth {larger.depth}: "
                          f"{larger.epochs:.2f} epochs)")
+        elif larger.epochs < 1:
+            parts.append(f"bigger models get too few steps (depth {larger.depth}: {larger.max_iters:,} steps, "
+                         f"{larger.tokens / 1e6:,.2f}M tokens)")
         else:
             parts.append(f"bigger models see fewer tokens per parameter (depth {larger.depth}: "
                          f"{larger.tokens_per_param:.3g}, {larger.epochs:.1f} epochs)")

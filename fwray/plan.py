@@ -51,6 +51,14 @@ class Plan:
     def shown(self) -> list[Candidate]:
         return cand.window(self.cands, self.best)
 
+    @property
+    def small(self) -> bool:
+        """Below the law's fitted range: its small-scale form ranks (fwray.scaling)."""
+        return cand.small_scale(self.cands)
+
+    def law(self, c: Candidate) -> float:
+        return cand.ranking_loss(c, self.small)
+
 
 # ---------------------------------------------------------------- the plan (pure)
 
@@ -162,26 +170,34 @@ def _predicted(speed_exp: Experiment, c: Candidate) -> float | None:
 def _speed(speed_exp: Experiment, c: Candidate) -> Candidate:
     """The candidate at its predicted speed, or as measured (or scaled) before; the evaluation's cost for its
     micro-batch."""
-    if c.speed_source == "measured":
-        return cand.with_speed(speed_exp, c, c.tokens_per_s, "measured", c.eval_s)
+    if c.speed_source in ("measured", "scaled"):  # their evaluation's cost came with the measurement
+        return cand.with_speed(speed_exp, c, c.tokens_per_s, c.speed_source, c.eval_s)
     tok_s = _predicted(speed_exp, c)
     if tok_s is None:
         return c
-    if c.speed_source == "scaled":
-        return cand.with_speed(speed_exp, c, c.tokens_per_s, "scaled")
     return cand.with_speed(speed_exp, c, tok_s, "rough" if speed_exp.hardware.gpu == "cpu" else "peak x MFU")
 
 
 def _with_measurements(exp, speed_exp, cands, results: dict, budget_s, train_tokens) -> tuple[list[Candidate], float]:
-    """Measured speeds where timed; the others' predictions scaled by the measured / predicted ratio (geometric
-    mean over every shape measured so far)."""
+    """Measured speeds and evaluation costs where timed; the others' predictions scaled by the measured / predicted
+    ratios (geometric means over every shape measured so far)."""
     cands = [cand.with_speed(speed_exp, c, results[c.depth][0], "measured", results[c.depth][1])
              if results.get(c.depth) else c for c in cands]
-    ratios = [math.log(c.tokens_per_s / _predicted(speed_exp, c)) for c in cands if c.speed_source == "measured"]
-    scale = math.exp(sum(ratios) / len(ratios)) if ratios else 1.0
-    cands = [c if c.speed_source == "measured" else
-             cand.with_speed(speed_exp, c, _predicted(speed_exp, c) * scale, "scaled") for c in cands]
-    return [cand.schedule(exp, c, budget_s, train_tokens) for c in cands], scale
+    measured = [c for c in cands if c.speed_source == "measured"]
+
+    def mean_ratio(ratios):
+        return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
+
+    scale = mean_ratio([c.tokens_per_s / _predicted(speed_exp, c) for c in measured])
+    eval_scale = mean_ratio([c.eval_s / cand.modelled_eval_seconds(speed_exp, c, c.tokens_per_s) for c in measured])
+    out = []
+    for c in cands:
+        if c.speed_source != "measured":
+            tok_s = _predicted(speed_exp, c) * scale
+            c = cand.with_speed(speed_exp, c, tok_s, "scaled",
+                                cand.modelled_eval_seconds(speed_exp, c, tok_s) * eval_scale)
+        out.append(cand.schedule(exp, c, budget_s, train_tokens))
+    return out, scale
 
 
 def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
@@ -206,7 +222,7 @@ def _tokens(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def _row(c: Candidate, best: Candidate) -> tuple[str, ...]:
+def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
     m = c.model
     mb = (f"{c.micro_batch} x {c.accumulation}" if c.fits else "no fit" if c.fits is False else "-")
     peak = f"{c.peak_bytes / 2**30:.2f}" if c.peak_bytes else "-"
@@ -215,14 +231,14 @@ def _row(c: Candidate, best: Candidate) -> tuple[str, ...]:
             f"{c.params / 1e6:.1f}M", f"{c.flops_per_token / 1e6:,.0f}", mb, peak,
             f"{c.tokens_per_s:,.0f} {c.speed_source}", f"{c.max_iters:,}" if steps_ok else f"<{cand.MIN_STEPS}",
             _tokens(c.tokens), f"{c.epochs:.2f}", f"{c.tokens_per_param:.3g}",
-            f"{c.law:.3f}" if steps_ok else "-")
+            f"{law:.3f}" if steps_ok else "-")
 
 
 def table(plan: Plan) -> str:
     t, b, exp = plan.target, plan.best, plan.exp
     head = ("depth", "shape", "params", "MFLOP/tok", "micro x acc", "est. GB", "tokens/s", "steps", "tokens",
             "epochs", "tok/param", "law loss")
-    rows = [head] + [_row(c, b) for c in plan.shown]
+    rows = [head] + [_row(c, b, plan.law(c)) for c in plan.shown]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w) if i not in (1, 6) else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -248,6 +264,9 @@ def table(plan: Plan) -> str:
         f"{figures.GENERIC_MFU:.0%}",
         "law loss: Muennighoff et al. 2023's data-constrained scaling law (C4 units), used only to rank the "
         "candidates; not the loss the run will reach" + (f"; {hidden} other depths not shown" if hidden else ""),
+        *([f"          below the law's fitted range ({scaling.FITTED_MIN_TOKENS / 1e6:.0f}M tokens) its small-scale "
+           f"form ranks: non-embedding parameters, no excess-parameter discount without repeated data "
+           f"(fwray/scaling.py says why)"] if plan.small else []),
         f"time: steps at the speed shown plus {pred['evaluations']} evaluations (~{b.eval_s:.1f} s each, checkpoint "
         f"included) within the budget; preparing the data and starting Ray come on top",
         "",
@@ -300,7 +319,8 @@ def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str
         f"{exp.tokens_per_step:,} tokens" + (f" (estimated peak {c.peak_bytes / 2**30:.2f} GB of "
                                               f"{plan.target.limit_bytes / 2**30:.2f} GB)" if c.peak_bytes else ""),
         f"budget: {plan.budget_s / 3600:g} h => {c.max_iters:,} steps = {c.tokens:,} tokens = {c.epochs:.2f} epochs, "
-        f"{c.tokens_per_param:.3g} tokens per parameter; law loss {c.law:.3f} (ranking only)",
+        f"{c.tokens_per_param:.3g} tokens per parameter; law loss {plan.law(c):.3f} (ranking only"
+        f"{', small-scale form' if plan.small else ''})",
         f"predicted: {c.tokens_per_s:,.0f} tokens/s ({c.speed_source}); {_duration(pred['predicted_seconds'])} of "
         f"training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
         f"why: {plan.why}" if c is plan.best else f"a neighbour of the recommendation, {plan.best.describe()}",

@@ -171,7 +171,8 @@ def track(client, plan, text: str, out_dir: Path, written: Path | None, command:
         "train.batch_size": b.micro_batch, "train.gradient_accumulation_steps": b.accumulation,
         "train.max_iters": b.max_iters, "train.eval_interval": chosen.train.eval_interval, "tokens": b.tokens,
         "epochs": round(b.epochs, 4), "tokens_per_s": round(b.tokens_per_s), "speed_source": b.speed_source,
-        "predicted_seconds": round(b.seconds, 1), "law_loss": round(b.law, 4), "why": plan.why})
+        "predicted_seconds": round(b.seconds, 1), "law_loss": round(plan.law(b), 4),
+        "law_form": "small-scale" if plan.small else "published", "why": plan.why})
     for path in [out_dir / "plan_table.txt", out_dir / "plan.json"] + ([written] if written else []):
         client.log_artifact(run_id, str(path))
     tracking.finish(client, run_id, True)
