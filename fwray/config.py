@@ -248,15 +248,24 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class HardwareConfig:
     peak_tflops: float | None = None  # overrides the peak-FLOPs table for MFU
-    gpu: str | None = None  # the card the plan predicts for (e.g. "RTX 4070"); None => the one torch sees
-    assumed_mfu: float = 0.40  # for the plan's time prediction; the run measures the real one
+    gpu: str | None = None  # the card the plan predicts for (e.g. "RTX 4070", or "cpu"); None => the one torch sees
+    # for the time prediction; None => from the card's public reference throughput (fwray.figures.assumed_mfu), else
+    # 0.40. The run measures the real one
+    assumed_mfu: float | None = None
+    tokens_per_s: float | None = None  # planned training tokens/s (fwray.plan --measure writes it): overrides MFU
+    eval_seconds: float | None = None  # planned seconds of one evaluation and its checkpoint (fwray.plan writes it)
 
     SECTION: typing.ClassVar[str] = "hardware"
 
     def __post_init__(self):
         _check(self.peak_tflops is None or self.peak_tflops > 0, "hardware.peak_tflops", self.peak_tflops,
                "must be positive")
-        _check(0 < self.assumed_mfu <= 1, "hardware.assumed_mfu", self.assumed_mfu, "must be in (0, 1]")
+        _check(self.assumed_mfu is None or 0 < self.assumed_mfu <= 1, "hardware.assumed_mfu", self.assumed_mfu,
+               "must be in (0, 1]")
+        _check(self.tokens_per_s is None or self.tokens_per_s > 0, "hardware.tokens_per_s", self.tokens_per_s,
+               "must be positive")
+        _check(self.eval_seconds is None or self.eval_seconds >= 0, "hardware.eval_seconds", self.eval_seconds,
+               "must be 0 or more")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,32 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
     "rtx 3070": 40.6, "rtx 3060 ti": 32.4, "rtx 3060": 25.5,
 }
 
+# Memory, GB, by the same names: what fwray.plan plans for when probe.gpu_memory_gb is not set. Cards sold with two
+# memory sizes under one name (RTX 4060 Ti 8/16 GB, RTX 3060 8/12 GB, ...) are left out: say probe.gpu_memory_gb.
+GPU_MEMORY_GB: dict[str, float] = {
+    "h200": 141, "h200 nvl": 141, "h100 80gb hbm3": 80, "h100 sxm5 80gb": 80, "h100 pcie": 80, "h100 nvl": 94,
+    "a100 sxm4 80gb": 80, "a100 sxm4 40gb": 40, "a100 pcie 40gb": 40, "a100 80gb pcie": 80, "a800 80gb pcie": 80,
+    "a10g": 24, "a10": 24, "a30": 24, "a40": 48, "l4": 24, "l40": 48, "l40s": 48,
+    "rtx a6000": 48, "rtx a5000": 24, "rtx a4000": 16, "rtx 6000 ada generation": 48,
+    "rtx 5090": 32, "rtx 5080": 16, "rtx 5070 ti": 16, "rtx 5070": 12,
+    "rtx 4090": 24, "rtx 4090 d": 24, "rtx 4080 super": 16, "rtx 4080": 16, "rtx 4070 ti super": 16,
+    "rtx 4070 ti": 12, "rtx 4070 super": 12, "rtx 4070": 12, "rtx 4060": 8,
+    "rtx 3090 ti": 24, "rtx 3090": 24, "rtx 3080 ti": 12, "rtx 3070 ti": 8, "rtx 3070": 8, "rtx 3060 ti": 8,
+}
+
+# Public training throughput of a known model on a card, from which the time prediction takes that card's MFU
+# (fwray.figures.assumed_mfu): tokens/s, the model as a ModelConfig's keyword arguments, and where it comes from.
+REFERENCE_THROUGHPUT: dict[str, tuple[float, dict, str]] = {
+    "rtx 4070": (56_000, dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+                 "GPT-2 124M with nanoGPT, bf16, compiled"),  # fwray's DESIGN.md
+}
+
+
+def table_memory(gpu_name: str) -> float | None:
+    """The table's memory in GB for a GPU name such as 'NVIDIA GeForce RTX 4070' or 'RTX 4070'."""
+    return GPU_MEMORY_GB.get(normalise_gpu_name(gpu_name))
+
+
 # One allocator configuration for the probe and for training, set before CUDA starts in every process that trains
 # or probes: expandable segments grow one mapping instead of caching fixed blocks, so reserved memory stays close to
 # allocated memory and a 12 GB card does not run out through fragmentation.

@@ -1,176 +1,410 @@
-"""The plan: the true figures of an experiment over its prepared data, shown before training and logged; and the
-probe's verdict: which candidates fit, which one to train with, the accumulation that keeps tokens per step."""
+"""`python -m fwray.plan EXP.yaml --hours H [--gpu NAME] [--measure] [--write OUT.yaml] [section.key=value ...]`:
+what to train on this data, on this card, in H hours of training.
+
+The data's size comes from the prepared cache, else the parquet's token_count column, else a tokenized sample
+(fwray.data_size). Each shape of the family (fwray.candidates) gets the micro-batch that fits the card (fwray.memory's
+CPU estimate, the probe's margin), a speed (the card's peak x MFU, fwray.figures; with --measure the probe's Ray Tune
+trials time the best shapes on this machine), the steps that fit the budget with their evaluations, and the loss of
+Muennighoff et al.'s data-constrained law (fwray.scaling), used only to rank them. The plan is printed, logged as an
+MLflow run (tag fwray.kind=plan), and with --write becomes an experiment file that `python -m fwray.run` trains.
+
+The functions above main() are pure (no ray, no mlflow): main and the --measure path import those where they are used.
+"""
 from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 
-from . import hardware
+from . import __version__, candidates as cand, config, figures, scaling
+from .candidates import Candidate, PlanError, Target
 from .config import Experiment
-from .errors import ProbeError
-from .trial import accumulation_for
-from .model import count_params, flops_per_token
+from .data_size import DataSize
+
+TABLE = "plan_table.txt"
 
 
-def figures(exp: Experiment, manifest: dict) -> dict[str, float]:
-    """Parameters, tokens per step, total tokens, epochs and the split sizes of a resolved experiment."""
-    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    params = count_params(exp.model)
-    fpt = flops_per_token(exp.model, params)
-    total = exp.train.max_iters * exp.tokens_per_step
-    return {
-        "params": params,
-        "tokens_per_step": exp.tokens_per_step,
-        "max_iters": exp.train.max_iters,
-        "total_train_tokens": total,
-        "epochs": total / train["tokens"],
-        "train_documents": train["documents"], "train_tokens": train["tokens"],
-        "val_documents": val["documents"], "val_tokens": val["tokens"],
-        "flops_per_token": fpt,
-        "total_flops": fpt * total,
-        **predicted_speed(exp, fpt, total),
-    }
+@dataclass
+class Plan:
+    exp: Experiment
+    target: Target
+    budget_s: float
+    data: DataSize
+    cands: list[Candidate]  # the whole family, in depth order
+    best: Candidate
+    smaller: Candidate | None
+    larger: Candidate | None
+    why: str
+    speed_note: str
+    estimates: int = 0
+    estimate_s: float = 0.0
+
+    @property
+    def shown(self) -> list[Candidate]:
+        return cand.window(self.cands, self.best)
+
+    @property
+    def small(self) -> bool:
+        """Below the law's fitted range: its small-scale form ranks (fwray.scaling)."""
+        return cand.small_scale(self.cands)
+
+    def law(self, c: Candidate) -> float:
+        return cand.ranking_loss(c, self.small)
 
 
-def predicted_speed(exp: Experiment, flops_per_tok: float, total_tokens: int) -> dict[str, float]:
-    """tokens/s and hours on the target GPU at hardware.assumed_mfu; nothing where the peak is unknown."""
-    gpu = exp.hardware.gpu or (hardware.device_name(torch.device("cuda")) if torch.cuda.is_available() else None)
-    peak = exp.hardware.peak_tflops or (hardware.table_peak(gpu) if gpu else None)
-    if not peak:
-        return {}
-    tok_s = exp.hardware.assumed_mfu * peak * 1e12 / flops_per_tok * exp.resources.num_workers
-    return {"predicted_tokens_per_s": tok_s, "predicted_hours": total_tokens / tok_s / 3600}
+# ---------------------------------------------------------------- the plan (pure)
 
 
-def describe(exp: Experiment, fig: dict[str, float]) -> str:
-    t = exp.train
+def make_plan(exp: Experiment, budget_s: float, data: DataSize, target: Target, speed_exp: Experiment,
+              depths=cand.DEPTHS, estimate=cand.peak_bytes,
+              measure: Callable[[list[Experiment]], list[dict | None]] | None = None) -> Plan:
+    """Rank the family by the law's loss, keep the best that fits the card, and fill in the table around it.
+
+    speed_exp: the experiment whose hardware section gives the predicted speed (peak x MFU). measure: times
+    experiments on the target (the --measure path), returning for each None (not timed), {"oom": why} (it did not
+    fit the card) or the trial's timings: tokens_per_s (of the run, all workers), eval_batch_s, checkpoint_s,
+    samples_s."""
+    # a plan file fed back in: its figures were for its own shape, not the family's
+    exp = exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
+    speed_exp = speed_exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
+    cands = [_speed(speed_exp, c) for c in cand.family(exp.model, depths)]
+    if any(c.tokens_per_s is None for c in cands):
+        raise PlanError(f"{exp.source}: no speed for {target.name!r}: {figures.throughput(speed_exp, 1.0)[1]}; or "
+                        f"run with --measure on that card")
+    cands = [cand.schedule(exp, c, budget_s, data.train_tokens) for c in cands]
+    stats = {"estimates": 0, "seconds": 0.0}
+
+    def fitted(c: Candidate) -> Candidate:
+        if c.fits is not None:
+            return c
+        start = time.perf_counter()
+        c, n = cand.fit_memory(exp, c, target, estimate)
+        stats["estimates"] += n
+        stats["seconds"] += time.perf_counter() - start
+        # the evaluation's cost follows the micro-batch: time again with it
+        return cand.schedule(exp, _speed(speed_exp, c), budget_s, data.train_tokens) if c.fits else c
+
+    def best_of(cands: list[Candidate]) -> tuple[list[Candidate], Candidate]:
+        cands = list(cands)
+        for c in cand.ranked(cands):
+            if c.max_iters < cand.MIN_STEPS:
+                break
+            i = cands.index(c)
+            cands[i] = fitted(c)
+            if cands[i].feasible:
+                return cands, cands[i]
+        return cands, None
+
+    def too_little(cands: list[Candidate], measured: str = "") -> PlanError:
+        fastest = max(cands, key=lambda c: c.max_iters)
+        return PlanError(f"{budget_s / 3600:g} h is too little for any candidate{measured}: the fastest, "
+                         f"{fastest.describe()}, gets {fastest.max_iters} of the {cand.MIN_STEPS} optimizer steps of "
+                         f"{exp.tokens_per_step:,} tokens a plan needs; give more --hours or fewer tokens per step "
+                         f"(train.batch_size x gradient_accumulation_steps)")
+
+    cands, best = best_of(cands)
+    if best is None and measure is not None and all(c.max_iters < cand.MIN_STEPS for c in cands):
+        # a rough figure only picks what to time: time the fastest shapes, then decide
+        best = fitted(min(cands, key=lambda c: c.depth))
+        cands = [best if c.depth == best.depth else c for c in cands]
+    if best is None and all(c.max_iters < cand.MIN_STEPS for c in cands):
+        raise too_little(cands)
+    if best is None:
+        smallest = next(c for c in cands if c.fits is False)
+        raise PlanError(f"no candidate fits {target.name} ({target.limit_bytes / 2**30:.2f} GB usable with the "
+                        f"probe's margin): {smallest.describe()}: {smallest.memory_note}; shorten model.block_size "
+                        f"or plan for a bigger card")
+    measured: set[int] = set()
+    scale = 1.0
+    for _ in range(2):  # time the best and its neighbours; once more if that moves the best
+        if measure is None:
+            break
+        smaller, larger = cand.neighbours(cands, best)
+        todo = [fitted(c) for c in (smaller, best, larger) if c is not None and c.depth not in measured]
+        todo = [c for c in todo if c.fits]
+        if not todo:
+            break
+        for c in todo:
+            cands[[x.depth for x in cands].index(c.depth)] = c
+        # each with its predicted speed: a CPU trial sizes its timed steps by it
+        shaped = [cand.with_shape(exp, c).with_changes("hardware", tokens_per_s=c.tokens_per_s) for c in todo]
+        results = measure(shaped)
+        timed = {c.depth: (m["tokens_per_s"], cand.measured_eval_seconds(e, m, budget_s))
+                 for c, e, m in zip(todo, shaped, results) if m and "oom" not in m}
+        for c, m in zip(todo, results):  # the card said no: the estimate was wrong for this one
+            if m and "oom" in m:
+                cands[[x.depth for x in cands].index(c.depth)] = dataclasses.replace(
+                    c, fits=False, memory_note=f"{m['oom']} at micro-batch {c.micro_batch} in the probe's trial")
+        measured |= {c.depth for c in todo}
+        cands, scale = _with_measurements(exp, speed_exp, cands, timed, budget_s, data.train_tokens)
+        cands, best = best_of(cands)
+        if best is None:
+            raise too_little(cands, f" at the speeds measured on {target.name}")
+    shown = {c.depth for c in cand.window(cands, best)}
+    cands = [fitted(c) if c.depth in shown else c for c in cands]
+    best = next(c for c in cands if c.depth == best.depth)
+    smaller, larger = cand.neighbours(cands, best)
+    predicted = (f"this CPU's fp32 matmul speed, {speed_exp.hardware.peak_tflops:.3g} TFLOPS, x "
+                 f"{figures.GENERIC_MFU:.0%} (rough)" if speed_exp.hardware.gpu == "cpu" else
+                 figures.throughput(cand.with_shape(speed_exp, best), best.flops_per_token)[1])
+    timed = sorted(c.depth for c in cands if c.speed_source == "measured")
+    note = (f"measured on this machine by the probe's trials (depth {', '.join(map(str, timed))}); the other shapes "
+            f"at {scale:.2f}x the prediction from {predicted}" if timed else predicted)
+    return Plan(exp, target, budget_s, data, cands, best, smaller, larger, cand.why(best, smaller, larger), note,
+                stats["estimates"], stats["seconds"])
+
+
+def _predicted(speed_exp: Experiment, c: Candidate) -> float | None:
+    """tokens/s at the target's peak x MFU (for the CPU: its matmul speed x the generic MFU)."""
+    return figures.throughput(cand.with_shape(speed_exp, c), c.flops_per_token)[0]
+
+
+def _speed(speed_exp: Experiment, c: Candidate) -> Candidate:
+    """The candidate at its predicted speed, or as measured (or scaled) before; the evaluation's cost for its
+    micro-batch."""
+    if c.speed_source in ("measured", "scaled"):  # their evaluation's cost came with the measurement
+        return cand.with_speed(speed_exp, c, c.tokens_per_s, c.speed_source, c.eval_s)
+    tok_s = _predicted(speed_exp, c)
+    if tok_s is None:
+        return c
+    return cand.with_speed(speed_exp, c, tok_s, "rough" if speed_exp.hardware.gpu == "cpu" else "peak x MFU")
+
+
+def _with_measurements(exp, speed_exp, cands, results: dict, budget_s, train_tokens) -> tuple[list[Candidate], float]:
+    """Measured speeds and evaluation costs where timed; the others' predictions scaled by the measured / predicted
+    ratios (geometric means over every shape measured so far)."""
+    cands = [cand.with_speed(speed_exp, c, results[c.depth][0], "measured", results[c.depth][1])
+             if results.get(c.depth) else c for c in cands]
+    measured = [c for c in cands if c.speed_source == "measured"]
+
+    def mean_ratio(ratios):
+        return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
+
+    scale = mean_ratio([c.tokens_per_s / _predicted(speed_exp, c) for c in measured])
+    eval_scale = mean_ratio([c.eval_s / cand.modelled_eval_seconds(speed_exp, c, c.tokens_per_s) for c in measured])
+    out = []
+    for c in cands:
+        if c.speed_source != "measured":
+            tok_s = _predicted(speed_exp, c) * scale
+            c = cand.with_speed(speed_exp, c, tok_s, "scaled",
+                                cand.modelled_eval_seconds(speed_exp, c, tok_s) * eval_scale)
+        out.append(cand.schedule(exp, c, budget_s, train_tokens))
+    return out, scale
+
+
+def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
+    """This device's matmul speed (TFLOPS; fp32 on a CPU with torch's threads, bf16 on a GPU): the rough figure that
+    picks which shapes --measure times where no table knows the device."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    (a @ b).sum().item()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        c = a @ b
+        count += 1
+    c.sum().item()  # waits for the device
+    return count * 2 * n**3 / (time.perf_counter() - start) / 1e12
+
+
+# ---------------------------------------------------------------- what the plan prints and writes (pure)
+
+
+def _tokens(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
+    m = c.model
+    mb = (f"{c.micro_batch} x {c.accumulation}" if c.fits else "no fit" if c.fits is False else "-")
+    peak = f"{c.peak_bytes / 2**30:.2f}" if c.peak_bytes else "-"
+    steps_ok = c.max_iters >= cand.MIN_STEPS
+    return (("> " if c is best else "  ") + str(c.depth), f"{m.n_layer} x {m.n_embd}, {m.n_head}h",
+            f"{c.params / 1e6:.1f}M", f"{c.flops_per_token / 1e6:,.0f}", mb, peak,
+            f"{c.tokens_per_s:,.0f} {c.speed_source}", f"{c.max_iters:,}" if steps_ok else f"<{cand.MIN_STEPS}",
+            _tokens(c.tokens), f"{c.epochs:.2f}", f"{c.tokens_per_param:.3g}",
+            f"{law:.3f}" if steps_ok else "-")
+
+
+def table(plan: Plan) -> str:
+    t, b, exp = plan.target, plan.best, plan.exp
+    head = ("depth", "shape", "params", "MFLOP/tok", "micro x acc", "est. GB", "tokens/s", "steps", "tokens",
+            "epochs", "tok/param", "law loss")
+    rows = [head] + [_row(c, b, plan.law(c)) for c in plan.shown]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(v.rjust(w) if i not in (1, 6) else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    hidden = len(plan.cands) - len(plan.shown)
+    pred = figures.predicted_speed(planned_experiment(plan), b.flops_per_token, b.tokens, b.params)
     return "\n".join([
-        f"plan for {exp.name!r} ({exp.source})",
-        f"  model        {exp.model.n_layer} layers x {exp.model.n_embd} wide, {exp.model.n_head} heads, "
-        f"block {exp.model.block_size}: {fig['params']:,} parameters ({fig['params'] / 1e6:.1f}M)",
-        f"  step         {t.batch_size} x {exp.model.block_size} tokens x {t.gradient_accumulation_steps} accumulation"
-        f" x {exp.resources.num_workers} worker(s) = {fig['tokens_per_step']:,} tokens per optimizer step",
-        f"  budget       {fig['max_iters']:,} steps = {fig['total_train_tokens']:,} tokens "
-        f"= {fig['epochs']:.2f} epochs over the train split ({fig['total_flops']:.3g} FLOPs)",
-        f"  data         train {fig['train_documents']:,} documents / {fig['train_tokens']:,} tokens; "
-        f"val {fig['val_documents']:,} documents / {fig['val_tokens']:,} tokens",
-        "  time         " + (f"~{fig['predicted_hours']:.1f} h at {fig['predicted_tokens_per_s']:,.0f} tokens/s "
-                              f"({exp.hardware.gpu or 'this GPU'} at an assumed {100 * exp.hardware.assumed_mfu:.0f}% "
-                              f"MFU; the run logs the measured figure)" if "predicted_hours" in fig else
-                              "no prediction: no known GPU (set hardware.gpu, e.g. \"RTX 4070\", or "
-                              "hardware.peak_tflops)"),
+        f"plan for {exp.name!r} ({exp.source}): {plan.budget_s / 3600:g} h of training on {t.name} "
+        f"({t.memory_gb:g} GB; a step may reserve {t.limit_bytes / 2**30:.2f} GB with the probe's "
+        f"{exp.probe.margin:.0%} margin)",
+        f"data     {plan.data.train_tokens:,} train tokens"
+        + (f", {plan.data.documents:,} documents" if plan.data.documents else "") + f" ({plan.data.note})",
+        f"family   depth d: d layers x {cand.ASPECT}d wide, head size "
+        f"{cand.HEAD_SIZE.get(getattr(exp.model, 'recipe', 'gpt2'), 64)} ({getattr(exp.model, 'recipe', 'gpt2')} "
+        f"recipe), block {exp.model.block_size}; every candidate at {exp.tokens_per_step:,} tokens per optimizer "
+        f"step",
+        f"speed    {plan.speed_note}",
+        f"memory   fwray.memory's CPU estimate: {plan.estimates} estimates in {plan.estimate_s:.0f} s (the largest "
+        f"micro-batch and a small one per shape, the chosen one verified; remembered in .fwray/plan)",
+        "", *lines, "",
+        f"tokens/s: peak x MFU = the card's peak at the MFU above; measured = the probe's trial on this machine; "
+        f"scaled = the prediction times the measured / predicted ratio; rough = this CPU's matmul speed at "
+        f"{figures.GENERIC_MFU:.0%}",
+        "law loss: Muennighoff et al. 2023's data-constrained scaling law (C4 units), used only to rank the "
+        "candidates; not the loss the run will reach" + (f"; {hidden} other depths not shown" if hidden else ""),
+        *([f"          below the law's fitted range ({scaling.FITTED_MIN_TOKENS / 1e6:.0f}M tokens) its small-scale "
+           f"form ranks: non-embedding parameters, no excess-parameter discount without repeated data "
+           f"(fwray/scaling.py says why)"] if plan.small else []),
+        f"time: steps at the speed shown plus {pred['evaluations']} evaluations (~{b.eval_s:.1f} s each, checkpoint "
+        f"included) within the budget; preparing the data and starting Ray come on top",
+        "",
+        f"recommended: {b.describe()}, micro-batch {b.micro_batch} x {b.accumulation} accumulation, {b.max_iters:,} "
+        f"steps = {_tokens(b.tokens)} tokens = {b.epochs:.2f} epochs, {b.tokens_per_param:.3g} tokens per parameter, "
+        f"~{_duration(pred['predicted_seconds'])} of training",
+        f"why: {plan.why}",
+        *([f"note: {_exhausted(b)}"] if b.epochs > scaling.R_D_STAR else []),
     ])
 
 
-def outcome(fig: dict[str, float], summary: dict, predicted_peak_gb: float | None = None) -> dict[str, float]:
-    """What the run measured beside what the plan (and the probe) predicted."""
-    out = {"measured_tokens_per_s": summary.get("tokens_per_s"), "measured_hours": summary.get("seconds", 0) / 3600,
-           "predicted_tokens_per_s": fig.get("predicted_tokens_per_s"), "predicted_peak_gb": predicted_peak_gb,
-           "measured_peak_gb": summary.get("peak_reserved_gb")}
-    return {k: v for k, v in out.items() if v is not None}
+def _exhausted(c: Candidate) -> str:
+    return (f"{c.epochs:.0f} epochs: past ~{scaling.R_D_STAR:.0f} repetitions more passes over the same data are worth "
+            f"little (the law's R*_D) and the candidates barely differ; a shorter budget, or more data, would do as "
+            f"well")
 
 
-def describe_outcome(out: dict[str, float]) -> str:
-    lines = []
-    measured = out.get("measured_tokens_per_s")
-    if measured:
-        line = f"  speed        measured {measured:,.0f} tokens/s"
-        if out.get("predicted_tokens_per_s"):
-            line += (f" vs {out['predicted_tokens_per_s']:,.0f} predicted "
-                     f"({measured / out['predicted_tokens_per_s']:.2f}x the plan)")
-        lines.append(line)
-    if out.get("measured_peak_gb") is not None:
-        line = f"  memory       peak {out['measured_peak_gb']:.2f} GB reserved"
-        if out.get("predicted_peak_gb"):
-            line += f" vs {out['predicted_peak_gb']:.2f} GB the probe measured or predicted"
-        lines.append(line)
-    return "\n".join(["measured against the plan"] + lines) if lines else ""
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
 
 
-# ---------------------------------------------------------------- the probe's verdict
-
-# tokens/s within 2% of the fastest count as a tie and the larger micro-batch wins: a few timed steps of a trial
-# vary by about that much, and a larger micro-batch means fewer accumulation steps for the same tokens per step
-TIE = 0.02
-
-def decide(exp: Experiment, results: list[dict], cap_gb: float, method: str) -> dict:
-    """Mark which candidates fit, pick one, recompute accumulation so tokens per step stay as configured."""
-    p = exp.probe
-    limit = (1 - p.margin) * cap_gb
-    for r in results:
-        r["fits"] = r["status"] == "ok" and r.get("peak_gb") is not None and r["peak_gb"] <= limit
-    fitting = [r for r in results if r["fits"]]
-    verdict = {"experiment": exp.name, "source": exp.source, "method": method, "cap_gb": cap_gb,
-               "margin": p.margin, "limit_gb": limit, "candidates": results, "chosen": None,
-               "configured": {"batch_size": exp.train.batch_size,
-                              "gradient_accumulation_steps": exp.train.gradient_accumulation_steps,
-                              "tokens_per_step": exp.tokens_per_step}}
-    if not fitting:
-        smallest = min(results, key=lambda r: (r["batch_size"], not r["activation_checkpointing"]))
-        peak = f"peak {smallest['peak_gb']:.2f} GB" if smallest.get("peak_gb") is not None else smallest["reason"]
-        verdict["error"] = (
-            f"no candidate fits {cap_gb:.2f} GB with a {p.margin:.0%} margin (limit {limit:.2f} GB): the smallest, "
-            f"micro-batch {smallest['batch_size']}, needs {peak}; list smaller probe.batch_sizes, add true to "
-            f"probe.activation_checkpointing, or shrink the model / block_size")
-        return verdict
-    timed = method == "cuda" and all(r["tokens_per_s"] for r in fitting)
-    if timed:  # fastest; near-ties go to the larger micro-batch
-        best = max(r["tokens_per_s"] for r in fitting)
-        pool = [r for r in fitting if r["tokens_per_s"] >= (1 - TIE) * best]
-        rule = f"fastest tokens/s that fits (within {TIE:.0%} counts as a tie: larger micro-batch)"
-    else:  # CPU tokens/s do not predict the GPU's
-        pool, rule = fitting, "largest micro-batch that fits (CPU tokens/s do not predict GPU speed)"
-    pick = max(pool, key=lambda r: (r["batch_size"], not r["activation_checkpointing"],
-                                    r["tokens_per_s"] or 0))
-    accum = accumulation_for(exp, pick["batch_size"])
-    tokens = pick["batch_size"] * exp.model.block_size * accum * exp.resources.num_workers
-    verdict["chosen"] = {"batch_size": pick["batch_size"], "gradient_accumulation_steps": accum,
-                         "activation_checkpointing": pick["activation_checkpointing"],
-                         "tokens_per_step": tokens, "tokens_per_step_difference": tokens - exp.tokens_per_step,
-                         "peak_gb": pick.get("peak_gb"), "method": pick.get("method"), "rule": rule}
-    if pick["compile"] is not None:
-        verdict["chosen"]["compile"] = pick["compile"]
-    largest = max(r["batch_size"] for r in results)
-    if any(r["fits"] and r["batch_size"] == largest for r in results):
-        verdict["ceiling"] = (f"the largest candidate, micro-batch {largest}, fits: larger ones may too (list larger "
-                              f"probe.batch_sizes to find where memory runs out)")
-    return verdict
+def planned_experiment(plan: Plan, c: Candidate | None = None) -> Experiment:
+    """The experiment `python -m fwray.run` trains for candidate `c` (the recommendation by default)."""
+    c = c or plan.best
+    exp = cand.planned(plan.exp, c, c.max_iters, cand.evaluation_intervals(plan.budget_s))
+    cpu = plan.target.device_type == "cpu"
+    # the file may be written anywhere: data paths absolute, not relative to the experiment it came from
+    exp = exp.with_changes("data", paths=tuple(p if "://" in p else os.path.abspath(p) for p in exp.data.paths))
+    exp = exp.with_changes("hardware", gpu=plan.target.name)
+    if cpu:  # nothing for a probe to check on a CPU
+        return exp.with_changes("probe", enabled=False).with_changes("resources", use_gpu=False)
+    options = cand.micro_batches(exp)
+    i = options.index(c.micro_batch)
+    # on the card, the probe checks the estimate's choice against the sizes either side
+    return exp.with_changes("probe", gpu_memory_gb=plan.target.memory_gb,
+                            batch_sizes=tuple(options[max(0, i - 1): i + 2]))
 
 
-def apply_verdict(exp: Experiment, verdict: dict) -> Experiment:
-    """The experiment with the chosen micro-batch, accumulation (and activation checkpointing / compile) set."""
-    chosen = verdict.get("chosen")
-    if not chosen:
-        raise ProbeError(verdict.get("error") or "the probe chose nothing")
-    changes = {k: chosen[k] for k in ("batch_size", "gradient_accumulation_steps", "activation_checkpointing",
-                                      "compile") if k in chosen}
-    return exp.with_changes("train", **changes)
+def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str:
+    """The planned experiment as a YAML file, its header stating the plan's figures."""
+    c = c or plan.best
+    exp = planned_experiment(plan, c)
+    pred = figures.predicted_speed(exp, c.flops_per_token, c.tokens, c.params)
+    header = [
+        f"Planned by fwray {__version__} on {time.strftime('%Y-%m-%d %H:%M')}: {command}",
+        f"data: {plan.data.train_tokens:,} train tokens ({plan.data.note})",
+        f"card: {plan.target.name}, {plan.target.memory_gb:g} GB; speed: {plan.speed_note}",
+        f"model: {c.describe()}, {c.flops_per_token / 1e6:,.0f} MFLOP per token",
+        f"step: micro-batch {c.micro_batch} x {c.accumulation} accumulation x {exp.model.block_size} tokens = "
+        f"{exp.tokens_per_step:,} tokens" + (f" (estimated peak {c.peak_bytes / 2**30:.2f} GB of "
+                                              f"{plan.target.limit_bytes / 2**30:.2f} GB)" if c.peak_bytes else ""),
+        f"budget: {plan.budget_s / 3600:g} h => {c.max_iters:,} steps = {c.tokens:,} tokens = {c.epochs:.2f} epochs, "
+        f"{c.tokens_per_param:.3g} tokens per parameter; law loss {plan.law(c):.3f} (ranking only"
+        f"{', small-scale form' if plan.small else ''})",
+        f"predicted: {c.tokens_per_s:,.0f} tokens/s ({c.speed_source}); {_duration(pred['predicted_seconds'])} of "
+        f"training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
+        f"why: {plan.why}" if c is plan.best else f"a neighbour of the recommendation, {plan.best.describe()}",
+        "hardware.tokens_per_s and hardware.eval_seconds are the plan's figures: the run compares its time with them "
+        "(remove them if you change the model)",
+    ]
+    return "".join(f"# {line}\n" for line in header) + config.to_yaml(exp)
 
 
-def table(verdict: dict) -> str:
-    rows = [("candidate", "fits", "peak GB", "tokens/s", "method", "note")]
-    for r in verdict["candidates"]:
-        name = f"micro-batch {r['batch_size']}" + (" +AC" if r["activation_checkpointing"] else "") + (
-            {True: " compiled", False: " eager", None: ""}[r["compile"]])
-        peak = f"{r['peak_gb']:.2f}" if r.get("peak_gb") is not None else "-"
-        speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
-        note = r["reason"]
-        if r["method"] == "cuda" and r.get("predicted_gb") is not None:
-            note = f"predicted {r['predicted_gb']:.2f} GB; " + note
-        rows.append((name, "yes" if r["fits"] else "no", peak, speed, r["method"], note.strip("; ")))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    head = (f"probe of {verdict['experiment']!r}: PyTorch may reserve {verdict['cap_gb']:.2f} GB of the card, margin "
-            f"{verdict['margin']:.0%} => fits when peak reserved <= {verdict['limit_gb']:.2f} GB")
-    c = verdict["chosen"]
-    if c:
-        diff = c["tokens_per_step_difference"]
-        tail = (f"chosen: micro-batch {c['batch_size']} x {c['gradient_accumulation_steps']} accumulation"
-                f"{' with activation checkpointing' if c['activation_checkpointing'] else ''} = "
-                f"{c['tokens_per_step']:,} tokens per step (configured {verdict['configured']['tokens_per_step']:,}, "
-                f"{diff:+,} = {diff / verdict['configured']['tokens_per_step']:+.2%}); rule: {c['rule']}")
-    else:
-        tail = f"nothing fits: {verdict['error']}"
-    if verdict.get("ceiling"):
-        tail += f"\nnote: {verdict['ceiling']}"
-    return "\n".join([head, *lines, tail])
+# ---------------------------------------------------------------- the command
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fwray.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", help="an experiments/*.yaml file: its data, recipe, block size and tokens per step")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.paths=[shard.parquet]")
+    p.add_argument("--hours", type=float, required=True, help="hours of training (data preparation not included)")
+    p.add_argument("--gpu", help='the card to plan for, e.g. "RTX 4070", or "cpu" (default: hardware.gpu, else this '
+                                 "machine's GPU)")
+    p.add_argument("--measure", action="store_true",
+                   help="time the best shapes on this machine's device with the probe's Ray Tune trials")
+    p.add_argument("--write", metavar="OUT.yaml", help="write the recommended experiment there")
+    p.add_argument("--force", action="store_true", help="overwrite --write's file if it exists")
+    p.add_argument("--train-tokens", type=float, metavar="N",
+                   help="plan for N training tokens instead of reading the data (e.g. 0.7e9 for a FineWeb shard)")
+    p.add_argument("--depths", default=f"{cand.DEPTHS[0]}-{cand.DEPTHS[-1]}",
+                   help="the family's depths, e.g. 2-16 or 4,8,12 (default %(default)s)")
+    return p.parse_intermixed_args(argv)
+
+
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        if "-" in text:
+            lo, hi = map(int, text.split("-"))
+            return tuple(range(lo, hi + 1))
+        return tuple(sorted({int(d) for d in text.split(",")}))
+    except ValueError:
+        raise PlanError(f"--depths {text!r}: write a range (2-16) or a list (4,8,12)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import FwrayError
+
+    args = parse_args(argv)
+    try:
+        # the plan sets the budget, so an experiment file needs none of its own
+        exp = config.load(args.experiment, [*args.overrides, "train.epochs=1"])
+        plan_command(exp, args, " ".join(["python -m fwray.plan", *(argv if argv is not None else sys.argv[1:])]))
+        return 0
+    except FwrayError as e:
+        print(f"fwray: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def plan_command(exp: Experiment, args, command: str) -> Plan:
+    """The command's work: plan, print, write the experiment (with --write), log the plan to MLflow."""
+    from . import plan_run, tracking  # the boundary: the card, the data's size, Ray Tune trials, MLflow
+
+    if not args.hours > 0:
+        raise PlanError(f"--hours {args.hours:g}: give the hours of training to plan for, e.g. --hours 12")
+    written = Path(args.write) if args.write else None
+    if written and written.exists() and not args.force:
+        raise PlanError(f"{written} exists: choose another --write path or add --force to overwrite it")
+    depths = _depths(args.depths)
+    target, speed_exp = plan_run.target(exp, args.gpu, args.measure)
+    data = (DataSize(int(args.train_tokens), 0, 0, "given", "given with --train-tokens; the data was not read")
+            if args.train_tokens else plan_run.data_size(exp))
+    client = tracking.connect(exp)  # an unreachable server stops the plan before the memory estimates and trials
+    out_dir = (Path(".fwray/plan") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    measure = plan_run.measurer(exp, target, out_dir) if args.measure else None
+    plan = make_plan(exp, args.hours * 3600, data, target, speed_exp, depths, plan_run.cached_estimates(),
+                     measure=measure)
+    text = table(plan)
+    print(text, flush=True)
+    if written:
+        from .tokens import write_atomic
+
+        write_atomic(written, experiment_yaml(plan, command).encode())
+    run_id = plan_run.track(client, plan, text, out_dir, written, command)
+    if written:
+        print(f"\nwrote {written}: train it with `python -m fwray.run {written}`")
+    print(f"MLflow run {run_id} (plan) in experiment {exp.tracking.experiment or exp.name!r} at {client.tracking_uri}")
+    return plan
+
+
+if __name__ == "__main__":
+    sys.exit(main())

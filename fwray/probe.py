@@ -3,7 +3,7 @@
 A Ray Tune sweep over probe.batch_sizes x probe.activation_checkpointing (x probe.compile on a GPU). Every candidate
 is a trial in a fresh worker process (reuse_actors=False, one trial at a time) that runs `fwray.trial.measure`: the
 engine's real step under the target card's memory cap. A candidate fits when its peak <= (1 - probe.margin) x cap; an
-OOM is a verdict ("does not fit"), not a crash; `fwray.plan.decide` picks one. When the largest candidate fits, the
+OOM is a verdict ("does not fit"), not a crash; `fwray.verdict.decide` picks one. When the largest candidate fits, the
 verdict says so: the ceiling was not found. The verdict is saved as JSON and logged to MLflow, one nested run per
 candidate.
 """
@@ -20,15 +20,15 @@ from pathlib import Path
 
 from ray import tune
 
-from . import config, plan, prepare, ray_session, tokens, tracking
+from . import config, prepare, ray_session, tokens, tracking, verdict as verdicts
 from .config import Experiment
 from .errors import FwrayError, ProbeError
 from .trial import INJECT_ENV, ProbeJob, measure, usable_bytes
 
 
-def _trial(config: dict, job: ProbeJob) -> None:
-    tune.report(measure(job, config["batch_size"], config["activation_checkpointing"], config["compile"]))
-
+def _trial(config: dict, jobs: list[ProbeJob]) -> None:
+    t = config["trial"]
+    tune.report(measure(jobs[t["job"]], t["batch_size"], t["activation_checkpointing"], t["compile"]))
 
 
 # ---------------------------------------------------------------- the sweep (Ray Tune) and its record (MLflow)
@@ -57,38 +57,42 @@ def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, 
     if not use_gpu:
         usable_bytes(exp)  # a card too small for its own overhead is one line here, not a failed trial each
     job = ProbeJob(exp, files["train"], files["val"], use_gpu, os.environ.get(INJECT_ENV, ""))
-    space = {"batch_size": tune.grid_search(sorted(set(p.batch_sizes))),
-             "activation_checkpointing": tune.grid_search(sorted(set(p.activation_checkpointing))),
-             "compile": tune.grid_search(sorted(set(p.compile)) if use_gpu and p.compile else [None])}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"probe: {_count(space)} candidate(s), one fresh process each, on {'the GPU' if use_gpu else 'the CPU'}",
+    grid = itertools.product(sorted(set(p.batch_sizes)), sorted(set(p.activation_checkpointing)),
+                             sorted(set(p.compile)) if use_gpu and p.compile else [None])
+    trials = [{"job": 0, "batch_size": b, "activation_checkpointing": ac, "compile": c} for b, ac, c in grid]
+    print(f"probe: {len(trials)} candidate(s), one fresh process each, on {'the GPU' if use_gpu else 'the CPU'}",
           flush=True)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, job=job), {"cpu": 1, "gpu": 1 if use_gpu else 0}),
-        param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=False),  # a fresh process per trial
-        run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)))
-    results = [_result(r) for r in tuner.fit()]
-    results.sort(key=lambda r: (r["batch_size"], r["activation_checkpointing"], str(r["compile"])))
+    results = sweep([job], trials, out_dir)
     # on a GPU the trials say what the card holds: CUDA is never initialised here, in the training driver
     caps = [r["cap_gb"] for r in results if r.get("cap_gb")]
     if not caps:
         raise ProbeError(f"every probe trial failed before measuring anything: {results[0]['reason']}")
     cap_gb = min(caps)
-    verdict = plan.decide(exp, results, cap_gb, "cuda" if use_gpu else "cpu-estimate")
+    verdict = verdicts.decide(exp, results, cap_gb, "cuda" if use_gpu else "cpu-estimate")
     verdict["device"] = next((r["device"] for r in results if r.get("device")), "cpu")
     verdict["path"] = str(out_dir / "verdict.json")
     tokens.write_atomic(out_dir / "verdict.json", json.dumps(verdict, indent=2).encode())
-    print(plan.table(verdict), flush=True)
+    print(verdicts.table(verdict), flush=True)
     print(f"probe: verdict saved in {verdict['path']}", flush=True)
     client = client or tracking.connect(exp)
     _track(client, exp, verdict, parent_run_id, out_dir)
     return verdict
 
 
-def _count(space: dict) -> int:
-    return len(list(itertools.product(*(v["grid_search"] for v in space.values()))))
+def sweep(jobs: list[ProbeJob], trials: list[dict], out_dir: Path, cpus: int = 1) -> list[dict]:
+    """Measure `trials` (each: job, an index into `jobs`; batch_size, activation_checkpointing, compile) with Ray Tune,
+    one at a time, each in a fresh worker process with `cpus` CPUs (ray must be initialised). Returns their results
+    in the order given; a trial that crashed (not an OOM) comes back with status "error"."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = [{**t, "index": i} for i, t in enumerate(trials)]
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, jobs=jobs), {"cpu": cpus, "gpu": 1 if jobs[0].use_gpu else 0}),
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=False),  # a fresh process per trial
+        run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    done = {r.config["trial"]["index"]: _result(r) for r in tuner.fit()}
+    return [done[t["index"]] for t in trials]
 
 
 def _result(r) -> dict:
@@ -96,13 +100,14 @@ def _result(r) -> dict:
     if r.error is None and r.metrics and "status" in r.metrics:
         return {k: r.metrics[k] for k in r.metrics if k in _KEYS}
     err = str(r.error).strip().splitlines()[-1] if r.error else "no result"
-    return {**{k: r.config[k] for k in ("batch_size", "activation_checkpointing", "compile")}, "status": "error",
-            "reason": f"trial failed: {err}", "tokens_per_s": None, "method": "-"}
+    return {**{k: r.config["trial"][k] for k in ("batch_size", "activation_checkpointing", "compile")},
+            "status": "error", "reason": f"trial failed: {err}", "tokens_per_s": None, "method": "-"}
 
 
 _KEYS = {"batch_size", "activation_checkpointing", "compile", "eval_batch_size", "probe_accumulation", "status",
          "reason", "tokens_per_s", "predicted_gb", "method", "peak_gb", "peak_alloc_gb", "peak_reserved_gb",
-         "device", "cap_gb", "measured_context_gb", "predicted_alloc_gb"}
+         "device", "cap_gb", "measured_context_gb", "predicted_alloc_gb", "eval_batch_s", "checkpoint_s",
+         "samples_s"}
 
 
 def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, out_dir: Path) -> None:
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir, manifest = (None, None) if args.synthetic else prepare.prepare(exp)
         ray_session.start()
         verdict = run_probe(exp, cache_dir, manifest, client=client)
-        plan.apply_verdict(exp, verdict)
+        verdicts.apply_verdict(exp, verdict)
     except FwrayError as e:
         print(f"fwray: error: {e}", file=sys.stderr)
         return e.exit_code

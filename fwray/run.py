@@ -44,7 +44,8 @@ def _latest_path(exp) -> Path:
 
 def run(exp, resume: bool = False) -> int:
     # here, not at the top: --help and a bad experiment file answer at once, not after ~3 s of torch, Ray and MLflow
-    from . import bpb, loader, plan, prepare, probe, tracking, trainer
+    from . import bpb, figures, loader, prepare, probe, tracking, trainer
+    from .verdict import apply_verdict
     from .tokens import get_tokenizer, split_files
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
@@ -79,10 +80,10 @@ def run(exp, resume: bool = False) -> int:
             # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
             verdict = probe.run_probe(exp, cache_dir, manifest, client=tracker.client, parent_run_id=run_id,
                                       out_dir=run_dir / "probe", reuse=bool(previous))
-            exp = plan.apply_verdict(exp, verdict)
+            exp = apply_verdict(exp, verdict)
         exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])
-        fig = plan.figures(exp, manifest)
-        plan_text = plan.describe(exp, fig)
+        fig = figures.figures(exp, manifest)
+        plan_text = figures.describe(exp, fig)
         print(plan_text, flush=True)
 
         if previous:
@@ -105,7 +106,7 @@ def run(exp, resume: bool = False) -> int:
                                run_id=run_id, run_dir=str(run_dir), val_text=bpb.text_counts(manifest))
         result = trainer.fit(job, ray_name)
         ok = True
-        outcome = plan.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"))
+        outcome = figures.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"))
         if exp.tracking.register_model:
             # in the driver, once, after any worker restarts (rank 0 may be on another node); never raises: it has
             # trained
@@ -117,7 +118,7 @@ def run(exp, resume: bool = False) -> int:
     print(f"\ndone: validation loss {result['first_val_loss']:.3f} -> {result['final_val_loss']:.3f} "
           f"after {exp.train.max_iters} steps")
     if outcome:
-        print(plan.describe_outcome(outcome))
+        print(figures.describe_outcome(outcome))
     print(f"MLflow run {run_id} in experiment {exp.tracking.experiment or exp.name!r} at {tracker.uri}")
     print(f"final model: {run_dir / 'model'}" + (f", registered as {registered}" if registered else ""))
     print(f"run page:    {tracker.run_page()}")

@@ -126,6 +126,9 @@ def connect(exp: Experiment) -> MlflowClient:
     uri = resolve_uri(exp)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    # a new sqlite store logs its table creation at INFO on stderr, where fwray's one-line errors go
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)

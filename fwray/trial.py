@@ -20,13 +20,14 @@ variables set after ray.init).
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 
 import torch
 
-from . import hardware, memory
+from . import artifacts, checkpoint, hardware, memory, tokens
 from .config import Experiment
 from .engine import Engine
 from .errors import ProbeError
@@ -47,6 +48,10 @@ class ProbeJob:
     val_files: tuple[str, ...]
     use_gpu: bool
     inject: str = ""  # FWRAY_PROBE_INJECT_OOM, read in the driver
+    # CPU trials time the step only below this; fwray.plan raises it to time small models on a CPU it plans for
+    cpu_timing_max_flops: float = CPU_TIMING_MAX_FLOPS
+    # fwray.plan: also time one evaluation batch and one checkpoint write (what each evaluation of a run costs)
+    time_evaluation: bool = False
 
 
 # ---------------------------------------------------------------- one candidate (runs inside a Tune trial)
@@ -101,7 +106,7 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
         device = torch.device("cpu")
         out.update(method="cpu-estimate", peak_gb=est["reserved"] / GIB, cap_gb=usable_bytes(exp) / GIB)
         flops = _flops(run, batch_size * accum * steps + eval_bs)
-        if flops > CPU_TIMING_MAX_FLOPS:
+        if flops > job.cpu_timing_max_flops:
             out["reason"] = f"tokens/s not timed: {flops / 1e12:.0f} TFLOP is too much for a CPU"
             return out
     else:
@@ -149,6 +154,11 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
 
         engine.evaluate(val_batch, 1)
         out["tokens_per_s"] = (steps - 1) * accum * batch_size * exp.model.block_size / elapsed
+        if job.time_evaluation:  # warm now: two more batches, timed
+            start = time.perf_counter()
+            engine.evaluate(val_batch, 2)  # .item() inside: waits for the device
+            out["eval_batch_s"] = (time.perf_counter() - start) / 2
+            out.update(_evaluation_extras(engine, run))
     except torch.OutOfMemoryError as e:
         where = "during eval" if stage[0] == "eval" else f"at {stage[0]}{_phase(e)}"
         out.update(status="oom", reason=f"OOM {where}" + (f" ({e})" if inject else ""))
@@ -162,6 +172,20 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
         out.update(peak_alloc_gb=stats["peak_alloc_gb"], peak_reserved_gb=stats["peak_reserved_gb"],
                    peak_gb=stats["peak_reserved_gb"])
     return out
+
+
+def _evaluation_extras(engine: Engine, exp: Experiment) -> dict:
+    """Seconds of what a run does at an evaluation besides its forward passes: the training state written as a
+    checkpoint (Ray then copies it into its storage), and the sample generations (fwray.artifacts)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        checkpoint.save_state(tmp, engine.state(0, {}), exp)
+        saved = time.perf_counter()
+    enc = tokens.get_tokenizer(exp.data.tokenizer)
+    start_samples = time.perf_counter()
+    artifacts.samples_text(engine.raw_model, enc, 0, artifacts.PROMPTS[:artifacts.SAMPLE_COUNT],
+                           artifacts.SAMPLE_TOKENS, seed=exp.train.seed)
+    return {"checkpoint_s": saved - start, "samples_s": time.perf_counter() - start_samples}
 
 
 def _flops(exp: Experiment, sequences: int) -> float:

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwray import config, memory, plan, probe, trial
+from fwray import config, memory, probe, trial
+from fwray.verdict import apply_verdict, decide, table
 from fwray.config import ModelConfig, TrainConfig
 from fwray.errors import ProbeError
 from fwray.model import count_params
@@ -68,13 +69,13 @@ def _row(b, peak, tok=None, status="ok", ac=False):
 
 def test_verdict_keeps_tokens_per_step():
     exp = tiny()  # 2 x 32 x 8 = 512 tokens per step
-    v = plan.decide(exp, [_row(1, 1.0), _row(2, 2.0), _row(4, 3.0), _row(8, 9.0)], 4.0, "cpu-estimate")
+    v = decide(exp, [_row(1, 1.0), _row(2, 2.0), _row(4, 3.0), _row(8, 9.0)], 4.0, "cpu-estimate")
     assert [r["fits"] for r in v["candidates"]] == [True, True, True, False]
     assert v["chosen"]["batch_size"] == 4 and v["chosen"]["gradient_accumulation_steps"] == 4
-    new = plan.apply_verdict(exp, v)
+    new = apply_verdict(exp, v)
     assert new.tokens_per_step == exp.tokens_per_step == 512
     # 3 does not divide 512 / 32: the nearest accumulation, its difference shown
-    v3 = plan.decide(exp, [_row(3, 1.0)], 4.0, "cpu-estimate")
+    v3 = decide(exp, [_row(3, 1.0)], 4.0, "cpu-estimate")
     assert v3["chosen"]["gradient_accumulation_steps"] == 5
     assert v3["chosen"]["tokens_per_step_difference"] == 3 * 32 * 5 - 512
 
@@ -82,18 +83,18 @@ def test_verdict_keeps_tokens_per_step():
 def test_cuda_verdict_picks_fastest_and_ties_go_larger():
     exp = tiny()
     rows = [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 995.0), _row(8, 3.5, 700.0, status="oom")]
-    v = plan.decide(exp, rows, 4.0, "cuda")
+    v = decide(exp, rows, 4.0, "cuda")
     assert v["chosen"]["batch_size"] == 4  # within 1% of the fastest: the larger one
-    v = plan.decide(exp, [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 800.0)], 4.0, "cuda")
+    v = decide(exp, [_row(1, 1.0, 900.0), _row(2, 2.0, 1000.0), _row(4, 3.0, 800.0)], 4.0, "cuda")
     assert v["chosen"]["batch_size"] == 2
 
 
 def test_nothing_fits_names_the_smallest_its_peak_and_the_cap():
     exp = tiny()
-    v = plan.decide(exp, [_row(2, 5.0), _row(4, 7.0)], 4.0, "cpu-estimate")
+    v = decide(exp, [_row(2, 5.0), _row(4, 7.0)], 4.0, "cpu-estimate")
     assert v["chosen"] is None
     with pytest.raises(ProbeError, match=r"micro-batch 2, needs peak 5.00 GB.*probe.batch_sizes"):
-        plan.apply_verdict(exp, v)
+        apply_verdict(exp, v)
     assert "4.00 GB" in v["error"]
 
 
@@ -120,9 +121,9 @@ def test_ddp_and_accumulation_trials_run_two_micro_steps():
 
 def test_verdict_says_when_the_ceiling_was_not_found():
     exp = tiny()
-    v = plan.decide(exp, [_row(1, 1.0), _row(2, 2.0)], 4.0, "cpu-estimate")
-    assert "micro-batch 2, fits" in v["ceiling"] and "note:" in plan.table(v)
-    v = plan.decide(exp, [_row(1, 1.0), _row(2, 9.0)], 4.0, "cpu-estimate")
+    v = decide(exp, [_row(1, 1.0), _row(2, 2.0)], 4.0, "cpu-estimate")
+    assert "micro-batch 2, fits" in v["ceiling"] and "note:" in table(v)
+    v = decide(exp, [_row(1, 1.0), _row(2, 9.0)], 4.0, "cpu-estimate")
     assert "ceiling" not in v
 
 

@@ -6,8 +6,9 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["errors", "config", "tokens", "loader", "layers", "model", "hf", "hardware", "memory", "engine", "trial", "plan",
-        "checkpoint", "data_report", "bpb", "hellaswag", "sample", "eval", "export"]
+PURE = ["errors", "config", "tokens", "loader", "layers", "model", "hf", "hardware", "memory", "engine", "trial",
+        "figures", "verdict", "checkpoint", "data_report", "bpb", "hellaswag", "sample", "eval", "export", "scaling",
+        "data_size", "candidates", "plan"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, sys, tempfile

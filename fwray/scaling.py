@@ -1,0 +1,70 @@
+"""The data-constrained scaling law fwray.plan ranks candidates with. Pure arithmetic.
+
+Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv:2305.16264), eq. 5 with their fit on C4
+(GPT-2 tokenizer), the constants as published in the paper's repository (huggingface/datablations, README, "Parametric
+Fit"). Chinchilla's L = E + A / N^alpha + B / D^beta with N and D replaced by their effective values:
+- repeated tokens are worth less: D' = U + U R*_D (1 - exp(-R_D / R*_D)), R_D = D / U - 1 repetitions of the U unique
+  tokens (a 2nd-4th epoch is worth almost as much as fresh data, a 40th little);
+- parameters beyond the compute-optimal size for U unique tokens are worth less the same way (R*_N).
+The predicted loss is in the paper's units (C4 validation loss): fwray compares candidates with it and shows it as
+"law", never as the loss the run will reach.
+
+Small scale. The fit comes from runs of 100M to 900B tokens. Minutes on a CPU give ~1e5 tokens, where the published
+form ranks wrongly: U_N, the compute-optimal size for so few tokens, is ~1e4 parameters, every GPT-2-vocabulary model
+is far past it, their N' all saturate at ~6.3 U_N and the ranking reduces to "most tokens wins": always the smallest
+shape. bench/plan_bench.py measured the opposite (on python-docs, 2 and 3 minutes of 2 CPU cores: depth 2 beat depth 1
+by 0.01-0.03 in validation loss, depth 3 came last). So below FITTED_MIN_TOKENS fwray ranks with `small_scale_loss`:
+the same constants and repeated-token discount, but (1) no excess-parameter discount where nothing is repeated (the
+paper's R_N models parameters the unique data cannot use once it is repeated), and (2) non-embedding parameters, as
+Kaplan et al. 2020 count them: the token and position tables are most of a small GPT-2-vocabulary model and buy it
+little capacity. No constant is refitted: the form is changed where the fit does not reach, not tuned to one corpus.
+"""
+from __future__ import annotations
+
+import math
+
+# huggingface/datablations README: a, b, e, alpha, beta, rd_star, rn_star = [6.255414, 7.3049974, 0.6254804,
+# 0.3526596, 0.3526596, 15.387756, 5.309743], with A = exp(a), B = exp(b), E = exp(e)
+A = math.exp(6.255414)
+B = math.exp(7.3049974)
+E = math.exp(0.6254804)
+ALPHA = BETA = 0.3526596
+R_D_STAR = 15.387756
+R_N_STAR = 5.309743
+# D_to_N in the paper's code: the compute-optimal parameters for D tokens, N = (D G)^(beta/alpha) G
+_G = ((ALPHA * A) / (BETA * B)) ** (1 / (ALPHA + BETA))
+
+
+def optimal_params(tokens: float) -> float:
+    """Chinchilla-optimal parameters for `tokens` training tokens under this fit (~tokens / 19.6)."""
+    return (tokens * _G) ** (BETA / ALPHA) * _G
+
+
+def effective_tokens(tokens: float, unique: float) -> float:
+    """D': the value of `tokens` training tokens drawn from `unique` distinct ones (less than one epoch: all new)."""
+    seen = min(tokens, unique)  # U_D, the unique tokens the run reads
+    repeats = tokens / seen - 1
+    return seen + seen * R_D_STAR * (1 - math.exp(-repeats / R_D_STAR))
+
+
+def effective_params(params: float, tokens: float, unique: float) -> float:
+    """N': parameters past the compute-optimal size for the unique tokens read count for less."""
+    useful = min(params, optimal_params(min(tokens, unique)))  # U_N
+    excess = params / useful - 1
+    return useful + useful * R_N_STAR * (1 - math.exp(-excess / R_N_STAR))
+
+
+FITTED_MIN_TOKENS = 100e6  # the fit's smallest runs: below this fwray.plan ranks with small_scale_loss
+
+
+def small_scale_loss(non_embedding_params: float, tokens: float, unique: float) -> float:
+    """The law as fwray ranks with below FITTED_MIN_TOKENS (see above): non-embedding parameters, their excess
+    discounted only where data repeats."""
+    n = (non_embedding_params if tokens <= unique else
+         effective_params(non_embedding_params, tokens, unique))
+    return E + A / n ** ALPHA + B / effective_tokens(tokens, unique) ** BETA
+
+
+def loss(params: float, tokens: float, unique: float) -> float:
+    """The law's loss for `params` parameters trained on `tokens` tokens of which `unique` are distinct."""
+    return E + A / effective_params(params, tokens, unique) ** ALPHA + B / effective_tokens(tokens, unique) ** BETA

@@ -1,0 +1,55 @@
+"""The plan's figures for the widely shared 4070 config, and the measured-vs-predicted comparison after a run."""
+from pathlib import Path
+
+import pytest
+
+from fwray import config, figures
+
+FULL = Path(__file__).resolve().parent.parent / "experiments" / "full.yaml"
+
+
+def manifest(train_tokens: int, val_tokens: int = 7_000_000) -> dict:
+    return {"splits": {"train": {"documents": 1_040_000, "tokens": train_tokens},
+                       "val": {"documents": 10_500, "tokens": val_tokens}}}
+
+
+def test_shared_config_true_figures():
+    # the shared config as people bring it: 250,000 iterations of 12 x 1024 x 40 on one ~0.7B-token shard
+    exp = config.load(FULL, ["probe.enabled=false", "train.epochs=null", "train.max_iters=250000",
+                             "train.warmup_iters=2000"])
+    exp = config.resolve(exp, 700_000_000)
+    fig = figures.figures(exp, manifest(700_000_000))
+    assert fig["params"] == 64_041_472  # not "110M"
+    assert fig["tokens_per_step"] == 491_520
+    assert fig["total_train_tokens"] == 122_880_000_000
+    assert fig["epochs"] == pytest.approx(175.54, abs=0.01)
+    # an RTX 4070 at the assumed 40% MFU: tens of thousands of tokens/s, i.e. weeks, not the "22-26 it/s" claimed
+    assert 30_000 < fig["predicted_tokens_per_s"] < 120_000
+    assert fig["predicted_hours"] > 24 * 10
+    text = figures.describe(exp, fig)
+    assert "64,041,472 parameters" in text and "175.54 epochs" in text and "RTX 4070" in text
+
+
+def test_epochs_budget_sets_the_steps():
+    exp = config.resolve(config.load(FULL, ["probe.enabled=false"]), 700_000_000)
+    fig = figures.figures(exp, manifest(700_000_000))
+    assert fig["epochs"] == pytest.approx(4.0, rel=1e-3)
+    assert exp.train.max_iters == pytest.approx(4 * 700_000_000 / 491_520, abs=1)
+
+
+def test_unknown_gpu_predicts_no_time():
+    exp = config.resolve(config.load(FULL, ["probe.enabled=false", "hardware.gpu=Some Card 9000"]), 700_000_000)
+    fig = figures.figures(exp, manifest(700_000_000))
+    assert "predicted_hours" not in fig
+    assert "no prediction" in figures.describe(exp, fig)
+
+
+def test_outcome_compares_measured_with_predicted():
+    out = figures.outcome({"predicted_tokens_per_s": 50_000.0},
+                       {"tokens_per_s": 56_000.0, "seconds": 7200, "peak_reserved_gb": 9.5}, predicted_peak_gb=9.0)
+    assert out["measured_tokens_per_s"] == 56_000.0 and out["measured_hours"] == 2.0
+    text = figures.describe_outcome(out)
+    assert "1.12x the plan" in text and "9.50 GB" in text and "9.00 GB" in text
+    # on CPU: no prediction, no GPU memory; the measured speed is still shown
+    cpu = figures.outcome({}, {"tokens_per_s": 600.0, "seconds": 60})
+    assert "predicted_tokens_per_s" not in cpu and "600 tokens/s" in figures.describe_outcome(cpu)
