@@ -1,6 +1,6 @@
 """The gpt2 recipe against the modern one: the same parquet, model shape and token budget, through the real pipeline.
 
-    python bench/recipe_bench.py --preset cpu                      # ~15 min on 2 CPU cores
+    python bench/recipe_bench.py --preset cpu                      # 2 x 120 steps on 2 CPU cores
     python bench/recipe_bench.py --preset gpu --data shard.parquet  # a 124M-class model, a few minutes on one GPU
 
 Each recipe trains with `fwray.run` (Ray Data -> Ray Train -> MLflow in a temporary sqlite store); the validation loss
@@ -35,7 +35,7 @@ from fwray import config, ray_session, run  # noqa: E402
 
 PRESETS = {
     "cpu": {"model": {"n_layer": 6, "n_head": 4, "n_embd": 256, "block_size": 128},
-            "train": {"batch_size": 8, "gradient_accumulation_steps": 1, "max_iters": 240, "eval_interval": 40,
+            "train": {"batch_size": 8, "gradient_accumulation_steps": 1, "max_iters": 120, "eval_interval": 20,
                       "eval_iters": 8, "log_interval": 20, "warmup_iters": 10, "compile": False},
             "data": {"val_fraction": 0.05}},
     "gpu": {"model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
