@@ -24,14 +24,18 @@ CPU_TRIAL_TIMED_S = 10
 CPU_TRIAL_MAX_FLOPS = 1e13  # what a CPU trial may time at all (~10 min at 15 GFLOPS); bigger shapes: scaled figures
 
 
+CPU_TRIAL_WARMUP_STEPS = 3
+
+
 def trial_steps(exp: Experiment, gpu: bool) -> int:
-    """probe.steps on a GPU; on a CPU, enough steps to time ~CPU_TRIAL_TIMED_S at the predicted speed
-    (hardware.tokens_per_s of the candidate's experiment)."""
+    """probe.steps on a GPU; on a CPU, CPU_TRIAL_WARMUP_STEPS and enough steps to time ~CPU_TRIAL_TIMED_S at the
+    predicted speed (hardware.tokens_per_s of the candidate's experiment)."""
     if gpu or not exp.hardware.tokens_per_s:
         return exp.probe.steps
     t = exp.train
     per_step = t.batch_size * min(t.gradient_accumulation_steps, 2) * exp.model.block_size  # trial.probe_accumulation
-    return 1 + max(2, min(40, math.ceil(CPU_TRIAL_TIMED_S * exp.hardware.tokens_per_s / per_step)))
+    timed = max(2, min(40, math.ceil(CPU_TRIAL_TIMED_S * exp.hardware.tokens_per_s / per_step)))
+    return CPU_TRIAL_WARMUP_STEPS + timed
 
 
 def target(exp: Experiment, gpu: str | None, measure: bool) -> tuple[Target, Experiment]:
@@ -120,7 +124,8 @@ def measurer(exp: Experiment, target: Target, out_dir: Path):
         workers = exp.resources.num_workers
         cpus = 1 if gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
         jobs = [ProbeJob(e.with_changes("probe", gpu_memory_gb=target.memory_gb, steps=trial_steps(e, gpu)), (), (),
-                         gpu, cpu_timing_max_flops=CPU_TRIAL_MAX_FLOPS, time_evaluation=True) for e in exps]
+                         gpu, cpu_timing_max_flops=CPU_TRIAL_MAX_FLOPS, time_evaluation=True,
+                         warmup_steps=1 if gpu else CPU_TRIAL_WARMUP_STEPS) for e in exps]
         trials = [{"job": i, "batch_size": e.train.batch_size, "activation_checkpointing": False, "compile": None}
                   for i, e in enumerate(exps)]
         rounds.append(len(exps))

@@ -52,6 +52,9 @@ class ProbeJob:
     cpu_timing_max_flops: float = CPU_TIMING_MAX_FLOPS
     # fwray.plan: also time one evaluation batch and one checkpoint write (what each evaluation of a run costs)
     time_evaluation: bool = False
+    # untimed steps first: step 0 carries compilation and allocator warm-up; on a CPU the next few still run slow
+    # (a run's tokens/s leaves out its first log interval for the same reason)
+    warmup_steps: int = 1
 
 
 # ---------------------------------------------------------------- one candidate (runs inside a Tune trial)
@@ -138,8 +141,9 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
             return get
 
         start = None
+        warmup = min(job.warmup_steps, steps - 1)
         for step in range(steps):
-            if step == 1:  # step 0 carries compilation and allocator warm-up
+            if step == warmup:
                 _sync(device)
                 start = time.perf_counter()
             engine.step(step, train_batch(step))
@@ -153,7 +157,7 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
             return batches.val_batch(i)
 
         engine.evaluate(val_batch, 1)
-        out["tokens_per_s"] = (steps - 1) * accum * batch_size * exp.model.block_size / elapsed
+        out["tokens_per_s"] = (steps - warmup) * accum * batch_size * exp.model.block_size / elapsed
         if job.time_evaluation:  # warm now: two more batches, timed
             start = time.perf_counter()
             engine.evaluate(val_batch, 2)  # .item() inside: waits for the device
