@@ -7,7 +7,9 @@ Each recipe trains with `fwray.run` (Ray Data -> Ray Train -> MLflow in a tempor
 at every evaluation is read back from MLflow. Both runs see the same validation windows (they depend on the seed and
 the split only), so their losses compare. Printed: each recipe's validation loss against tokens seen, and the ratio
 *tokens the modern recipe needs to reach the gpt2 recipe's final validation loss / the gpt2 recipe's tokens*
-(linear interpolation between evaluations; below 1 means modern gets there sooner).
+(linear interpolation between evaluations; below 1 means modern gets there sooner), and the same ratio in training
+time, from each run's measured tokens/s (the modern recipe's step costs more: an untied head and Muon's
+orthogonalisation).
 
 The cpu preset's shape (6 layers x 256 wide, block 128): the hidden matrices, the only ones Muon trains, hold
 4.7M parameters beside 12.9M in each of the 50304-token embedding and head. A narrower model would be almost all
@@ -64,13 +66,15 @@ def experiment(preset: str, recipe: str, data: Path, folder: Path, steps: int | 
     }, f"recipe_bench --preset {preset}")
 
 
-def val_curve(exp: config.Experiment) -> list[tuple[int, float]]:
-    """(tokens seen, validation loss) at every evaluation of the experiment's one run."""
+def val_curve(exp: config.Experiment) -> tuple[list[tuple[int, float]], float]:
+    """(tokens seen, validation loss) at every evaluation of the experiment's one run, and its measured training
+    tokens/s (evaluations excluded)."""
     client = MlflowClient(tracking_uri=exp.tracking.uri)
     found = client.search_runs([client.get_experiment_by_name(exp.name).experiment_id],
                                "attributes.run_name LIKE 'recipe-bench-%'")
     history = client.get_metric_history(found[0].info.run_id, "val_loss")
-    return sorted((m.step * exp.tokens_per_step, m.value) for m in history)
+    speed = float(found[0].data.tags.get("fwray.outcome.measured_tokens_per_s", "nan"))  # none below 2 log intervals
+    return sorted((m.step * exp.tokens_per_step, m.value) for m in history), speed
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -88,19 +92,20 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="optimizer steps per recipe (default: the preset's)")
     args = p.parse_args()
     ray_session.start()
-    curves, seconds = {}, {}
+    curves, speeds, seconds = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in RECIPES:
             exp = experiment(args.preset, recipe, args.data.resolve(), Path(tmp), args.steps)
             start = time.perf_counter()
             run.run(exp)
             seconds[recipe] = time.perf_counter() - start
-            curves[recipe] = val_curve(exp)
+            curves[recipe], speeds[recipe] = val_curve(exp)
     print(f"\nrecipe_bench --preset {args.preset}: {args.data.name}, {exp.model.n_layer} layers x "
           f"{exp.model.n_embd} wide, block {exp.model.block_size}, {exp.tokens_per_step:,} tokens a step")
     print(f"{'tokens seen':>12} " + " ".join(f"{r:>10}" for r in curves))
     for i, (tokens, _) in enumerate(curves["gpt2"]):
         print(f"{tokens:>12,} " + " ".join(f"{c[i][1]:>10.4f}" for c in curves.values()))
+    print("tokens/s     " + " ".join(f"{speeds[r]:>10,.0f}" for r in curves))
     print("wall time    " + " ".join(f"{seconds[r]:>9.0f}s" for r in curves))
     gpt2_tokens, gpt2_final = curves["gpt2"][-1]
     needed = tokens_to_reach(curves["modern"], gpt2_final)
@@ -110,6 +115,9 @@ def main() -> int:
     else:
         print(f"modern reaches the gpt2 recipe's final validation loss {gpt2_final:.4f} after {needed:,.0f} tokens: "
               f"ratio {needed / gpt2_tokens:.2f} of the gpt2 recipe's {gpt2_tokens:,} tokens")
+        time_ratio = (needed / speeds["modern"]) / (gpt2_tokens / speeds["gpt2"])
+        print(f"in training time (at each run's measured tokens/s): {needed / speeds['modern']:,.0f} s against "
+              f"{gpt2_tokens / speeds['gpt2']:,.0f} s, ratio {time_ratio:.2f}")
     return 0
 
 
