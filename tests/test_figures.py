@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from fwray import config, figures
+from fwray import config, figures, memory, trial
 
 FULL = Path(__file__).resolve().parent.parent / "experiments" / "full.yaml"
+RECOMMENDED = FULL.with_name("4070.yaml")
 
 
 def manifest(train_tokens: int, val_tokens: int = 7_000_000) -> dict:
@@ -35,6 +36,21 @@ def test_epochs_budget_sets_the_steps():
     fig = figures.figures(exp, manifest(700_000_000))
     assert fig["epochs"] == pytest.approx(4.0, rel=1e-3)
     assert exp.train.max_iters == pytest.approx(4 * 700_000_000 / 491_520, abs=1)
+
+
+def test_the_recommended_4070_experiment_is_what_its_comments_say():
+    exp = config.resolve(config.load(RECOMMENDED), 700_000_000)
+    m, t = exp.model, exp.train
+    assert (m.recipe, t.optimizer, t.schedule, exp.data.sampling) == ("modern", "muon", "wsd", "epoch")
+    assert exp.probe.enabled and all(480 % b == 0 for b in exp.probe.batch_sizes)  # the step's 480 sequences
+    fig = figures.figures(exp, manifest(700_000_000))
+    assert fig["params"] == 108_625_920 and fig["tokens_per_step"] == 491_520
+    assert fig["epochs"] == pytest.approx(5.5, rel=1e-3) and 7_700 < t.max_iters < 7_900
+    assert 11 < fig["predicted_hours"] < 13  # the ~12 h the file was planned for
+    # the probe's CPU estimate: the configured micro-batch fits a 12 GB card with the margin, the next one does not
+    cap = trial.usable_bytes(exp) * (1 - exp.probe.margin)
+    reserved = {b: memory.estimate_peak_bytes(m, t, b, accumulation=2)["reserved"] for b in (20, 24)}
+    assert reserved[20] < cap < reserved[24]
 
 
 def test_unknown_gpu_predicts_no_time():
