@@ -192,15 +192,28 @@ def evaluation_intervals(budget_s: float) -> int:
     return max(1, min(MAX_EVALS, round(budget_s / EVAL_EVERY_S)))
 
 
+def learning_rate_scale(exp: Experiment, model: ModelConfig) -> float:
+    """The experiment's AdamW learning rate is for its own width; a shape `model` wide takes it times
+    (width / experiment's width)^-0.5, as nanochat scales AdamW's rate with model width (GPT-3's table falls about as
+    fast: 6e-4 at 768 wide, 2.5e-4 at 1536). Muon (train.optimizer: muon) keeps its rate."""
+    if getattr(exp.train, "optimizer", "adamw") != "adamw":
+        return 1.0
+    return (model.n_embd / exp.model.n_embd) ** -0.5
+
+
 def planned(exp: Experiment, c: Candidate, max_iters: int, intervals: int) -> Experiment:
-    """The candidate's experiment for `max_iters` steps: its shape and micro-batch, warmup, decay to the end,
-    `intervals` evaluation intervals, and the speed figures the run predicts its time with."""
+    """The candidate's experiment for `max_iters` steps: its shape and micro-batch, its learning rate, warmup, decay
+    to the end, `intervals` evaluation intervals, and the speed figures the run predicts its time with."""
+    lr = learning_rate_scale(exp, c.model)
+    train = exp.train
     exp = with_shape(exp, c)
     return dataclasses.replace(
         exp,
         train=dataclasses.replace(exp.train, max_iters=max_iters, epochs=None, lr_decay_iters=max_iters,
                                   warmup_iters=min(MAX_WARMUP, round(WARMUP_FRACTION * max_iters)),
-                                  eval_interval=max(1, math.ceil(max_iters / intervals))),
+                                  eval_interval=max(1, math.ceil(max_iters / intervals)),
+                                  learning_rate=float(f"{train.learning_rate * lr:.3g}"),
+                                  min_lr=float(f"{train.min_lr * lr:.3g}")),
         hardware=dataclasses.replace(exp.hardware, tokens_per_s=c.tokens_per_s, eval_seconds=c.eval_s))
 
 

@@ -227,7 +227,7 @@ def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
     mb = (f"{c.micro_batch} x {c.accumulation}" if c.fits else "no fit" if c.fits is False else "-")
     peak = f"{c.peak_bytes / 2**30:.2f}" if c.peak_bytes else "-"
     steps_ok = c.max_iters >= cand.MIN_STEPS
-    return (("> " if c is best else "  ") + str(c.depth), f"{m.n_layer} x {m.n_embd}, {m.n_head}h",
+    return (("> " if c.depth == best.depth else "  ") + str(c.depth), f"{m.n_layer} x {m.n_embd}, {m.n_head}h",
             f"{c.params / 1e6:.1f}M", f"{c.flops_per_token / 1e6:,.0f}", mb, peak,
             f"{c.tokens_per_s:,.0f} {c.speed_source}", f"{c.max_iters:,}" if steps_ok else f"<{cand.MIN_STEPS}",
             _tokens(c.tokens), f"{c.epochs:.2f}", f"{c.tokens_per_param:.3g}",
@@ -323,7 +323,8 @@ def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str
         f"{', small-scale form' if plan.small else ''})",
         f"predicted: {c.tokens_per_s:,.0f} tokens/s ({c.speed_source}); {_duration(pred['predicted_seconds'])} of "
         f"training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
-        f"why: {plan.why}" if c is plan.best else f"a neighbour of the recommendation, {plan.best.describe()}",
+        f"why: {plan.why}" if c.depth == plan.best.depth else
+        f"a neighbour of the recommendation, {plan.best.describe()}",
         "hardware.tokens_per_s and hardware.eval_seconds are the plan's figures: the run compares its time with them "
         "(remove them if you change the model)",
     ]

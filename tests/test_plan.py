@@ -107,6 +107,10 @@ def test_table_arithmetic_on_fixed_inputs():
         assert figures.predicted_speed(more, c.flops_per_token, c.tokens + 491_520, c.params)["predicted_seconds"] \
             > budget
     assert not p.small and p.best.law == min(c.law for c in p.cands if c.feasible)
+    # the experiment's rate was for its 512-wide model: depth 16 (1024 wide) takes it / sqrt(2)
+    d16 = plan.planned_experiment(p, by_depth[16]).train
+    assert d16.learning_rate == pytest.approx(6e-4 / 2**0.5, rel=1e-3)
+    assert d16.min_lr == pytest.approx(6e-5 / 2**0.5, rel=1e-3)
     text = plan.table(p)
     assert "used only to rank" in text and f"recommended: {p.best.describe()}" in text and "why: " in text
 
