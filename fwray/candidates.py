@@ -241,9 +241,11 @@ def schedule(exp: Experiment, c: Candidate, budget_s: float, train_tokens: int) 
 
 
 def embedding_params(model: ModelConfig) -> int:
-    """The token table, and the position table where the recipe learns one (gpt2)."""
-    positions = model.block_size if getattr(model, "recipe", "gpt2") == "gpt2" else 0
-    return (model.vocab_size + positions) * model.n_embd
+    """The token table, the output head where it is a matrix of its own (untied), and the position table where the
+    model learns one: what Kaplan et al. leave out of a model's size."""
+    tables = 1 if model.tie_embeddings else 2
+    positions = model.block_size if model.positions == "learned" else 0
+    return (tables * model.vocab_size + positions) * model.n_embd
 
 
 def modelled_eval_seconds(exp: Experiment, c: Candidate, tokens_per_s: float) -> float:

@@ -265,8 +265,7 @@ def table(plan: Plan) -> str:
         "law loss: Muennighoff et al. 2023's data-constrained scaling law (C4 units), used only to rank the "
         "candidates; not the loss the run will reach" + (f"; {hidden} other depths not shown" if hidden else ""),
         *([f"          below the law's fitted range ({scaling.FITTED_MIN_TOKENS / 1e6:.0f}M tokens) its small-scale "
-           f"form ranks: non-embedding parameters, no excess-parameter discount without repeated data "
-           f"(fwray/scaling.py says why)"] if plan.small else []),
+           f"form ranks: the same law of non-embedding parameters (fwray/scaling.py says why)"] if plan.small else []),
         f"time: steps at the speed shown plus {pred['evaluations']} evaluations (~{b.eval_s:.1f} s each, checkpoint "
         f"included) within the budget; preparing the data and starting Ray come on top",
         "",
