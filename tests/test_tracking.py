@@ -39,6 +39,8 @@ def free_port() -> int:
 class Server:
     """An `mlflow server` on 127.0.0.1: sqlite backend and proxied artifacts under `folder`, in its own session."""
 
+    WHAT, READY_PATH, READY_S = "mlflow server", "/health", 120
+
     def __init__(self, folder: Path):
         self.folder = folder
         self.proc = None
@@ -48,29 +50,37 @@ class Server:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Server":
-        self.port = free_port()
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def command(self) -> tuple[list[str], dict]:
         cmd = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
                "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.log = open(self.folder / f"server-{self.port}.log", "w")
+        return cmd, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def start(self) -> "Server":
+        self.port = free_port()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cmd, env = self.command()
+        self.log = open(self.folder / f"{type(self).__name__.lower()}-{self.port}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return self
 
-    def wait(self, timeout: float = 120) -> "Server":
+    def wait(self, timeout: float | None = None) -> "Server":
+        """Until READY_PATH answers 200 (a model server: once the model is loaded)."""
+        timeout = timeout or self.READY_S
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"mlflow server exited: {Path(self.log.name).read_text()[-2000:]}"
+            assert self.proc.poll() is None, f"{self.WHAT} exited: {self.log_tail()}"
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.uri}{self.READY_PATH}", timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
                 time.sleep(0.5)
-        raise AssertionError(f"mlflow server on port {self.port} not healthy after {timeout} s")
+        raise AssertionError(f"{self.WHAT} on port {self.port} not ready after {timeout} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return Path(self.log.name).read_text()[-3000:]
 
     def kill(self, sig=signal.SIGKILL) -> None:
         """The server and the workers it started (its own process group), by that group's id."""
@@ -91,32 +101,16 @@ class Server:
 class ModelServer(Server):
     """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1, reading the registry at `tracking_uri`."""
 
+    WHAT, READY_PATH, READY_S = "mlflow models serve", "/ping", 180
+
     def __init__(self, folder: Path, model_uri: str, tracking_uri: str):
         super().__init__(folder)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
 
-    def start(self) -> "ModelServer":
-        self.port = free_port()
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def command(self) -> tuple[list[str], dict]:
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(self.port)]
-        self.log = open(self.folder / f"serve-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri})
-        return self
-
-    def wait(self, timeout: float = 180) -> "ModelServer":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"mlflow models serve exited: {Path(self.log.name).read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{self.uri}/ping", timeout=2) as r:  # 200 once the model is loaded
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"mlflow models serve on port {self.port} not ready after {timeout} s: "
-                             f"{Path(self.log.name).read_text()[-3000:]}")
+        return cmd, {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
 
 
 class Tee(io.StringIO):
