@@ -87,7 +87,7 @@ class Candidate:
 
 def shape(model: ModelConfig, depth: int) -> ModelConfig:
     """The family member of `depth`, keeping the model's other fields (block size, vocabulary, recipe, ...)."""
-    head = HEAD_SIZE.get(getattr(model, "recipe", "gpt2"), 64)
+    head = HEAD_SIZE[model.recipe]
     width = depth * ASPECT
     if width > head:
         width = -(-width // head) * head
@@ -196,7 +196,7 @@ def learning_rate_scale(exp: Experiment, model: ModelConfig) -> float:
     """The experiment's AdamW learning rate is for its own width; a shape `model` wide takes it times
     (width / experiment's width)^-0.5, as nanochat scales AdamW's rate with model width (GPT-3's table falls about as
     fast: 6e-4 at 768 wide, 2.5e-4 at 1536). Muon (train.optimizer: muon) keeps its rate."""
-    if getattr(exp.train, "optimizer", "adamw") != "adamw":
+    if exp.train.optimizer != "adamw":
         return 1.0
     return (model.n_embd / exp.model.n_embd) ** -0.5
 

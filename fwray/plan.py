@@ -252,7 +252,7 @@ def table(plan: Plan) -> str:
         f"data     {plan.data.train_tokens:,} train tokens"
         + (f", {plan.data.documents:,} documents" if plan.data.documents else "") + f" ({plan.data.note})",
         f"family   depth d: d layers x {cand.ASPECT}d wide, head size "
-        f"{cand.HEAD_SIZE.get(getattr(exp.model, 'recipe', 'gpt2'), 64)} ({getattr(exp.model, 'recipe', 'gpt2')} "
+        f"{cand.HEAD_SIZE[exp.model.recipe]} ({exp.model.recipe} "
         f"recipe), block {exp.model.block_size}; every candidate at {exp.tokens_per_step:,} tokens per optimizer "
         f"step",
         f"speed    {plan.speed_note}",
