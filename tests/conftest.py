@@ -41,10 +41,10 @@ def cache(tmp_path_factory) -> Path:
 def tiny_run(ray_session, tmp_path_factory, cache) -> dict:
     """The tiny smoke run, 1 worker x 2 micro-steps, 24 steps: the reference of the fault-tolerance and the
     two-worker tests. Its figures are read now; a test that resumes it later changes only the files."""
-    from pipeline import ONE_WORKER, TINY, final_weights, history, run_smoke, top_run
+    from pipeline import ONE_WORKER, TINY, history, run_smoke, top_run
 
     folder = tmp_path_factory.mktemp("tiny-run")
     exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER])
     run = top_run(client)
     return {"folder": folder, "exp": exp, "client": client, "run": run,
-            "val": history(client, run.info.run_id, "val_loss"), "weights": final_weights(folder)}
+            "val": history(client, run.info.run_id, "val_loss")}

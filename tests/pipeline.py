@@ -3,7 +3,6 @@ session's Ray, everything it writes under one folder, MLflow in a sqlite store t
 import json
 from pathlib import Path
 
-import torch
 from mlflow.tracking import MlflowClient
 
 from fwray import config
@@ -49,9 +48,3 @@ def history(client, run_id, name):
 
 def latest_run_dir(folder: Path) -> Path:
     return Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
-
-
-def final_weights(folder: Path) -> dict:
-    from fwray import checkpoint
-
-    return torch.load(latest_run_dir(folder) / checkpoint.MODEL_DIR / checkpoint.MODEL_FILE, weights_only=True)

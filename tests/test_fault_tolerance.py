@@ -92,6 +92,8 @@ def test_killed_worker_resumes_in_the_same_run(tiny_run, tmp_path, cache):
     assert max(history(client, run.info.run_id, "train_loss")) == 24
 
     base_val = tiny_run["val"]  # the same run, uninterrupted
+    # the same arithmetic in the same order (one worker, two micro-steps, on this CPU), so equal in practice; the
+    # margin is for a restarted worker whose kernels split a sum over another number of threads
     assert abs(val[24] - base_val[24]) <= 1e-4, (val, base_val)
     assert "fwray.resumed_from_step" not in tiny_run["run"].data.tags
 
