@@ -39,7 +39,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from . import __version__, outbox  # noqa: E402
+from . import __version__, health, outbox  # noqa: E402
 from .config import DataConfig, Experiment, flatten  # noqa: E402
 from .data_report import DATA_REPORT, data_metrics, data_report  # noqa: E402
 from .errors import FwrayError, first_line  # noqa: E402
@@ -66,6 +66,7 @@ METRICS = {
     "eval_val_bpb": "fwray.eval: the same in bits per UTF-8 byte (fwray.bpb)",
     "hellaswag_acc": "fwray.eval: HellaSwag accuracy, the ending with the lowest summed loss",
     "hellaswag_acc_norm": "fwray.eval: HellaSwag accuracy, the ending with the lowest loss per token",
+    **health.METRICS,  # the machine at each log interval, as MLflow names system metrics
 }
 PREPARE_RUN = "prepare"
 
@@ -509,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("metrics", help="list the metric names fwray logs and what they mean")
     args = parser.parse_args(argv)
     if args.command == "metrics":
+        width = max(map(len, METRICS))
         for name, text in METRICS.items():
-            print(f"{name:18s} {text}")
+            print(f"{name:{width}s} {text}")
         return 0
     # a record names the store it was meant for; one that names none goes where a run without tracking.uri goes
     return outbox.replay_command(args.jsonl, args.uri, default_uri())

@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from . import checkpoint, engine, hardware, ray_session
 from .config import Experiment
 from .errors import FwrayError
+from .health import HealthSampler
 from .loader import Batches
 from .artifacts import CURVES, EvalArtifacts
 from .tracking import RunLogger, metric_history
@@ -125,11 +126,14 @@ def _worker(config: dict) -> dict | None:
         history = (metric_history(job.tracking_uri, job.run_id, CURVES, fallback=logger.fallback,
                                   max_step=resume["step"]) if resume else None)
         evals = EvalArtifacts(exp, job.run_dir, logger, history)
+    health = HealthSampler(device) if logger else None  # rank 0's node: the machine its GPU (or CPU) is in
 
     final: dict = {}
 
     def report(step: int, metrics: dict, state: dict | None) -> None:
         if logger:
+            if "train_loss" in metrics:  # a log interval: the machine's figures at the loss's step
+                metrics = {**metrics, **health.sample()}
             logger.metrics(step, metrics)
             print(progress_line(step, exp.train.max_iters, metrics), flush=True)
             evals.record(step, metrics)

@@ -6,14 +6,16 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["errors", "config", "tokens", "loader", "layers", "model", "hf", "hardware", "memory", "engine", "trial",
-        "figures", "verdict", "checkpoint", "data_report", "bpb", "hellaswag", "sample", "eval", "export", "scaling",
-        "data_size", "candidates", "plan"]
+PURE = ["errors", "config", "tokens", "loader", "layers", "model", "hf", "hardware", "health", "memory", "engine",
+        "trial", "figures", "verdict", "checkpoint", "data_report", "bpb", "hellaswag", "sample", "eval", "export",
+        "scaling", "data_size", "candidates", "plan"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, sys, tempfile
     from pathlib import Path
-    for name in ("ray", "mlflow"):  # None in sys.modules: every `import ray...` raises ImportError
+    # None in sys.modules: every `import ray...` raises ImportError. psutil and nvidia-ml-py (pynvml) are fwray
+    # dependencies that a machine with torch alone lacks too
+    for name in ("ray", "mlflow", "psutil", "pynvml"):
         sys.modules[name] = None
     try:
         import ray  # noqa: F401
@@ -44,6 +46,8 @@ SCRIPT = textwrap.dedent("""
                     train_tokens=10_000)
     assert seen == [0, 1, 2, 3, 3], seen
     assert summary["steps"] == 3 and summary["final_val_loss"] > 0
+    from fwray.health import HealthSampler
+    assert HealthSampler(torch.device("cpu")).sample() == {}  # no psutil: no figures, and no error
     loaded = sorted(k for k, v in sys.modules.items() if v is not None and k.split(".")[0] in ("ray", "mlflow"))
     assert not loaded, loaded
     print("PURE-OK", " ".join(modules))
