@@ -56,13 +56,41 @@ def table_memory(gpu_name: str) -> float | None:
 # or probes: expandable segments grow one mapping instead of caching fixed blocks, so reserved memory stays close to
 # allocated memory and a 12 GB card does not run out through fragmentation.
 ALLOC_CONF_ENV = "PYTORCH_ALLOC_CONF"
+# Both names: torch 2.9's CUDA allocator takes expandable segments only from the older name (pytorch/pytorch#183387),
+# and torch >= 2.9 reads the newer one first (the older one alone earns a deprecation warning)
+ALLOC_CONF_ENVS = (ALLOC_CONF_ENV, "PYTORCH_CUDA_ALLOC_CONF")
 ALLOC_CONF = "expandable_segments:True"
 
 
 def configure_allocator() -> None:
-    """Set fwray's CUDA allocator configuration unless the user set one (PYTORCH_ALLOC_CONF or its older name)."""
-    if not (os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
-        os.environ[ALLOC_CONF_ENV] = ALLOC_CONF
+    """Give both allocator variables fwray's configuration, or the user's where the user set one of them; a value
+    the user set is never changed."""
+    value = next((os.environ[name] for name in ALLOC_CONF_ENVS if os.environ.get(name)), ALLOC_CONF)
+    for name in ALLOC_CONF_ENVS:
+        if not os.environ.get(name):
+            os.environ[name] = value
+
+
+def allocator_settings(device: torch.device) -> str | None:
+    """The CUDA caching allocator's effective configuration as torch reports it, e.g. 'expandable_segments:True'
+    (then max_split_size_mb and garbage_collection_threshold where set); None on CPU.
+
+    Read from the allocator, not the environment: its memory snapshot's settings and, once it holds memory, whether
+    its segments really are expandable (an allocator that ignored the variable holds none that are)."""
+    if device.type != "cuda":
+        return None
+    snapshot = torch.cuda.memory._snapshot()
+    settings = snapshot["allocator_settings"]
+    segments = snapshot["segments"]
+    expandable = (any(s.get("is_expandable", False) for s in segments) if segments
+                  else settings.get("expandable_segments", False))
+    parts = [f"expandable_segments:{bool(expandable)}"]
+    max_split = settings.get("max_split_size", -1)  # SIZE_MAX (no limit) comes back as -1
+    if 0 < max_split < 2**62:
+        parts.append(f"max_split_size_mb:{max_split // 2**20}")
+    if settings.get("garbage_collection_threshold"):
+        parts.append(f"garbage_collection_threshold:{settings['garbage_collection_threshold']}")
+    return ",".join(parts)
 
 
 def cuda_device(index: int | None = None) -> torch.device:

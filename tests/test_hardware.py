@@ -1,7 +1,11 @@
-"""The device facts fwray computes MFU and plans with: the peak-FLOPs table matched by whole model name."""
-import pytest
+"""The device facts fwray computes MFU and plans with (the peak-FLOPs table matched by whole model name), the CUDA
+allocator configuration every process gets."""
+import os
 
-from fwray import hardware
+import pytest
+import torch
+
+from fwray import hardware, ray_session
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -27,14 +31,35 @@ def test_peak_table_matches_whole_names(name, peak):
     assert hardware.table_peak(name) == peak
 
 
-def test_allocator_configuration_is_set_unless_the_user_chose_one(monkeypatch):
-    monkeypatch.delenv(hardware.ALLOC_CONF_ENV, raising=False)
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+def _allocator_env() -> list[str | None]:
+    return [os.environ.get(name) for name in hardware.ALLOC_CONF_ENVS]
+
+
+def test_allocator_configuration_goes_under_both_names_and_keeps_the_users(monkeypatch):
+    for name in hardware.ALLOC_CONF_ENVS:
+        monkeypatch.delenv(name, raising=False)
     hardware.configure_allocator()
-    assert hardware.os.environ[hardware.ALLOC_CONF_ENV] == "expandable_segments:True"
-    monkeypatch.setenv(hardware.ALLOC_CONF_ENV, "max_split_size_mb:128")
+    assert _allocator_env() == ["expandable_segments:True"] * 2
+    for users in hardware.ALLOC_CONF_ENVS:  # a user's value under either name: kept, and given to the other name
+        for name in hardware.ALLOC_CONF_ENVS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(users, "max_split_size_mb:128")
+        hardware.configure_allocator()
+        assert _allocator_env() == ["max_split_size_mb:128"] * 2
+    monkeypatch.setenv(hardware.ALLOC_CONF_ENVS[0], "expandable_segments:False")  # both set: neither changes
     hardware.configure_allocator()
-    assert hardware.os.environ[hardware.ALLOC_CONF_ENV] == "max_split_size_mb:128"
+    assert _allocator_env() == ["expandable_segments:False", "max_split_size_mb:128"]
+
+
+def test_ray_workers_are_given_both_allocator_variables(monkeypatch):
+    for name in hardware.ALLOC_CONF_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    env = ray_session.worker_env()
+    assert [env.get(name) for name in hardware.ALLOC_CONF_ENVS] == ["expandable_segments:True"] * 2
+
+
+def test_cpu_has_no_cuda_allocator_settings():
+    assert hardware.allocator_settings(torch.device("cpu")) is None
 
 
 def test_use_gpu_true_without_a_gpu_is_one_clear_error():

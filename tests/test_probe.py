@@ -1,5 +1,6 @@
 """The OOM probe: memory estimates (pure), the verdict (pure), a real Ray Tune sweep on CPU, and fwray.run with it."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,17 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     assert sorted(int(r.data.params["batch_size"]) for r in trials) == [1, 2, 4, 8]
     assert {int(r.data.params["batch_size"]): r.data.metrics["fits"] for r in trials} == {1: 0, 2: 1, 4: 0, 8: 0}
     assert [a.path for a in client.list_artifacts(top[0].info.run_id)] == ["verdict.json"]
+
+
+def test_ray_workers_start_with_both_allocator_variables(ray_session):
+    from fwray import hardware
+
+    @ray_session.remote(num_cpus=0)
+    def allocator_env():
+        return [os.environ.get(name) for name in hardware.ALLOC_CONF_ENVS]
+
+    seen = ray_session.get(allocator_env.remote())
+    assert seen == [os.environ[name] for name in hardware.ALLOC_CONF_ENVS] and all(seen)
 
 
 def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path, cache):
