@@ -5,6 +5,9 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+from torch.overrides import TorchFunctionMode
 
 from .errors import FwrayError
 
@@ -91,6 +94,44 @@ def allocator_settings(device: torch.device) -> str | None:
     if settings.get("garbage_collection_threshold"):
         parts.append(f"garbage_collection_threshold:{settings['garbage_collection_threshold']}")
     return ",".join(parts)
+
+
+def attend_as_consumer_cards() -> None:
+    """Make SDPA pick its kernel in this process as on the consumer cards a capped probe emulates (sm86, sm89,
+    sm120), where torch tries FlashAttention-2 first and cuDNN attention last, after math. On sm90/sm100 (H100, H200,
+    B200) torch >= 2.10 with a cuDNN newer than 9.15 (torch 2.11's wheels) tries cuDNN attention first: another
+    kernel, with another workspace. Switching cuDNN attention off leaves the consumer cards' order.
+
+    Not through TORCH_CUDNN_SDPA_PREFERRED=0: torch reads that variable once per process, and newer torch reads
+    TORCH_CUDNN_SDPA_DEPRIORITIZED instead."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> str:
+    """The kernel F.scaled_dot_product_attention(query, key, value, ...) runs here, by torch's own choice (the
+    backends enabled, their order, the device, the shapes, strides and dtypes): 'flash_attention',
+    'efficient_attention', 'cudnn_attention' or 'math' ('flash_attention' on a CPU is torch's fused CPU kernel).
+    Under autocast the inputs are cast first, as autocast casts them for the real call."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(low) if t.dtype == torch.float32 else t for t in (query, key, value))
+    return SDPBackend(torch._fused_sdp_choice(query, key, value, *args, **kwargs)).name.lower()
+
+
+class RecordSdpaBackends(TorchFunctionMode):
+    """Within `with RecordSdpaBackends() as seen:`, seen.backends lists sdpa_backend of every
+    F.scaled_dot_product_attention call, in call order. Eager code only: a compiled graph does not call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.backends: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.backends.append(sdpa_backend(*args, **kwargs))
+        return func(*args, **kwargs)
 
 
 def cuda_device(index: int | None = None) -> torch.device:

@@ -1,11 +1,14 @@
 """The device facts fwray computes MFU and plans with (the peak-FLOPs table matched by whole model name), the CUDA
-allocator configuration every process gets."""
+allocator configuration every process gets, and the attention kernel torch picks."""
 import os
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fwray import hardware, ray_session
+from fwray.config import ModelConfig
+from fwray.model import GPT
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -60,6 +63,30 @@ def test_ray_workers_are_given_both_allocator_variables(monkeypatch):
 
 def test_cpu_has_no_cuda_allocator_settings():
     assert hardware.allocator_settings(torch.device("cpu")) is None
+
+
+def test_sdpa_backend_is_torchs_own_choice_for_each_attention_call():
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 50257, (1, 16))
+    with hardware.RecordSdpaBackends() as seen:
+        model.hidden(idx)
+    assert seen.backends == ["flash_attention"] * 2  # one per layer: the CPU's fused kernel for fp32
+    with hardware.RecordSdpaBackends() as seen, sdpa_kernel(SDPBackend.MATH):
+        model.hidden(idx)
+    assert seen.backends == ["math"] * 2
+    q = torch.randn(1, 2, 16, 8)
+    assert hardware.sdpa_backend(q, q, q, is_causal=True) == "flash_attention"
+    assert hardware.sdpa_backend(q, q, q.double(), is_causal=True) == "math"  # mixed dtypes: no fused kernel
+
+
+def test_consumer_card_attention_switches_cudnn_attention_off():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        hardware.attend_as_consumer_cards()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def test_use_gpu_true_without_a_gpu_is_one_clear_error():

@@ -150,6 +150,8 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     assert rows[1]["reason"].startswith("OOM during eval")
     assert rows[8]["status"] == "ok" and rows[8]["peak_gb"] > verdict["limit_gb"]
     assert rows[2]["tokens_per_s"] > 0 and rows[2]["method"] == "cpu-estimate"
+    # what the trial ran on: no CUDA allocator here, and the CPU's fused attention kernel for fp32
+    assert rows[2]["allocator"] is None and rows[2]["sdpa_backend"] == "flash_attention"
     chosen = verdict["chosen"]
     assert chosen["batch_size"] == 2 and chosen["tokens_per_step"] == exp.tokens_per_step
     assert json.loads((tmp_path / "probe" / "verdict.json").read_text())["chosen"] == chosen
@@ -160,6 +162,7 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id]
     assert sorted(int(r.data.params["batch_size"]) for r in trials) == [1, 2, 4, 8]
     assert {int(r.data.params["batch_size"]): r.data.metrics["fits"] for r in trials} == {1: 0, 2: 1, 4: 0, 8: 0}
+    assert {r.data.params["sdpa_backend"] for r in trials} == {"flash_attention"}
     assert [a.path for a in client.list_artifacts(top[0].info.run_id)] == ["verdict.json"]
 
 
