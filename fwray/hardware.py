@@ -5,6 +5,9 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+from torch.overrides import TorchFunctionMode
 
 from .errors import FwrayError
 
@@ -56,13 +59,79 @@ def table_memory(gpu_name: str) -> float | None:
 # or probes: expandable segments grow one mapping instead of caching fixed blocks, so reserved memory stays close to
 # allocated memory and a 12 GB card does not run out through fragmentation.
 ALLOC_CONF_ENV = "PYTORCH_ALLOC_CONF"
+# Both names: torch 2.9's CUDA allocator takes expandable segments only from the older name (pytorch/pytorch#183387),
+# and torch >= 2.9 reads the newer one first (the older one alone earns a deprecation warning)
+ALLOC_CONF_ENVS = (ALLOC_CONF_ENV, "PYTORCH_CUDA_ALLOC_CONF")
 ALLOC_CONF = "expandable_segments:True"
 
 
 def configure_allocator() -> None:
-    """Set fwray's CUDA allocator configuration unless the user set one (PYTORCH_ALLOC_CONF or its older name)."""
-    if not (os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
-        os.environ[ALLOC_CONF_ENV] = ALLOC_CONF
+    """Give both allocator variables fwray's configuration, or the user's where the user set one of them; a value
+    the user set is never changed."""
+    value = next((os.environ[name] for name in ALLOC_CONF_ENVS if os.environ.get(name)), ALLOC_CONF)
+    for name in ALLOC_CONF_ENVS:
+        if not os.environ.get(name):
+            os.environ[name] = value
+
+
+def allocator_settings(device: torch.device) -> str | None:
+    """The CUDA caching allocator's effective configuration as torch reports it, e.g. 'expandable_segments:True'
+    (then max_split_size_mb and garbage_collection_threshold where set); None on CPU.
+
+    Read from the allocator, not the environment: its memory snapshot's settings and, once it holds memory, whether
+    its segments really are expandable (an allocator that ignored the variable holds none that are)."""
+    if device.type != "cuda":
+        return None
+    snapshot = torch.cuda.memory._snapshot()
+    settings = snapshot["allocator_settings"]
+    segments = snapshot["segments"]
+    expandable = (any(s.get("is_expandable", False) for s in segments) if segments
+                  else settings.get("expandable_segments", False))
+    parts = [f"expandable_segments:{bool(expandable)}"]
+    max_split = settings.get("max_split_size", -1)  # SIZE_MAX (no limit) comes back as -1
+    if 0 < max_split < 2**62:
+        parts.append(f"max_split_size_mb:{max_split // 2**20}")
+    if settings.get("garbage_collection_threshold"):
+        parts.append(f"garbage_collection_threshold:{settings['garbage_collection_threshold']}")
+    return ",".join(parts)
+
+
+def attend_as_consumer_cards() -> None:
+    """Make SDPA pick its kernel in this process as on the consumer cards a capped probe emulates (sm86, sm89,
+    sm120), where torch tries FlashAttention-2 first and cuDNN attention last, after math. On sm90/sm100 (H100, H200,
+    B200) torch >= 2.10 with a cuDNN newer than 9.15 (torch 2.11's wheels) tries cuDNN attention first: another
+    kernel, with another workspace. Switching cuDNN attention off leaves the consumer cards' order.
+
+    Not through TORCH_CUDNN_SDPA_PREFERRED=0: torch reads that variable once per process, and newer torch reads
+    TORCH_CUDNN_SDPA_DEPRIORITIZED instead."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> str:
+    """The kernel F.scaled_dot_product_attention(query, key, value, ...) runs here, by torch's own choice (the
+    backends enabled, their order, the device, the shapes, strides and dtypes): 'flash_attention',
+    'efficient_attention', 'cudnn_attention' or 'math' ('flash_attention' on a CPU is torch's fused CPU kernel).
+    Under autocast the inputs are cast first, as autocast casts them for the real call."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(low) if t.dtype == torch.float32 else t for t in (query, key, value))
+    return SDPBackend(torch._fused_sdp_choice(query, key, value, *args, **kwargs)).name.lower()
+
+
+class RecordSdpaBackends(TorchFunctionMode):
+    """Within `with RecordSdpaBackends() as seen:`, seen.backends lists sdpa_backend of every
+    F.scaled_dot_product_attention call, in call order. Eager code only: a compiled graph does not call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.backends: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.backends.append(sdpa_backend(*args, **kwargs))
+        return func(*args, **kwargs)
 
 
 def cuda_device(index: int | None = None) -> torch.device:

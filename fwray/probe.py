@@ -107,7 +107,7 @@ def _result(r) -> dict:
 _KEYS = {"batch_size", "activation_checkpointing", "compile", "eval_batch_size", "probe_accumulation", "status",
          "reason", "tokens_per_s", "predicted_gb", "method", "peak_gb", "peak_alloc_gb", "peak_reserved_gb",
          "device", "cap_gb", "measured_context_gb", "predicted_alloc_gb", "eval_batch_s", "checkpoint_s",
-         "samples_s"}
+         "samples_s", "allocator", "sdpa_backend"}
 
 
 def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, out_dir: Path) -> None:
@@ -121,8 +121,8 @@ def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, ou
             {True: "-compiled", False: "-eager", None: ""}[r["compile"]])
         trial_id = tracking.start_run(client, exp, name, {"fwray.kind": "probe-trial", "fwray.probe.reason":
                                                           r["reason"] or "ok"}, probe_id)
-        tracking.log_params(client, trial_id, {k: r[k] for k in ("batch_size", "activation_checkpointing",
-                                                                 "compile", "method") if k in r})
+        tracking.log_params(client, trial_id, {k: r[k] for k in ("batch_size", "activation_checkpointing", "compile",
+                                                                 "method", "allocator", "sdpa_backend") if k in r})
         tracking.RunLogger(client.tracking_uri, trial_id, out_dir).metrics(0, {
             "fits": float(r["fits"]), "peak_gb": r.get("peak_gb"), "tokens_per_s": r["tokens_per_s"],
             "predicted_gb": r.get("predicted_gb"), "peak_alloc_gb": r.get("peak_alloc_gb")})

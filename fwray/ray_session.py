@@ -34,9 +34,10 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 ADDRESS_ENV = "RAY_ADDRESS"
 CONNECT_TIMEOUT_S = 3.0
-# What every Ray worker process needs from the driver's environment (those set here, or by the user, at ray.init)
+# What every Ray worker process needs from the driver's environment (those set here, or by the user, at ray.init),
+# besides the CUDA allocator configuration (fwray.hardware.ALLOC_CONF_ENVS)
 WORKER_ENV = ("RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 
 
 class RayUnavailable(FwrayError):
@@ -59,10 +60,10 @@ def tokenizer_env() -> dict[str, str]:
 def worker_env() -> dict[str, str]:
     """The environment every Ray worker gets through the job's runtime_env: fwray's Ray settings, the tokenizer
     files and the CUDA allocator configuration, as the driver has them now."""
-    from .hardware import configure_allocator  # here, not at the top: `fwray.prepare` need not import torch
+    from .hardware import ALLOC_CONF_ENVS, configure_allocator  # here: `fwray.prepare` need not import torch
 
     configure_allocator()  # the probe's trials and the training workers start CUDA with one allocator configuration
-    env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+    env = {k: os.environ[k] for k in (*WORKER_ENV, *ALLOC_CONF_ENVS) if os.environ.get(k)}
     return {**env, **tokenizer_env()}
 
 

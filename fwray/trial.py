@@ -6,7 +6,8 @@ fresh process), so an OOM dies with it and leaves nothing behind for the next ca
 
 The cap is what PyTorch may reserve on the target card: probe.gpu_memory_gb less what that card loses outside the
 allocator (CUDA context, cuBLAS, a display: probe.context_overhead_gb, else measured on the card the trial runs on).
-Probe and training run the same allocator configuration (fwray.hardware.ALLOC_CONF).
+Probe and training run the same allocator configuration (fwray.hardware.ALLOC_CONF); a trial records the allocator's
+effective setting and the attention kernel its model runs (on a smaller card emulated, that card's choice).
 - On CUDA the allocator is capped there (set_per_process_memory_fraction), so a big GPU emulates the target card;
   the trial measures peak reserved (and allocated) memory and tokens/s ("cuda").
 - Without a GPU the trial predicts the CUDA peak with fwray.memory under FakeTensorMode ("cpu-estimate": allocated
@@ -122,6 +123,8 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
                    measured_context_gb=overhead / GIB)
         torch.cuda.set_per_process_memory_fraction(cap / total, device)
         torch.cuda.reset_peak_memory_stats(device)
+        if exp.probe.gpu_memory_gb is not None and exp.probe.gpu_memory_gb * GIB < total:
+            hardware.attend_as_consumer_cards()  # emulating a smaller card: its attention kernel, not this card's
 
     hooks = dict(item.partition(":")[::2] for item in job.inject.split(",") if item)  # "2,8:eval" -> {2: "", 8: eval}
     inject, inject_where = str(batch_size) in hooks, hooks.get(str(batch_size), "")
@@ -131,6 +134,7 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
         engine = Engine.build(run.model, run.train, device, activation_checkpointing=activation_checkpointing,
                               compile=compile if device.type == "cuda" else False)
         batches = _batches(job, run, batch_size, eval_bs)
+        out.update(allocator=hardware.allocator_settings(device), sdpa_backend=_sdpa_backend(engine, batches))
 
         def train_batch(step):
             def get(micro):
@@ -176,6 +180,15 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
         out.update(peak_alloc_gb=stats["peak_alloc_gb"], peak_reserved_gb=stats["peak_reserved_gb"],
                    peak_gb=stats["peak_reserved_gb"])
     return out
+
+
+def _sdpa_backend(engine: Engine, batches) -> str:
+    """The attention kernel(s) torch picks for this model's q/k/v in training: one sequence's eager forward, with
+    gradients, under the step's autocast (torch chooses by head size, dtype and layout, not by the batch size)."""
+    x = engine.to_device(batches.train_batch(0, 0)[0][:1])
+    with hardware.RecordSdpaBackends() as seen, engine.autocast():
+        engine.raw_model.hidden(x)
+    return "+".join(sorted(set(seen.backends))) or "none"
 
 
 def _evaluation_extras(engine: Engine, exp: Experiment) -> dict:

@@ -1,5 +1,6 @@
 """The OOM probe: memory estimates (pure), the verdict (pure), a real Ray Tune sweep on CPU, and fwray.run with it."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,8 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     assert rows[1]["reason"].startswith("OOM during eval")
     assert rows[8]["status"] == "ok" and rows[8]["peak_gb"] > verdict["limit_gb"]
     assert rows[2]["tokens_per_s"] > 0 and rows[2]["method"] == "cpu-estimate"
+    # what the trial ran on: no CUDA allocator here, and the CPU's fused attention kernel for fp32
+    assert rows[2]["allocator"] is None and rows[2]["sdpa_backend"] == "flash_attention"
     chosen = verdict["chosen"]
     assert chosen["batch_size"] == 2 and chosen["tokens_per_step"] == exp.tokens_per_step
     assert json.loads((tmp_path / "probe" / "verdict.json").read_text())["chosen"] == chosen
@@ -159,7 +162,19 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id]
     assert sorted(int(r.data.params["batch_size"]) for r in trials) == [1, 2, 4, 8]
     assert {int(r.data.params["batch_size"]): r.data.metrics["fits"] for r in trials} == {1: 0, 2: 1, 4: 0, 8: 0}
+    assert {r.data.params["sdpa_backend"] for r in trials} == {"flash_attention"}
     assert [a.path for a in client.list_artifacts(top[0].info.run_id)] == ["verdict.json"]
+
+
+def test_ray_workers_start_with_both_allocator_variables(ray_session):
+    from fwray import hardware
+
+    @ray_session.remote(num_cpus=0)
+    def allocator_env():
+        return [os.environ.get(name) for name in hardware.ALLOC_CONF_ENVS]
+
+    seen = ray_session.get(allocator_env.remote())
+    assert seen == [os.environ[name] for name in hardware.ALLOC_CONF_ENVS] and all(seen)
 
 
 def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path, cache):
