@@ -36,10 +36,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fwray import config, hardware, loader  # noqa: E402
-from fwray.checkpoint import to_cpu  # noqa: E402
-from fwray.engine import Engine  # noqa: E402
-from fwray.model import GPT, flops_per_token  # noqa: E402
+from fwray import config  # noqa: E402
+from fwray.core import hardware, loader  # noqa: E402
+from fwray.core.checkpoint import to_cpu  # noqa: E402
+from fwray.core.engine import Engine  # noqa: E402
+from fwray.core.model import GPT, flops_per_token  # noqa: E402
 
 GIB = 2**30
 SHAPES = {
@@ -106,7 +107,7 @@ def sync(device: torch.device) -> None:
 
 
 def _trial(queue, shape: str, batch_size: int, use_gpu: bool, compile: bool) -> None:
-    from fwray import trial
+    from fwray.probe import trial
 
     exp = experiment(shape, batch_size, 10, compile)
     queue.put(trial.measure(trial.ProbeJob(exp, (), (), use_gpu), batch_size, False, compile))

@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken"))
-from fwray import config, plan  # noqa: E402
-from fwray.candidates import neighbours  # noqa: E402
+from fwray import config  # noqa: E402
+from fwray.plan import planner as plan  # noqa: E402
+from fwray.plan.family import neighbours  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpus" / "python-docs.parquet"
 SMOKE = ROOT / "experiments" / "smoke.yaml"

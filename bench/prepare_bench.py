@@ -69,7 +69,7 @@ class RssSampler(threading.Thread):
 
 def run_fwray(parquet: Path, workers: int, cache: Path) -> tuple[float, int, int]:
     from fwray import config
-    from fwray.prepare import prepare
+    from fwray.data.prepare import prepare
 
     def exp(path, where):
         return config.from_dict({"train": {"max_iters": 1}, "data": {

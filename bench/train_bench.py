@@ -23,8 +23,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken"))  # --ray: samples at each eval
-from fwray import config, engine, hardware, loader  # noqa: E402
-from fwray.model import GPT, flops_per_token  # noqa: E402
+from fwray import config  # noqa: E402
+from fwray.core import engine, hardware, loader  # noqa: E402
+from fwray.core.model import GPT, flops_per_token  # noqa: E402
 
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -120,7 +121,9 @@ def ray_mode(args) -> None:
     """The same tiny config through Ray Train (TorchTrainer + MLflow logging) and the plain engine."""
     import ray
 
-    from fwray import ray_session, tracking, trainer
+    from fwray import ray_session
+    from fwray.tracking import store as tracking
+    from fwray.train import trainer
 
     exp = experiment(args)
     exp = exp.with_changes("train", eval_interval=args.steps, log_interval=max(1, args.steps // 5))

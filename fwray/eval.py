@@ -16,8 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import bpb, checkpoint, config, engine, hellaswag, loader, tokens
+from . import config
 from .config import TrainConfig
+from .core import bpb, checkpoint, engine, hellaswag, loader, tokens
 from .errors import FwrayError
 from .sample import add_model_source, load, pick_device
 
@@ -52,8 +53,8 @@ def val_data(args, run, exp) -> tuple[Path, dict]:
     elif run is not None and run.tags.get("fwray.cache"):
         folder = Path(run.tags["fwray.cache"])
     elif exp is not None:
-        from . import prepare  # pyarrow; only for a checkpoint without --data
-        from .parquet_inputs import inspect_file, resolve_paths
+        from .data import prepare  # pyarrow; only for a checkpoint without --data
+        from .data.parquet_inputs import inspect_file, resolve_paths
 
         hit = prepare.cached(exp.data, [inspect_file(p, exp.data) for p in resolve_paths(exp.data.paths)])
         if hit is None:
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"acc_norm {hs['acc_norm']:.4f}", flush=True)
             tags["fwray.eval.hellaswag"] = f"{args.hellaswag} ({hs['examples']} examples)"
         if run is not None:
-            from .tracking import default_uri, log_evaluation
+            from .tracking.store import default_uri, log_evaluation
 
             uri = args.tracking_uri or default_uri()
             log_evaluation(args.run_id, uri, int(meta.get("step") or 0), metrics, tags)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, tokens
 from .config import ConfigError
+from .core import checkpoint, tokens
+from .core.hf import gpt2_state_dict_to_hf
 from .errors import FwrayError
-from .hf import gpt2_state_dict_to_hf
 from .sample import add_model_source, load
 
 FORMATS = ("hf", "safetensors")

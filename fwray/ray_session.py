@@ -60,7 +60,7 @@ def tokenizer_env() -> dict[str, str]:
 def worker_env() -> dict[str, str]:
     """The environment every Ray worker gets through the job's runtime_env: fwray's Ray settings, the tokenizer
     files and the CUDA allocator configuration, as the driver has them now."""
-    from .hardware import ALLOC_CONF_ENVS, configure_allocator  # here: `fwray.prepare` need not import torch
+    from .core.hardware import ALLOC_CONF_ENVS, configure_allocator  # here: `fwray.prepare` need not import torch
 
     configure_allocator()  # the probe's trials and the training workers start CUDA with one allocator configuration
     env = {k: os.environ[k] for k in (*WORKER_ENV, *ALLOC_CONF_ENVS) if os.environ.get(k)}

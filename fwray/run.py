@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import ray_session  # noqa: F401  (first: it sets Ray's environment before Ray starts)
 from . import config
-from .data_report import DATA_REPORT
+from .data.report import DATA_REPORT
 from .errors import FwrayError
 
 
@@ -44,9 +44,14 @@ def _latest_path(exp) -> Path:
 
 def run(exp, resume: bool = False) -> int:
     # here, not at the top: --help and a bad experiment file answer at once, not after ~3 s of torch, Ray and MLflow
-    from . import bpb, figures, loader, prepare, probe, tracking, trainer
-    from .verdict import apply_verdict
-    from .tokens import get_tokenizer, split_files
+    from .core import bpb, loader
+    from .core.tokens import get_tokenizer, split_files
+    from .data import prepare
+    from .plan import figures
+    from .probe import sweep as probe
+    from .probe.verdict import apply_verdict
+    from .tracking import store as tracking
+    from .train import trainer
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
     tracker = tracking.Tracker(exp)  # an unreachable server stops us before any work

@@ -13,9 +13,9 @@ import tempfile
 
 import torch
 
-from . import checkpoint, tokens
+from .core import checkpoint, tokens
+from .core.model import generate_text
 from .errors import FwrayError
-from .model import generate_text
 
 
 class SampleError(FwrayError):
@@ -45,7 +45,7 @@ def load(args: argparse.Namespace, dst: str | os.PathLike, device: torch.device,
     """(model, its config, the MLflow run it came from or None) for --run-id (downloaded into `dst`; mlflow is
     imported only then: ~1.4 s) or --checkpoint."""
     if args.run_id:
-        from .tracking import default_uri, fetch_run
+        from .tracking.store import default_uri, fetch_run
 
         run = fetch_run(args.run_id, args.tracking_uri or default_uri(), dst, with_config)
         return (*checkpoint.load_model(run.model_dir, device), run)

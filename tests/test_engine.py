@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from fwray.config import ModelConfig, TrainConfig
-from fwray.engine import Engine, NonFiniteLoss, train
-from fwray.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, lr_multiplier
-from fwray.loader import Batches
-from fwray.model import GPT
-from fwray.tokens import encode_documents, get_tokenizer
+from fwray.core.engine import Engine, NonFiniteLoss, train
+from fwray.core.loader import Batches
+from fwray.core.model import GPT
+from fwray.core.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, lr_multiplier
+from fwray.core.tokens import encode_documents, get_tokenizer
 from steps import assert_same_grads, assert_same_update, fixed_batch, look_at_step, optimizer_of, update_mismatch
 
 CPU = torch.device("cpu")

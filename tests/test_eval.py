@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fwray import bpb, checkpoint, config, engine, hellaswag, loader, tokens
+from fwray import config
 from fwray import eval as fw_eval
-from fwray.model import GPT
+from fwray.core import bpb, checkpoint, engine, hellaswag, loader, tokens
+from fwray.core.model import GPT
 
 TINY = config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
 
@@ -44,8 +45,8 @@ def test_bits_per_byte_is_nats_over_ln2_times_tokens_over_bytes():
 def test_progress_line_and_loss_curve_show_bpb():
     import struct
 
-    from fwray.artifacts import loss_curve_png
-    from fwray.trainer import progress_line
+    from fwray.train.artifacts import loss_curve_png
+    from fwray.train.trainer import progress_line
 
     line = progress_line(40, 40, {"val_loss": 3.21012, "val_bpb": 1.05123})
     assert line == "step 40/40 | val loss 3.2101 | bpb 1.0512"

@@ -4,8 +4,9 @@ whole or not at all; one-line errors."""
 import pytest
 import torch
 
-from fwray import checkpoint, config, export, sample, tokens
-from fwray.model import GPT, encode_prompt
+from fwray import config, export, sample
+from fwray.core import checkpoint, tokens
+from fwray.core.model import GPT, encode_prompt
 
 transformers = pytest.importorskip("transformers")  # the dev (and export) extra
 

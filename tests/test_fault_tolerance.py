@@ -138,7 +138,7 @@ def test_split_smaller_than_a_window_stops_before_training_in_one_line(ray_sessi
 def test_a_workers_deterministic_error_is_not_retried(ray_session, tmp_path):
     """An fwray error inside the worker (here a validation split too small, which fwray.run would have caught
     first) ends the run at once with its own message and exit code; Ray's retries are for crashes."""
-    from fwray import trainer
+    from fwray.train import trainer
 
     exp = config.load(SMOKE, [*TINY, "resources.max_failures=3", f"resources.storage_path={tmp_path / 'runs'}"])
     tokens = tmp_path / "tokens.bin"

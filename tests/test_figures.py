@@ -3,7 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from fwray import config, figures, memory, trial
+from fwray import config
+from fwray.core import memory
+from fwray.plan import figures
+from fwray.probe import trial
 
 FULL = Path(__file__).resolve().parent.parent / "experiments" / "full.yaml"
 RECOMMENDED = FULL.with_name("4070.yaml")

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fwray import hardware, ray_session
+from fwray import ray_session
 from fwray.config import ModelConfig
-from fwray.model import GPT
+from fwray.core import hardware
+from fwray.core.model import GPT
 
 
 @pytest.mark.parametrize("name, peak", [

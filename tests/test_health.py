@@ -3,7 +3,8 @@ figures read as far as a machine without CUDA allows (none, and no error)."""
 import pytest
 import torch
 
-from fwray import health, tracking
+from fwray.core import health
+from fwray.tracking import store as tracking
 from pipeline import history
 
 MACHINE = (health.CPU_UTILIZATION, health.MEMORY_MB, health.MEMORY_PERCENT)
@@ -60,7 +61,7 @@ def test_tracking_lists_the_names_without_loading_torch():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    script = "import sys, fwray.tracking\nassert 'torch' not in sys.modules, 'torch loaded'\n"
+    script = "import sys, fwray.tracking.store\nassert 'torch' not in sys.modules, 'torch loaded'\n"
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

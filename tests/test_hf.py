@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fwray.config import ConfigError, ModelConfig
-from fwray.hf import gpt2_state_dict_to_hf
-from fwray.model import GPT
+from fwray.core.hf import gpt2_state_dict_to_hf
+from fwray.core.model import GPT
 
 transformers = pytest.importorskip("transformers")  # the dev extra
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fwray.config import ConfigError, DataConfig
-from fwray.loader import Batches, SplitTooSmall, TokenShards
-from fwray.tokens import EOT
+from fwray.core.loader import Batches, SplitTooSmall, TokenShards
+from fwray.core.tokens import EOT
 
 BLOCK = 16
 

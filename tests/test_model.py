@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from fwray.config import ModelConfig as GPTConfig
-from fwray.layers import softcap
-from fwray.model import GPT, chunked_cross_entropy, count_params
+from fwray.core.layers import softcap
+from fwray.core.model import GPT, chunked_cross_entropy, count_params
 
 
 def test_gpt2_124m_param_count():

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from fwray import memory
 from fwray.config import ConfigError, ModelConfig, TrainConfig
-from fwray.engine import Engine
+from fwray.core import memory
+from fwray.core.engine import Engine
+from fwray.core.model import GPT
+from fwray.core.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, make_optimizer, param_groups
 from fwray.errors import FwrayError
-from fwray.model import GPT
-from fwray.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, make_optimizer, param_groups
 
 CPU = torch.device("cpu")
 

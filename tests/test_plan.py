@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from fwray import candidates as cand
-from fwray import config, data_size, figures, plan, scaling
-from fwray.candidates import Target
+from fwray import config
 from fwray.config import ModelConfig
-from fwray.parquet_inputs import inspect_file
+from fwray.data import size as data_size
+from fwray.data.parquet_inputs import inspect_file
+from fwray.plan import family as cand
+from fwray.plan import figures, planner as plan, scaling
+from fwray.plan.family import Target
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = ROOT / "experiments" / "full.yaml"

@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fwray import config, parquet_inputs, prepare as prep, tokens
-from fwray.prepare import PrepareError
+from fwray import config
+from fwray.core import tokens
+from fwray.data import parquet_inputs, prepare as prep
+from fwray.data.prepare import PrepareError
 
 ROOT = Path(__file__).resolve().parent.parent
 VAL = 0.05  # enough val documents in 495 to test the split

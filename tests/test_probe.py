@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwray import config, memory, probe, trial
-from fwray.verdict import apply_verdict, decide, table
+from fwray import config
 from fwray.config import ModelConfig, TrainConfig
+from fwray.core import memory
+from fwray.core.model import count_params
 from fwray.errors import ProbeError
-from fwray.model import count_params
+from fwray.probe import sweep as probe, trial
+from fwray.probe.verdict import apply_verdict, decide, table
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_CPU = ROOT / "experiments" / "probe-cpu.yaml"
@@ -167,7 +169,7 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
 
 
 def test_ray_workers_start_with_both_allocator_variables(ray_session):
-    from fwray import hardware
+    from fwray.core import hardware
 
     @ray_session.remote(num_cpus=0)
     def allocator_env():

@@ -6,9 +6,10 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["errors", "config", "tokens", "loader", "layers", "model", "hf", "hardware", "health", "memory", "engine",
-        "trial", "figures", "verdict", "checkpoint", "data_report", "bpb", "hellaswag", "sample", "eval", "export",
-        "scaling", "data_size", "candidates", "plan"]
+PURE = ["errors", "config", "core.tokens", "core.loader", "core.layers", "core.model", "core.hf", "core.hardware",
+        "core.health", "core.memory", "core.engine", "probe.trial", "plan.figures", "probe.verdict", "core.checkpoint",
+        "data.report", "core.bpb", "core.hellaswag", "sample", "eval", "export", "plan.scaling", "data.size",
+        "plan.family", "plan.planner"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, sys, tempfile
@@ -30,8 +31,8 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import torch
     from fwray import config
-    from fwray.engine import train
-    from fwray.loader import Batches
+    from fwray.core.engine import train
+    from fwray.core.loader import Batches
 
     model = config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
     train_config = config.TrainConfig(batch_size=2, max_iters=3, eval_interval=3, eval_iters=1, log_interval=1,
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent("""
                     train_tokens=10_000)
     assert seen == [0, 1, 2, 3, 3], seen
     assert summary["steps"] == 3 and summary["final_val_loss"] > 0
-    from fwray.health import HealthSampler
+    from fwray.core.health import HealthSampler
     assert HealthSampler(torch.device("cpu")).sample() == {}  # no psutil: no figures, and no error
     loaded = sorted(k for k, v in sys.modules.items() if v is not None and k.split(".")[0] in ("ray", "mlflow"))
     assert not loaded, loaded
@@ -64,7 +65,7 @@ def test_pure_core_without_ray_or_mlflow():
 
 def test_boundary_modules_do_need_ray():
     """The guard is real: a boundary module fails to import under it (so the pure test can fail)."""
-    script = "import sys\nsys.modules['ray'] = None\nimport fwray.trainer\n"
+    script = "import sys\nsys.modules['ray'] = None\nimport fwray.train.trainer\n"
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0 and "import of ray halted" in proc.stderr

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from fwray import checkpoint, config, memory
+from fwray import config
 from fwray.config import RECIPES, ConfigError, ModelConfig, TrainConfig
-from fwray.layers import Rotary, apply_rotary
-from fwray.model import GPT, count_params, flops_per_token
+from fwray.core import checkpoint, memory
+from fwray.core.layers import Rotary, apply_rotary
+from fwray.core.model import GPT, count_params, flops_per_token
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
 SWITCHES = list(RECIPES["gpt2"])  # positions, norm, qk_norm, mlp, tie_embeddings, zero_init_proj/head, logit_softcap

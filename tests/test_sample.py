@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwray import artifacts, checkpoint, config, data_report, sample, tokens
-from fwray.model import GPT
+from fwray import config, sample
+from fwray.core import checkpoint, tokens
+from fwray.core.model import GPT
+from fwray.data import report as data_report
+from fwray.train import artifacts
 
 EXP = config.Experiment(name="tiny", model=config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
 
@@ -142,7 +145,7 @@ def test_loss_curve_keeps_the_font_cache_notice_off_the_terminal(tmp_path):
     """A fresh matplotlib config builds its font cache on the first curve and logs it; none of that reaches stderr,
     even with the root logger at INFO (as a configured worker's may be)."""
     script = ("import logging; logging.basicConfig(level=logging.INFO)\n"
-              "from fwray.artifacts import loss_curve_png\n"
+              "from fwray.train.artifacts import loss_curve_png\n"
               "assert loss_curve_png({'train_loss': {1: 2.0}}, 8).startswith(b'\\x89PNG')\n")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONPATH": str(root)}

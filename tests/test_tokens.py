@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fwray import tokens
+from fwray.core import tokens
 
 
 def test_encode_documents_puts_eot_before_every_document():

@@ -20,8 +20,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fwray import checkpoint, config, outbox, sample, tokens, tracking
-from fwray.model import generate_text
+from fwray import config, sample
+from fwray.core import checkpoint, tokens
+from fwray.core.model import generate_text
+from fwray.tracking import records as outbox, store as tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"

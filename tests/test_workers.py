@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fwray import config
-from fwray.loader import Batches, TokenShards
+from fwray.core.loader import Batches, TokenShards
 from pipeline import TINY, TWO_WORKERS, history, run_smoke, top_run
 from steps import assert_same_grads, assert_same_update, fixed_batch, look_at_step, optimizer_of, update_mismatch
 
@@ -108,7 +108,7 @@ STEP_TRAIN = config.TrainConfig(batch_size=4, max_iters=1, warmup_iters=0, optim
 def _one_ddp_step(rank: int, all_reduce: bool) -> dict:
     """Rank `rank`'s half of a batch of 8, one optimizer step through a DDP-wrapped engine; with all_reduce False,
     DDP's all-reduce replaced by a hook that keeps each rank's own gradients (the bug the comparison must catch)."""
-    from fwray.engine import Engine
+    from fwray.core.engine import Engine
 
     engine = Engine.build(STEP_MODEL, STEP_TRAIN, torch.device("cpu"))
     if not all_reduce:
@@ -129,7 +129,7 @@ def test_two_ranks_take_the_step_of_one_rank_accumulating():
     """One optimizer step, 2 ranks x 4 sequences (DDP) vs 1 process x 2 micro-batches of 4: the same gradients (to
     float32 rounding) and the same update (to the optimizer's rounding), the modern recipe under Muon. Without the
     all-reduce the same comparison fails."""
-    from fwray.engine import Engine
+    from fwray.core.engine import Engine
 
     x, y = fixed_batch()
     single = Engine.build(STEP_MODEL, dataclasses.replace(STEP_TRAIN, gradient_accumulation_steps=2),
@@ -159,7 +159,7 @@ def _count_allreduces(rank: int) -> tuple[bool, list]:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from fwray.engine import Engine
+    from fwray.core.engine import Engine
 
     # the same dynamo tracing as inductor, without its minute of C++ compilation on 2 cores
     torch.compile = functools.partial(torch.compile, backend="aot_eager")

@@ -1,0 +1,1 @@
+"""Parquet in, token cache out (Ray Data): the inputs, the tokenizing pass, the data report, the data's size."""

@@ -1,0 +1,175 @@
+"""One experiment's figures, pure: parameters, tokens per step, epochs, predicted speed and time, shown before training
+and logged; and after the run, what it measured beside what was predicted."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..config import Experiment, ModelConfig, TrainConfig
+from ..core import hardware
+from ..core.model import count_params, flops_per_token
+
+
+def figures(exp: Experiment, manifest: dict) -> dict[str, float]:
+    """Parameters, tokens per step, total tokens, epochs and the split sizes of a resolved experiment."""
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    params = count_params(exp.model)
+    fpt = flops_per_token(exp.model, params)
+    total = exp.train.max_iters * exp.tokens_per_step
+    return {
+        "params": params,
+        "tokens_per_step": exp.tokens_per_step,
+        "max_iters": exp.train.max_iters,
+        "total_train_tokens": total,
+        "epochs": total / train["tokens"],
+        "train_documents": train["documents"], "train_tokens": train["tokens"],
+        "val_documents": val["documents"], "val_tokens": val["tokens"],
+        "flops_per_token": fpt,
+        "total_flops": fpt * total,
+        **predicted_speed(exp, fpt, total, params),
+    }
+
+
+# Where fwray has no public throughput for a card: a conservative guess. Plan with --measure on the card, or set
+# hardware.assumed_mfu, for a better figure.
+GENERIC_MFU = 0.40
+# What one evaluation costs besides its forward passes, where fwray.plan --measure has not timed it: the checkpoint
+# (fp32 weights and AdamW's two moments, 12 bytes a parameter) is serialised, fsynced, then copied into Ray's
+# storage, ~0.5 GB/s end to end on a local SSD; the samples (144 tokens generated), the loss curve and their MLflow
+# records ~2 s with a GPU (on a CPU the samples alone take 5-20 s: fwray.plan --measure times them).
+CHECKPOINT_BYTES_PER_S = 0.5e9
+EVAL_FIXED_S = 2.0
+FORWARD_SPEEDUP = 3  # a forward pass costs about 1/3 of forward + backward (2N of 6N FLOPs a token)
+
+
+def target_gpu(exp: Experiment) -> str | None:
+    """The card the figures are for: hardware.gpu, else the GPU torch sees here, else None."""
+    if exp.hardware.gpu:
+        return exp.hardware.gpu
+    return hardware.device_name(torch.device("cuda")) if torch.cuda.is_available() else None
+
+
+@lru_cache(maxsize=None)
+def _reference_flops(shape: tuple) -> float:
+    model = ModelConfig(**dict(shape))
+    return flops_per_token(model, count_params(model))
+
+
+def assumed_mfu(exp: Experiment, gpu: str | None, peak: float) -> tuple[float, str]:
+    """MFU for the time prediction, and where it comes from: hardware.assumed_mfu; else the card's public reference
+    throughput (hardware.REFERENCE_THROUGHPUT: tokens/s x that model's FLOPs per token / the peak); else GENERIC_MFU."""
+    if exp.hardware.assumed_mfu is not None:
+        return exp.hardware.assumed_mfu, "hardware.assumed_mfu"
+    ref = hardware.REFERENCE_THROUGHPUT.get(hardware.normalise_gpu_name(gpu)) if gpu else None
+    if ref is None:
+        return GENERIC_MFU, "fwray's generic guess; no reference throughput for this card"
+    tokens_per_s, shape, what = ref
+    return (tokens_per_s * _reference_flops(tuple(sorted(shape.items()))) / (peak * 1e12),
+            f"{tokens_per_s:,.0f} tokens/s of {what}")
+
+
+def throughput(exp: Experiment, flops_per_tok: float) -> tuple[float | None, str]:
+    """Training tokens/s of the run (all workers) on the target, and where the figure comes from: hardware.tokens_per_s
+    (what fwray.plan planned with), else the card's dense bf16 peak x MFU / FLOPs per token; None where the peak is
+    unknown."""
+    h = exp.hardware
+    if h.tokens_per_s:
+        return h.tokens_per_s, "hardware.tokens_per_s, the planned figure"
+    gpu = target_gpu(exp)
+    peak = h.peak_tflops or (hardware.table_peak(gpu) if gpu else None)
+    if not peak:
+        return None, (f"no peak-FLOPs figure for {gpu!r}" if gpu else "no GPU named") + (
+            " (set hardware.gpu, e.g. \"RTX 4070\", or hardware.peak_tflops)")
+    mfu, source = assumed_mfu(exp, gpu, peak)
+    tok_s = mfu * peak * 1e12 / flops_per_tok * exp.resources.num_workers
+    return tok_s, f"{gpu or 'this GPU'}: {peak:.3g} TFLOPS x {mfu:.0%} MFU ({source})"
+
+
+def evaluations(train: TrainConfig) -> int:
+    """Evaluations (each with a checkpoint) in a run of train.max_iters steps: at step 0, every eval_interval steps,
+    and after the last step (engine.train)."""
+    return train.max_iters // train.eval_interval + 1 + (train.max_iters % train.eval_interval != 0)
+
+
+def eval_seconds(exp: Experiment, tokens_per_s: float, params: int) -> float:
+    """One evaluation: hardware.eval_seconds (fwray.plan's figure), else eval_iters forward passes at FORWARD_SPEEDUP
+    x the training speed, the checkpoint and the fixed costs."""
+    if exp.hardware.eval_seconds is not None:
+        return exp.hardware.eval_seconds
+    t = exp.train
+    tokens = t.eval_iters * (t.eval_batch_size or t.batch_size) * exp.model.block_size
+    return tokens / (FORWARD_SPEEDUP * tokens_per_s) + 12 * params / CHECKPOINT_BYTES_PER_S + EVAL_FIXED_S
+
+
+def predicted_speed(exp: Experiment, flops_per_tok: float, total_tokens: int, params: int) -> dict[str, float]:
+    """tokens/s, seconds per evaluation and the training time (steps and evaluations) on the target; nothing where
+    the throughput is unknown."""
+    tok_s, source = throughput(exp, flops_per_tok)
+    if tok_s is None:
+        return {}
+    evals, eval_s = evaluations(exp.train), eval_seconds(exp, tok_s, params)
+    seconds = total_tokens / tok_s + evals * eval_s
+    return {"predicted_tokens_per_s": tok_s, "throughput_source": source, "evaluations": evals,
+            "predicted_eval_s": eval_s, "predicted_seconds": seconds, "predicted_hours": seconds / 3600}
+
+
+def describe(exp: Experiment, fig: dict[str, float]) -> str:
+    t = exp.train
+    return "\n".join([
+        f"plan for {exp.name!r} ({exp.source})",
+        f"  model        {exp.model.n_layer} layers x {exp.model.n_embd} wide, {exp.model.n_head} heads, "
+        f"block {exp.model.block_size}: {fig['params']:,} parameters ({fig['params'] / 1e6:.1f}M)",
+        f"  step         {t.batch_size} x {exp.model.block_size} tokens x {t.gradient_accumulation_steps} accumulation"
+        f" x {exp.resources.num_workers} worker(s) = {fig['tokens_per_step']:,} tokens per optimizer step",
+        f"  budget       {fig['max_iters']:,} steps = {fig['total_train_tokens']:,} tokens "
+        f"= {fig['epochs']:.2f} epochs over the train split ({fig['total_flops']:.3g} FLOPs)",
+        f"  data         train {fig['train_documents']:,} documents / {fig['train_tokens']:,} tokens; "
+        f"val {fig['val_documents']:,} documents / {fig['val_tokens']:,} tokens",
+        "  time         " + (f"~{_duration(fig['predicted_seconds'])} of training at "
+                              f"{fig['predicted_tokens_per_s']:,.0f} tokens/s ({fig['throughput_source']}), "
+                              f"{fig['evaluations']} evaluations of ~{fig['predicted_eval_s']:.1f} s included; the run "
+                              f"logs the measured figures" if "predicted_seconds" in fig else
+                              "no prediction: no known GPU (set hardware.gpu, e.g. \"RTX 4070\", or "
+                              "hardware.peak_tflops)"),
+    ])
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
+
+
+def outcome(fig: dict[str, float], summary: dict, predicted_peak_gb: float | None = None) -> dict[str, float]:
+    """What the run measured beside what the plan (and the probe) predicted: tokens/s, training time (the engine's
+    loop, evaluations included), peak memory, and the measured / predicted ratios."""
+    out = {"measured_tokens_per_s": summary.get("tokens_per_s"), "measured_seconds": summary.get("seconds"),
+           "measured_hours": summary.get("seconds", 0) / 3600,
+           "predicted_tokens_per_s": fig.get("predicted_tokens_per_s"),
+           "predicted_seconds": fig.get("predicted_seconds"),
+           "predicted_peak_gb": predicted_peak_gb, "measured_peak_gb": summary.get("peak_reserved_gb")}
+    for what, key in (("speed", "tokens_per_s"), ("time", "seconds")):
+        if out[f"measured_{key}"] and out[f"predicted_{key}"]:
+            out[f"{what}_ratio"] = out[f"measured_{key}"] / out[f"predicted_{key}"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def describe_outcome(out: dict[str, float]) -> str:
+    lines = []
+    measured = out.get("measured_tokens_per_s")
+    if measured:
+        line = f"  speed        measured {measured:,.0f} tokens/s"
+        if out.get("predicted_tokens_per_s"):
+            line += (f" vs {out['predicted_tokens_per_s']:,.0f} predicted "
+                     f"({measured / out['predicted_tokens_per_s']:.2f}x the plan)")
+        lines.append(line)
+    if out.get("measured_seconds"):
+        line = f"  time         trained {_duration(out['measured_seconds'])}"
+        if out.get("time_ratio"):
+            line += f" vs {_duration(out['predicted_seconds'])} predicted ({out['time_ratio']:.2f}x the plan)"
+        lines.append(line)
+    if out.get("measured_peak_gb") is not None:
+        line = f"  memory       peak {out['measured_peak_gb']:.2f} GB reserved"
+        if out.get("predicted_peak_gb"):
+            line += f" vs {out['predicted_peak_gb']:.2f} GB the probe measured or predicted"
+        lines.append(line)
+    return "\n".join(["measured against the plan"] + lines) if lines else ""

@@ -1,0 +1,412 @@
+"""`python -m fwray.plan EXP.yaml --hours H [--gpu NAME] [--measure] [--write OUT.yaml] [section.key=value ...]`:
+what to train on this data, on this card, in H hours of training.
+
+The data's size comes from the prepared cache, else the parquet's token_count column, else a tokenized sample
+(fwray.data_size). Each shape of the family (fwray.candidates) gets the micro-batch that fits the card (fwray.memory's
+CPU estimate, the probe's margin), a speed (the card's peak x MFU, fwray.figures; with --measure the probe's Ray Tune
+trials time the best shapes on this machine), the steps that fit the budget with their evaluations, and the loss of
+Muennighoff et al.'s data-constrained law (fwray.scaling), used only to rank them. The plan is printed, logged as an
+MLflow run (tag fwray.kind=plan), and with --write becomes an experiment file that `python -m fwray.run` trains.
+
+The functions above main() are pure (no ray, no mlflow): main and the --measure path import those where they are used.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__, config
+from ..config import Experiment
+from ..data.size import DataSize
+from . import family as cand, figures, scaling
+from .family import Candidate, PlanError, Target
+
+TABLE = "plan_table.txt"
+
+
+@dataclass
+class Plan:
+    exp: Experiment
+    target: Target
+    budget_s: float
+    data: DataSize
+    cands: list[Candidate]  # the whole family, in depth order
+    best: Candidate
+    smaller: Candidate | None
+    larger: Candidate | None
+    why: str
+    speed_note: str
+    estimates: int = 0
+    estimate_s: float = 0.0
+
+    @property
+    def shown(self) -> list[Candidate]:
+        return cand.window(self.cands, self.best)
+
+    @property
+    def small(self) -> bool:
+        """Below the law's fitted range: its small-scale form ranks (fwray.scaling)."""
+        return cand.small_scale(self.cands)
+
+    def law(self, c: Candidate) -> float:
+        return cand.ranking_loss(c, self.small)
+
+
+# ---------------------------------------------------------------- the plan (pure)
+
+
+def make_plan(exp: Experiment, budget_s: float, data: DataSize, target: Target, speed_exp: Experiment,
+              depths=cand.DEPTHS, estimate=cand.peak_bytes,
+              measure: Callable[[list[Experiment]], list[dict | None]] | None = None) -> Plan:
+    """Rank the family by the law's loss, keep the best that fits the card, and fill in the table around it.
+
+    speed_exp: the experiment whose hardware section gives the predicted speed (peak x MFU). measure: times
+    experiments on the target (the --measure path), returning for each None (not timed), {"oom": why} (it did not
+    fit the card) or the trial's timings: tokens_per_s (of the run, all workers), eval_batch_s, checkpoint_s,
+    samples_s."""
+    # a plan file fed back in: its figures were for its own shape, not the family's
+    exp = exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
+    speed_exp = speed_exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
+    cands = [_speed(speed_exp, c) for c in cand.family(exp.model, depths)]
+    if any(c.tokens_per_s is None for c in cands):
+        raise PlanError(f"{exp.source}: no speed for {target.name!r}: {figures.throughput(speed_exp, 1.0)[1]}; or "
+                        f"run with --measure on that card")
+    cands = [cand.schedule(exp, c, budget_s, data.train_tokens) for c in cands]
+    stats = {"estimates": 0, "seconds": 0.0}
+
+    def fitted(c: Candidate) -> Candidate:
+        if c.fits is not None:
+            return c
+        start = time.perf_counter()
+        c, n = cand.fit_memory(exp, c, target, estimate)
+        stats["estimates"] += n
+        stats["seconds"] += time.perf_counter() - start
+        # the evaluation's cost follows the micro-batch: time again with it
+        return cand.schedule(exp, _speed(speed_exp, c), budget_s, data.train_tokens) if c.fits else c
+
+    def best_of(cands: list[Candidate]) -> tuple[list[Candidate], Candidate]:
+        cands = list(cands)
+        for c in cand.ranked(cands):
+            if c.max_iters < cand.MIN_STEPS:
+                break
+            i = cands.index(c)
+            cands[i] = fitted(c)
+            if cands[i].feasible:
+                return cands, cands[i]
+        return cands, None
+
+    def too_little(cands: list[Candidate], measured: str = "") -> PlanError:
+        fastest = max(cands, key=lambda c: c.max_iters)
+        return PlanError(f"{budget_s / 3600:g} h is too little for any candidate{measured}: the fastest, "
+                         f"{fastest.describe()}, gets {fastest.max_iters} of the {cand.MIN_STEPS} optimizer steps of "
+                         f"{exp.tokens_per_step:,} tokens a plan needs; give more --hours or fewer tokens per step "
+                         f"(train.batch_size x gradient_accumulation_steps)")
+
+    cands, best = best_of(cands)
+    if best is None and measure is not None and all(c.max_iters < cand.MIN_STEPS for c in cands):
+        # a rough figure only picks what to time: time the fastest shapes, then decide
+        best = fitted(min(cands, key=lambda c: c.depth))
+        cands = [best if c.depth == best.depth else c for c in cands]
+    if best is None and all(c.max_iters < cand.MIN_STEPS for c in cands):
+        raise too_little(cands)
+    if best is None:
+        smallest = next(c for c in cands if c.fits is False)
+        raise PlanError(f"no candidate fits {target.name} ({target.limit_bytes / 2**30:.2f} GB usable with the "
+                        f"probe's margin): {smallest.describe()}: {smallest.memory_note}; shorten model.block_size "
+                        f"or plan for a bigger card")
+    measured: set[int] = set()
+    scale = 1.0
+    for _ in range(2):  # time the best and its neighbours; once more if that moves the best
+        if measure is None:
+            break
+        smaller, larger = cand.neighbours(cands, best)
+        todo = [fitted(c) for c in (smaller, best, larger) if c is not None and c.depth not in measured]
+        todo = [c for c in todo if c.fits]
+        if not todo:
+            break
+        for c in todo:
+            cands[[x.depth for x in cands].index(c.depth)] = c
+        # each with its predicted speed: a CPU trial sizes its timed steps by it
+        shaped = [cand.with_shape(exp, c).with_changes("hardware", tokens_per_s=c.tokens_per_s) for c in todo]
+        results = measure(shaped)
+        timed = {c.depth: (m["tokens_per_s"], cand.measured_eval_seconds(e, m, budget_s))
+                 for c, e, m in zip(todo, shaped, results) if m and "oom" not in m}
+        for c, m in zip(todo, results):  # the card said no: the estimate was wrong for this one
+            if m and "oom" in m:
+                cands[[x.depth for x in cands].index(c.depth)] = dataclasses.replace(
+                    c, fits=False, memory_note=f"{m['oom']} at micro-batch {c.micro_batch} in the probe's trial")
+        measured |= {c.depth for c in todo}
+        cands, scale = _with_measurements(exp, speed_exp, cands, timed, budget_s, data.train_tokens)
+        cands, best = best_of(cands)
+        if best is None:
+            raise too_little(cands, f" at the speeds measured on {target.name}")
+    shown = {c.depth for c in cand.window(cands, best)}
+    cands = [fitted(c) if c.depth in shown else c for c in cands]
+    best = next(c for c in cands if c.depth == best.depth)
+    smaller, larger = cand.neighbours(cands, best)
+    predicted = (f"this CPU's fp32 matmul speed, {speed_exp.hardware.peak_tflops:.3g} TFLOPS, x "
+                 f"{figures.GENERIC_MFU:.0%} (rough)" if speed_exp.hardware.gpu == "cpu" else
+                 figures.throughput(cand.with_shape(speed_exp, best), best.flops_per_token)[1])
+    timed = sorted(c.depth for c in cands if c.speed_source == "measured")
+    note = (f"measured on this machine by the probe's trials (depth {', '.join(map(str, timed))}); the other shapes "
+            f"at {scale:.2f}x the prediction from {predicted}" if timed else predicted)
+    return Plan(exp, target, budget_s, data, cands, best, smaller, larger, cand.why(best, smaller, larger), note,
+                stats["estimates"], stats["seconds"])
+
+
+def _predicted(speed_exp: Experiment, c: Candidate) -> float | None:
+    """tokens/s at the target's peak x MFU (for the CPU: its matmul speed x the generic MFU)."""
+    return figures.throughput(cand.with_shape(speed_exp, c), c.flops_per_token)[0]
+
+
+def _speed(speed_exp: Experiment, c: Candidate) -> Candidate:
+    """The candidate at its predicted speed, or as measured (or scaled) before; the evaluation's cost for its
+    micro-batch."""
+    if c.speed_source in ("measured", "scaled"):  # their evaluation's cost came with the measurement
+        return cand.with_speed(speed_exp, c, c.tokens_per_s, c.speed_source, c.eval_s)
+    tok_s = _predicted(speed_exp, c)
+    if tok_s is None:
+        return c
+    return cand.with_speed(speed_exp, c, tok_s, "rough" if speed_exp.hardware.gpu == "cpu" else "peak x MFU")
+
+
+def _with_measurements(exp, speed_exp, cands, results: dict, budget_s, train_tokens) -> tuple[list[Candidate], float]:
+    """Measured speeds and evaluation costs where timed; the others' predictions scaled by the measured / predicted
+    ratios (geometric means over every shape measured so far)."""
+    cands = [cand.with_speed(speed_exp, c, results[c.depth][0], "measured", results[c.depth][1])
+             if results.get(c.depth) else c for c in cands]
+    measured = [c for c in cands if c.speed_source == "measured"]
+
+    def mean_ratio(ratios):
+        return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
+
+    scale = mean_ratio([c.tokens_per_s / _predicted(speed_exp, c) for c in measured])
+    eval_scale = mean_ratio([c.eval_s / cand.modelled_eval_seconds(speed_exp, c, c.tokens_per_s) for c in measured])
+    out = []
+    for c in cands:
+        if c.speed_source != "measured":
+            tok_s = _predicted(speed_exp, c) * scale
+            c = cand.with_speed(speed_exp, c, tok_s, "scaled",
+                                cand.modelled_eval_seconds(speed_exp, c, tok_s) * eval_scale)
+        out.append(cand.schedule(exp, c, budget_s, train_tokens))
+    return out, scale
+
+
+def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
+    """This device's matmul speed (TFLOPS; fp32 on a CPU with torch's threads, bf16 on a GPU): the rough figure that
+    picks which shapes --measure times where no table knows the device."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    (a @ b).sum().item()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        c = a @ b
+        count += 1
+    c.sum().item()  # waits for the device
+    return count * 2 * n**3 / (time.perf_counter() - start) / 1e12
+
+
+# ---------------------------------------------------------------- what the plan prints and writes (pure)
+
+
+def _tokens(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
+    m = c.model
+    mb = (f"{c.micro_batch} x {c.accumulation}" if c.fits else "no fit" if c.fits is False else "-")
+    peak = f"{c.peak_bytes / 2**30:.2f}" if c.peak_bytes else "-"
+    steps_ok = c.max_iters >= cand.MIN_STEPS
+    return (("> " if c.depth == best.depth else "  ") + str(c.depth), f"{m.n_layer} x {m.n_embd}, {m.n_head}h",
+            f"{c.params / 1e6:.1f}M", f"{c.flops_per_token / 1e6:,.0f}", mb, peak,
+            f"{c.tokens_per_s:,.0f} {c.speed_source}", f"{c.max_iters:,}" if steps_ok else f"<{cand.MIN_STEPS}",
+            _tokens(c.tokens), f"{c.epochs:.2f}", f"{c.tokens_per_param:.3g}",
+            f"{law:.3f}" if steps_ok else "-")
+
+
+def table(plan: Plan) -> str:
+    t, b, exp = plan.target, plan.best, plan.exp
+    head = ("depth", "shape", "params", "MFLOP/tok", "micro x acc", "est. GB", "tokens/s", "steps", "tokens",
+            "epochs", "tok/param", "law loss")
+    rows = [head] + [_row(c, b, plan.law(c)) for c in plan.shown]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(v.rjust(w) if i not in (1, 6) else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    hidden = len(plan.cands) - len(plan.shown)
+    pred = figures.predicted_speed(planned_experiment(plan), b.flops_per_token, b.tokens, b.params)
+    return "\n".join([
+        f"plan for {exp.name!r} ({exp.source}): {plan.budget_s / 3600:g} h of training on {t.name} "
+        f"({t.memory_gb:g} GB; a step may reserve {t.limit_bytes / 2**30:.2f} GB with the probe's "
+        f"{exp.probe.margin:.0%} margin)",
+        f"data     {plan.data.train_tokens:,} train tokens"
+        + (f", {plan.data.documents:,} documents" if plan.data.documents else "") + f" ({plan.data.note})",
+        f"family   depth d: d layers x {cand.ASPECT}d wide, head size "
+        f"{cand.HEAD_SIZE[exp.model.recipe]} ({exp.model.recipe} "
+        f"recipe), block {exp.model.block_size}; every candidate at {exp.tokens_per_step:,} tokens per optimizer "
+        f"step",
+        f"speed    {plan.speed_note}",
+        f"memory   fwray.memory's CPU estimate: {plan.estimates} estimates in {plan.estimate_s:.0f} s (the largest "
+        f"micro-batch and a small one per shape, the chosen one verified; remembered in .fwray/plan)",
+        "", *lines, "",
+        f"tokens/s: peak x MFU = the card's peak at the MFU above; measured = the probe's trial on this machine; "
+        f"scaled = the prediction times the measured / predicted ratio; rough = this CPU's matmul speed at "
+        f"{figures.GENERIC_MFU:.0%}",
+        "law loss: Muennighoff et al. 2023's data-constrained scaling law (C4 units), used only to rank the "
+        "candidates; not the loss the run will reach" + (f"; {hidden} other depths not shown" if hidden else ""),
+        *([f"          below the law's fitted range ({scaling.FITTED_MIN_TOKENS / 1e6:.0f}M tokens) its small-scale "
+           f"form ranks: the same law of non-embedding parameters (fwray/scaling.py says why)"] if plan.small else []),
+        f"time: steps at the speed shown plus {pred['evaluations']} evaluations (~{b.eval_s:.1f} s each, checkpoint "
+        f"included) within the budget; preparing the data and starting Ray come on top",
+        "",
+        f"recommended: {b.describe()}, micro-batch {b.micro_batch} x {b.accumulation} accumulation, {b.max_iters:,} "
+        f"steps = {_tokens(b.tokens)} tokens = {b.epochs:.2f} epochs, {b.tokens_per_param:.3g} tokens per parameter, "
+        f"~{_duration(pred['predicted_seconds'])} of training",
+        f"why: {plan.why}",
+        *([f"note: {_exhausted(b)}"] if b.epochs > scaling.R_D_STAR else []),
+    ])
+
+
+def _exhausted(c: Candidate) -> str:
+    return (f"{c.epochs:.0f} epochs: past ~{scaling.R_D_STAR:.0f} repetitions more passes over the same data are worth "
+            f"little (the law's R*_D) and the candidates barely differ; a shorter budget, or more data, would do as "
+            f"well")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
+
+
+def planned_experiment(plan: Plan, c: Candidate | None = None) -> Experiment:
+    """The experiment `python -m fwray.run` trains for candidate `c` (the recommendation by default)."""
+    c = c or plan.best
+    exp = cand.planned(plan.exp, c, c.max_iters, cand.evaluation_intervals(plan.budget_s))
+    cpu = plan.target.device_type == "cpu"
+    # the file may be written anywhere: data paths absolute, not relative to the experiment it came from
+    exp = exp.with_changes("data", paths=tuple(p if "://" in p else os.path.abspath(p) for p in exp.data.paths))
+    exp = exp.with_changes("hardware", gpu=plan.target.name)
+    if cpu:  # nothing for a probe to check on a CPU
+        return exp.with_changes("probe", enabled=False).with_changes("resources", use_gpu=False)
+    options = cand.micro_batches(exp)
+    i = options.index(c.micro_batch)
+    # on the card, the probe checks the estimate's choice against the sizes either side
+    return exp.with_changes("probe", gpu_memory_gb=plan.target.memory_gb,
+                            batch_sizes=tuple(options[max(0, i - 1): i + 2]))
+
+
+def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str:
+    """The planned experiment as a YAML file, its header stating the plan's figures."""
+    c = c or plan.best
+    exp = planned_experiment(plan, c)
+    pred = figures.predicted_speed(exp, c.flops_per_token, c.tokens, c.params)
+    header = [
+        f"Planned by fwray {__version__} on {time.strftime('%Y-%m-%d %H:%M')}: {command}",
+        f"data: {plan.data.train_tokens:,} train tokens ({plan.data.note})",
+        f"card: {plan.target.name}, {plan.target.memory_gb:g} GB; speed: {plan.speed_note}",
+        f"model: {c.describe()}, {c.flops_per_token / 1e6:,.0f} MFLOP per token",
+        f"step: micro-batch {c.micro_batch} x {c.accumulation} accumulation x {exp.model.block_size} tokens = "
+        f"{exp.tokens_per_step:,} tokens" + (f" (estimated peak {c.peak_bytes / 2**30:.2f} GB of "
+                                              f"{plan.target.limit_bytes / 2**30:.2f} GB)" if c.peak_bytes else ""),
+        f"budget: {plan.budget_s / 3600:g} h => {c.max_iters:,} steps = {c.tokens:,} tokens = {c.epochs:.2f} epochs, "
+        f"{c.tokens_per_param:.3g} tokens per parameter; law loss {plan.law(c):.3f} (ranking only"
+        f"{', small-scale form' if plan.small else ''})",
+        f"predicted: {c.tokens_per_s:,.0f} tokens/s ({c.speed_source}); {_duration(pred['predicted_seconds'])} of "
+        f"training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
+        f"why: {plan.why}" if c.depth == plan.best.depth else
+        f"a neighbour of the recommendation, {plan.best.describe()}",
+        "hardware.tokens_per_s and hardware.eval_seconds are the plan's figures: the run compares its time with them "
+        "(remove them if you change the model)",
+    ]
+    return "".join(f"# {line}\n" for line in header) + config.to_yaml(exp)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fwray.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", help="an experiments/*.yaml file: its data, recipe, block size and tokens per step")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.paths=[shard.parquet]")
+    p.add_argument("--hours", type=float, required=True, help="hours of training (data preparation not included)")
+    p.add_argument("--gpu", help='the card to plan for, e.g. "RTX 4070", or "cpu" (default: hardware.gpu, else this '
+                                 "machine's GPU)")
+    p.add_argument("--measure", action="store_true",
+                   help="time the best shapes on this machine's device with the probe's Ray Tune trials")
+    p.add_argument("--write", metavar="OUT.yaml", help="write the recommended experiment there")
+    p.add_argument("--force", action="store_true", help="overwrite --write's file if it exists")
+    p.add_argument("--train-tokens", type=float, metavar="N",
+                   help="plan for N training tokens instead of reading the data (e.g. 0.7e9 for a FineWeb shard)")
+    p.add_argument("--depths", default=f"{cand.DEPTHS[0]}-{cand.DEPTHS[-1]}",
+                   help="the family's depths, e.g. 2-16 or 4,8,12 (default %(default)s)")
+    return p.parse_intermixed_args(argv)
+
+
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        if "-" in text:
+            lo, hi = map(int, text.split("-"))
+            return tuple(range(lo, hi + 1))
+        return tuple(sorted({int(d) for d in text.split(",")}))
+    except ValueError:
+        raise PlanError(f"--depths {text!r}: write a range (2-16) or a list (4,8,12)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import FwrayError
+
+    args = parse_args(argv)
+    try:
+        # the plan sets the budget, so an experiment file needs none of its own
+        exp = config.load(args.experiment, [*args.overrides, "train.epochs=1"])
+        plan_command(exp, args, " ".join(["python -m fwray.plan", *(argv if argv is not None else sys.argv[1:])]))
+        return 0
+    except FwrayError as e:
+        print(f"fwray: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def plan_command(exp: Experiment, args, command: str) -> Plan:
+    """The command's work: plan, print, write the experiment (with --write), log the plan to MLflow."""
+    from ..tracking import store as tracking
+    from . import measure as plan_run  # the boundary: the card, the data's size, Ray Tune trials, MLflow
+
+    if not args.hours > 0:
+        raise PlanError(f"--hours {args.hours:g}: give the hours of training to plan for, e.g. --hours 12")
+    written = Path(args.write) if args.write else None
+    if written and written.exists() and not args.force:
+        raise PlanError(f"{written} exists: choose another --write path or add --force to overwrite it")
+    depths = _depths(args.depths)
+    target, speed_exp = plan_run.target(exp, args.gpu, args.measure)
+    data = (DataSize(int(args.train_tokens), 0, 0, "given", "given with --train-tokens; the data was not read")
+            if args.train_tokens else plan_run.data_size(exp))
+    client = tracking.connect(exp)  # an unreachable server stops the plan before the memory estimates and trials
+    out_dir = (Path(".fwray/plan") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    measure = plan_run.measurer(exp, target, out_dir) if args.measure else None
+    plan = make_plan(exp, args.hours * 3600, data, target, speed_exp, depths, plan_run.cached_estimates(),
+                     measure=measure)
+    text = table(plan)
+    print(text, flush=True)
+    if written:
+        from ..core.tokens import write_atomic
+
+        write_atomic(written, experiment_yaml(plan, command).encode())
+    run_id = plan_run.track(client, plan, text, out_dir, written, command)
+    if written:
+        print(f"\nwrote {written}: train it with `python -m fwray.run {written}`")
+    print(f"MLflow run {run_id} (plan) in experiment {exp.tracking.experiment or exp.name!r} at {client.tracking_uri}")
+    return plan
+
+
+if __name__ == "__main__":
+    sys.exit(main())

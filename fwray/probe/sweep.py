@@ -1,0 +1,173 @@
+"""`python -m fwray.probe EXP.yaml [section.key=value ...]`: which micro-batch fits the card, and which is fastest.
+
+A Ray Tune sweep over probe.batch_sizes x probe.activation_checkpointing (x probe.compile on a GPU). Every candidate
+is a trial in a fresh worker process (reuse_actors=False, one trial at a time) that runs `fwray.trial.measure`: the
+engine's real step under the target card's memory cap. A candidate fits when its peak <= (1 - probe.margin) x cap; an
+OOM is a verdict ("does not fit"), not a crash; `fwray.verdict.decide` picks one. When the largest candidate fits, the
+verdict says so: the ceiling was not found. The verdict is saved as JSON and logged to MLflow, one nested run per
+candidate.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ray import tune
+
+from .. import config, ray_session
+from ..config import Experiment
+from ..core import tokens
+from ..data import prepare
+from ..errors import FwrayError, ProbeError
+from ..tracking import store as tracking
+from . import verdict as verdicts
+from .trial import INJECT_ENV, ProbeJob, measure, usable_bytes
+
+
+def _trial(config: dict, jobs: list[ProbeJob]) -> None:
+    t = config["trial"]
+    tune.report(measure(jobs[t["job"]], t["batch_size"], t["activation_checkpointing"], t["compile"]))
+
+
+# ---------------------------------------------------------------- the sweep (Ray Tune) and its record (MLflow)
+
+
+def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, client=None,
+              parent_run_id: str | None = None, out_dir=None, reuse: bool = False) -> dict:
+    """Sweep the candidates with Ray Tune (ray must be initialised), save, print and track the verdict.
+
+    cache_dir/manifest: the prepared data (None: random tokens). out_dir: where verdict.json goes (default
+    .fwray/probe/<name>-<time>); reuse=True returns a verdict already saved there (a resumed run keeps its batch).
+    """
+    out_dir = Path(out_dir or Path(".fwray/probe") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if reuse and (out_dir / "verdict.json").is_file():
+        print(f"probe: reusing the verdict in {out_dir / 'verdict.json'}")
+        return json.loads((out_dir / "verdict.json").read_text())
+    p = exp.probe
+    if not p.batch_sizes:
+        raise ProbeError(f"{exp.source}: probe.batch_sizes is empty: list the micro-batch sizes to try")
+    use_gpu = ray_session.use_gpu(exp.resources.use_gpu)  # the Ray cluster's GPUs, not this driver's torch
+    if not use_gpu and p.gpu_memory_gb is None:
+        raise ProbeError(f"{exp.source}: probe.gpu_memory_gb is not set and there is no GPU here to measure: set it "
+                         f"to the memory of the card you will train on (e.g. probe.gpu_memory_gb=12)")
+    files = {s: tuple(map(str, tokens.split_files(cache_dir, manifest, s))) if cache_dir else () for s in
+             ("train", "val")}
+    if not use_gpu:
+        usable_bytes(exp)  # a card too small for its own overhead is one line here, not a failed trial each
+    job = ProbeJob(exp, files["train"], files["val"], use_gpu, os.environ.get(INJECT_ENV, ""))
+    grid = itertools.product(sorted(set(p.batch_sizes)), sorted(set(p.activation_checkpointing)),
+                             sorted(set(p.compile)) if use_gpu and p.compile else [None])
+    trials = [{"job": 0, "batch_size": b, "activation_checkpointing": ac, "compile": c} for b, ac, c in grid]
+    print(f"probe: {len(trials)} candidate(s), one fresh process each, on {'the GPU' if use_gpu else 'the CPU'}",
+          flush=True)
+    results = sweep([job], trials, out_dir)
+    # on a GPU the trials say what the card holds: CUDA is never initialised here, in the training driver
+    caps = [r["cap_gb"] for r in results if r.get("cap_gb")]
+    if not caps:
+        raise ProbeError(f"every probe trial failed before measuring anything: {results[0]['reason']}")
+    cap_gb = min(caps)
+    verdict = verdicts.decide(exp, results, cap_gb, "cuda" if use_gpu else "cpu-estimate")
+    verdict["device"] = next((r["device"] for r in results if r.get("device")), "cpu")
+    verdict["path"] = str(out_dir / "verdict.json")
+    tokens.write_atomic(out_dir / "verdict.json", json.dumps(verdict, indent=2).encode())
+    print(verdicts.table(verdict), flush=True)
+    print(f"probe: verdict saved in {verdict['path']}", flush=True)
+    client = client or tracking.connect(exp)
+    _track(client, exp, verdict, parent_run_id, out_dir)
+    return verdict
+
+
+def sweep(jobs: list[ProbeJob], trials: list[dict], out_dir: Path, cpus: int = 1) -> list[dict]:
+    """Measure `trials` (each: job, an index into `jobs`; batch_size, activation_checkpointing, compile) with Ray Tune,
+    one at a time, each in a fresh worker process with `cpus` CPUs (ray must be initialised). Returns their results
+    in the order given; a trial that crashed (not an OOM) comes back with status "error"."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = [{**t, "index": i} for i, t in enumerate(trials)]
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, jobs=jobs), {"cpu": cpus, "gpu": 1 if jobs[0].use_gpu else 0}),
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=False),  # a fresh process per trial
+        run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    done = {r.config["trial"]["index"]: _result(r) for r in tuner.fit()}
+    return [done[t["index"]] for t in trials]
+
+
+def _result(r) -> dict:
+    """A trial's metrics; a trial that crashed (not an OOM) becomes a candidate that does not fit."""
+    if r.error is None and r.metrics and "status" in r.metrics:
+        return {k: r.metrics[k] for k in r.metrics if k in _KEYS}
+    err = str(r.error).strip().splitlines()[-1] if r.error else "no result"
+    return {**{k: r.config["trial"][k] for k in ("batch_size", "activation_checkpointing", "compile")},
+            "status": "error", "reason": f"trial failed: {err}", "tokens_per_s": None, "method": "-"}
+
+
+_KEYS = {"batch_size", "activation_checkpointing", "compile", "eval_batch_size", "probe_accumulation", "status",
+         "reason", "tokens_per_s", "predicted_gb", "method", "peak_gb", "peak_alloc_gb", "peak_reserved_gb",
+         "device", "cap_gb", "measured_context_gb", "predicted_alloc_gb", "eval_batch_s", "checkpoint_s",
+         "samples_s", "allocator", "sdpa_backend"}
+
+
+def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, out_dir: Path) -> None:
+    probe_id = tracking.start_run(client, exp, f"probe-{out_dir.name}", {"fwray.kind": "probe"}, parent_run_id)
+    tracking.log_params(client, probe_id, {**{f"probe.{k}": v for k, v in dataclasses.asdict(exp.probe).items()},
+                                           "device": verdict["device"], "method": verdict["method"],
+                                           "cap_gb": verdict["cap_gb"], "limit_gb": verdict["limit_gb"]})
+    log = tracking.RunLogger(client.tracking_uri, probe_id, out_dir)
+    for r in verdict["candidates"]:
+        name = f"bs{r['batch_size']}" + ("-ac" if r["activation_checkpointing"] else "") + (
+            {True: "-compiled", False: "-eager", None: ""}[r["compile"]])
+        trial_id = tracking.start_run(client, exp, name, {"fwray.kind": "probe-trial", "fwray.probe.reason":
+                                                          r["reason"] or "ok"}, probe_id)
+        tracking.log_params(client, trial_id, {k: r[k] for k in ("batch_size", "activation_checkpointing", "compile",
+                                                                 "method", "allocator", "sdpa_backend") if k in r})
+        tracking.RunLogger(client.tracking_uri, trial_id, out_dir).metrics(0, {
+            "fits": float(r["fits"]), "peak_gb": r.get("peak_gb"), "tokens_per_s": r["tokens_per_s"],
+            "predicted_gb": r.get("predicted_gb"), "peak_alloc_gb": r.get("peak_alloc_gb")})
+        tracking.finish(client, trial_id, r["status"] != "error")
+    c = verdict["chosen"]
+    if c:
+        log.metrics(0, {"chosen_batch_size": c["batch_size"], "chosen_accumulation": c["gradient_accumulation_steps"],
+                        "tokens_per_step_difference": c["tokens_per_step_difference"]})
+    log.artifact(out_dir / "verdict.json")
+    tracking.finish(client, probe_id, c is not None)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fwray.probe", description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", help="an experiments/*.yaml file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (e.g. probe.gpu_memory_gb=8)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random tokens instead of the prepared data (no data needed; same memory and speed)")
+    args = parser.parse_args(argv)
+    try:
+        exp = config.load(args.experiment, args.overrides)
+        client = tracking.connect(exp)
+        # the data first: a missing or broken input is one line before Ray starts
+        cache_dir, manifest = (None, None) if args.synthetic else prepare.prepare(exp)
+        ray_session.start()
+        verdict = run_probe(exp, cache_dir, manifest, client=client)
+        verdicts.apply_verdict(exp, verdict)
+    except FwrayError as e:
+        print(f"fwray: error: {e}", file=sys.stderr)
+        return e.exit_code
+    c = verdict["chosen"]
+    print(f"train with: python -m fwray.run {args.experiment} train.batch_size={c['batch_size']} "
+          f"train.gradient_accumulation_steps={c['gradient_accumulation_steps']}"
+          + (" train.activation_checkpointing=true" if c["activation_checkpointing"] else "")
+          + (f" train.compile={str(c['compile']).lower()}" if "compile" in c else "")
+          + ("" if exp.probe.enabled else "   (or set probe.enabled: true)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
