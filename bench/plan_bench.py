@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken"))
 from fwray import config  # noqa: E402
-from fwray.plan import planner as plan  # noqa: E402
+from fwray.plan import __main__ as plan_cli  # noqa: E402
+from fwray.plan import planner  # noqa: E402
 from fwray.plan.family import neighbours  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpus" / "python-docs.parquet"
@@ -34,7 +35,7 @@ SETTINGS = ["train.eval_iters=16", "train.log_interval=10"]
 GOAL_TIME, GOAL_LOSS = 0.15, 0.02
 
 
-def trio(p: plan.Plan) -> list[tuple[str, object]]:
+def trio(p: planner.Plan) -> list[tuple[str, object]]:
     """The recommendation and its neighbours; at the family's edge, the two nearest on the other side."""
     smaller, larger = neighbours(p.cands, p.best)
     if smaller is None:
@@ -76,7 +77,7 @@ def main() -> None:
     load_before = os.getloadavg()
     argv = [str(SMOKE), "--hours", str(args.minutes / 60), "--gpu", "cpu", "--measure", "--depths", args.depths,
             *SETTINGS, *where]
-    the_plan = plan.plan_command(config.load(SMOKE, [*SETTINGS, *where, "train.epochs=1"]), plan.parse_args(argv),
+    the_plan = plan_cli.plan_command(config.load(SMOKE, [*SETTINGS, *where, "train.epochs=1"]), plan_cli.parse_args(argv),
                                  "python -m fwray.plan " + " ".join(argv))
 
     from fwray import run as fwrun
@@ -84,7 +85,7 @@ def main() -> None:
     rows = []
     for role, c in trio(the_plan):
         path = folder / f"depth-{c.depth}.yaml"
-        path.write_text(plan.experiment_yaml(the_plan, "bench/plan_bench.py", c))
+        path.write_text(planner.experiment_yaml(the_plan, "bench/plan_bench.py", c))
         name = f"plan-bench-d{c.depth}"
         print(f"\n=== {role}: {c.describe()}: {c.max_iters} steps planned in {args.minutes:g} min ===", flush=True)
         assert fwrun.run(config.load(path, [f"tracking.experiment={name}"])) == 0

@@ -285,6 +285,12 @@ class Experiment:
         t = self.train
         return t.batch_size * self.model.block_size * t.gradient_accumulation_steps * self.resources.num_workers
 
+    def accumulation_for(self, batch_size: int) -> int:
+        """Accumulation steps that keep tokens per optimizer step nearest to the configured figure at this
+        micro-batch (every worker's micro-batches count)."""
+        per_micro = batch_size * self.model.block_size * self.resources.num_workers
+        return max(1, round(self.tokens_per_step / per_micro))
+
     def with_changes(self, section: str, **changes) -> "Experiment":
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import config
 from .config import TrainConfig
-from .core import bpb, checkpoint, engine, hellaswag, loader, tokens
+from .core import bpb, checkpoint, engine, hardware, hellaswag, loader, tokens
 from .errors import FwrayError
-from .sample import add_model_source, load, pick_device
+from .tracking.trained import add_model_source, load
 
 
 class EvalError(FwrayError):
@@ -116,7 +116,7 @@ def validation(model, folder: Path, manifest: dict, train: TrainConfig, args, dt
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = hardware.pick_device(args.device)
     try:
         if args.limit is not None and args.limit < 1:
             raise EvalError(f"--limit {args.limit}: must be at least 1")

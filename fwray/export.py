@@ -30,7 +30,7 @@ from .config import ConfigError
 from .core import checkpoint, tokens
 from .core.hf import gpt2_state_dict_to_hf
 from .errors import FwrayError
-from .sample import add_model_source, load
+from .tracking.trained import add_model_source, load
 
 FORMATS = ("hf", "safetensors")
 EOT_TEXT = "<|endoftext|>"

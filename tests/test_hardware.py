@@ -90,7 +90,10 @@ def test_consumer_card_attention_switches_cudnn_attention_off():
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def test_use_gpu_true_without_a_gpu_is_one_clear_error():
-    with pytest.raises(hardware.DeviceError, match="resources.use_gpu: auto"):
-        hardware.pick_device(True)
-    assert hardware.pick_device("auto").type == "cpu" and hardware.pick_device(False).type == "cpu"
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU that is not there")
+def test_the_device_picker_without_a_gpu():
+    with pytest.raises(hardware.DeviceError, match="torch sees no CUDA GPU here; use --device auto or cpu"):
+        hardware.pick_device("cuda")
+    with pytest.raises(hardware.DeviceError, match="not a device torch knows"):
+        hardware.pick_device("gpu0")
+    assert hardware.pick_device("auto") == torch.device("cpu") and hardware.pick_device("cpu") == torch.device("cpu")

@@ -10,6 +10,7 @@ from fwray.config import ModelConfig
 from fwray.data import size as data_size
 from fwray.data.parquet_inputs import inspect_file
 from fwray.plan import family as cand
+from fwray.plan import __main__ as plan_cli
 from fwray.plan import figures, planner as plan, scaling
 from fwray.plan.family import Target
 
@@ -223,7 +224,7 @@ def test_data_size_from_token_count_is_exact_and_a_sample_says_it_estimates(corp
 
 
 def run_main(capsys, *argv):
-    code = plan.main([str(a) for a in argv])
+    code = plan_cli.main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -12,7 +12,7 @@ from fwray.core import memory
 from fwray.core.model import count_params
 from fwray.errors import ProbeError
 from fwray.probe import sweep as probe, trial
-from fwray.probe.verdict import apply_verdict, decide, table
+from fwray.probe.verdict import apply_verdict, decide, probe_accumulation, table
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_CPU = ROOT / "experiments" / "probe-cpu.yaml"
@@ -116,10 +116,10 @@ def test_usable_memory_is_the_card_less_its_overhead():
 
 
 def test_ddp_and_accumulation_trials_run_two_micro_steps():
-    assert trial.probe_accumulation(tiny(gradient_accumulation_steps=1), 2) == 1
-    assert trial.probe_accumulation(tiny(gradient_accumulation_steps=8), 2) == 2
+    assert probe_accumulation(tiny(gradient_accumulation_steps=1), 2) == 1
+    assert probe_accumulation(tiny(gradient_accumulation_steps=8), 2) == 2
     ddp = tiny(gradient_accumulation_steps=1).with_changes("resources", num_workers=2)
-    assert trial.probe_accumulation(ddp, 2) == 2  # DDP's buckets keep gradients alive through the forward
+    assert probe_accumulation(ddp, 2) == 2  # DDP's buckets keep gradients alive through the forward
 
 
 def test_verdict_says_when_the_ceiling_was_not_found():
@@ -138,7 +138,7 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
 
     exp = tiny()
     peaks = {b: memory.estimate_peak_bytes(exp.model, exp.train, b,
-                                           accumulation=trial.probe_accumulation(exp, b))["reserved"]
+                                           accumulation=probe_accumulation(exp, b))["reserved"]
              / trial.GIB for b in (1, 2, 4, 8)}
     cap = (peaks[4] + peaks[8]) / 2 / 0.9  # 1, 2 and 4 fit the limit, 8 does not
     exp = exp.with_changes("probe", gpu_memory_gb=cap)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -143,11 +144,20 @@ class DeviceError(FwrayError):
     """The configured device is not there."""
 
 
-def pick_device(use_gpu: bool | str) -> torch.device:
-    """This process's device for resources.use_gpu (true, false or auto), for commands that run outside Ray Train."""
-    if use_gpu is True and not torch.cuda.is_available():
-        raise DeviceError("resources.use_gpu is true but torch sees no CUDA GPU here; set resources.use_gpu: auto")
-    return cuda_device() if use_gpu is not False and torch.cuda.is_available() else torch.device("cpu")
+def pick_device(name: str = "auto") -> torch.device:
+    """The device of a process outside Ray Train (sample, eval, a bench), from --device: "auto" is CUDA when torch
+    sees a GPU, else the CPU; "cuda" or "cuda:N" a GPU, always indexed (see cuda_device); "cpu" the CPU."""
+    if name == "auto":
+        return cuda_device() if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name}: not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: torch sees no CUDA GPU here; use --device auto or cpu")
+    return cuda_device(device.index)
 
 
 def device_name(device: torch.device) -> str:
@@ -213,3 +223,18 @@ def compile_available(device: torch.device) -> tuple[bool, str]:
     except ImportError:
         return False, "Triton is not installed (e.g. on Windows): torch.compile is off"
     return True, ""
+
+
+def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
+    """This device's matmul speed (TFLOPS; fp32 on a CPU with torch's threads, bf16 on a GPU): the rough figure that
+    picks which shapes --measure times where no table knows the device."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    (a @ b).sum().item()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        c = a @ b
+        count += 1
+    c.sum().item()  # waits for the device
+    return count * 2 * n**3 / (time.perf_counter() - start) / 1e12

@@ -17,7 +17,7 @@ from ..core import memory
 from ..core.engine import autocast_dtype
 from ..core.model import count_params, flops_per_token
 from ..errors import FwrayError
-from ..probe.trial import probe_accumulation
+from ..probe.verdict import probe_accumulation
 from . import figures, scaling
 
 ASPECT = 64  # width per layer

@@ -43,8 +43,6 @@ def trial_steps(exp: Experiment, gpu: bool) -> int:
 
 def target(exp: Experiment, gpu: str | None, measure: bool) -> tuple[Target, Experiment]:
     """The card (or CPU) to plan for, and the experiment whose hardware section predicts its speed."""
-    from .planner import matmul_tflops
-
     local = hardware.device_name(hardware.cuda_device()) if torch.cuda.is_available() else None
     name = gpu or exp.hardware.gpu or local or ("cpu" if measure else None)
     if name is None:
@@ -55,7 +53,7 @@ def target(exp: Experiment, gpu: str | None, measure: bool) -> tuple[Target, Exp
         if not measure:
             raise PlanError("--gpu cpu needs --measure: no table knows this CPU's speed, so the plan times it")
         memory_gb = exp.probe.gpu_memory_gb or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-        rough = matmul_tflops(torch.device("cpu"))
+        rough = hardware.matmul_tflops(torch.device("cpu"))
         return (Target("cpu", "cpu", round(memory_gb, 1), int((1 - margin) * memory_gb * GIB)),
                 exp.with_changes("hardware", gpu="cpu", peak_tflops=rough, assumed_mfu=figures.GENERIC_MFU))
     speed_exp = exp.with_changes("hardware", gpu=name)
@@ -64,7 +62,7 @@ def target(exp: Experiment, gpu: str | None, measure: bool) -> tuple[Target, Exp
             raise PlanError(f"--measure times this machine's {local or 'CPU'}, not a {name}: drop --measure (the plan "
                             f"then takes the card's peak FLOPs x MFU) or run it on that card")
         if figures.throughput(speed_exp, 1.0)[0] is None:  # an unknown card: its matmul speed ranks the shapes
-            speed_exp = speed_exp.with_changes("hardware", peak_tflops=matmul_tflops(hardware.cuda_device()))
+            speed_exp = speed_exp.with_changes("hardware", peak_tflops=hardware.matmul_tflops(hardware.cuda_device()))
     elif figures.throughput(speed_exp, 1.0)[0] is None:
         raise PlanError(f"no peak-FLOPs figure for GPU {name!r}: set hardware.peak_tflops=<its dense bf16 TFLOPS>, "
                         f"or run with --measure on that card")

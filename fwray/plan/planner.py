@@ -1,28 +1,21 @@
-"""`python -m fwray.plan EXP.yaml --hours H [--gpu NAME] [--measure] [--write OUT.yaml] [section.key=value ...]`:
-what to train on this data, on this card, in H hours of training.
+"""The plan, pure (no ray, no mlflow): what to train on this data, on this card, in H hours of training.
 
 The data's size comes from the prepared cache, else the parquet's token_count column, else a tokenized sample
-(fwray.data_size). Each shape of the family (fwray.candidates) gets the micro-batch that fits the card (fwray.memory's
-CPU estimate, the probe's margin), a speed (the card's peak x MFU, fwray.figures; with --measure the probe's Ray Tune
-trials time the best shapes on this machine), the steps that fit the budget with their evaluations, and the loss of
-Muennighoff et al.'s data-constrained law (fwray.scaling), used only to rank them. The plan is printed, logged as an
-MLflow run (tag fwray.kind=plan), and with --write becomes an experiment file that `python -m fwray.run` trains.
-
-The functions above main() are pure (no ray, no mlflow): main and the --measure path import those where they are used.
+(fwray.data.size). Each shape of the family (fwray.plan.family) gets the micro-batch that fits the card
+(fwray.core.memory's CPU estimate, the probe's margin), a speed (the card's peak x MFU, fwray.plan.figures; with
+--measure the probe's Ray Tune trials time the best shapes on this machine: fwray.plan.measure), the steps that fit the
+budget with their evaluations, and the loss of Muennighoff et al.'s data-constrained law (fwray.plan.scaling), used only
+to rank them. `python -m fwray.plan` (fwray/plan/__main__.py) prints the plan, logs it as an MLflow run (tag
+fwray.kind=plan), and with --write writes an experiment file that `python -m fwray.run` trains.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
-
-import torch
 
 from .. import __version__, config
 from ..config import Experiment
@@ -201,21 +194,6 @@ def _with_measurements(exp, speed_exp, cands, results: dict, budget_s, train_tok
     return out, scale
 
 
-def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
-    """This device's matmul speed (TFLOPS; fp32 on a CPU with torch's threads, bf16 on a GPU): the rough figure that
-    picks which shapes --measure times where no table knows the device."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    (a @ b).sum().item()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        c = a @ b
-        count += 1
-    c.sum().item()  # waits for the device
-    return count * 2 * n**3 / (time.perf_counter() - start) / 1e12
-
-
 # ---------------------------------------------------------------- what the plan prints and writes (pure)
 
 
@@ -329,84 +307,3 @@ def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str
         "(remove them if you change the model)",
     ]
     return "".join(f"# {line}\n" for line in header) + config.to_yaml(exp)
-
-
-# ---------------------------------------------------------------- the command
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m fwray.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", help="an experiments/*.yaml file: its data, recipe, block size and tokens per step")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.paths=[shard.parquet]")
-    p.add_argument("--hours", type=float, required=True, help="hours of training (data preparation not included)")
-    p.add_argument("--gpu", help='the card to plan for, e.g. "RTX 4070", or "cpu" (default: hardware.gpu, else this '
-                                 "machine's GPU)")
-    p.add_argument("--measure", action="store_true",
-                   help="time the best shapes on this machine's device with the probe's Ray Tune trials")
-    p.add_argument("--write", metavar="OUT.yaml", help="write the recommended experiment there")
-    p.add_argument("--force", action="store_true", help="overwrite --write's file if it exists")
-    p.add_argument("--train-tokens", type=float, metavar="N",
-                   help="plan for N training tokens instead of reading the data (e.g. 0.7e9 for a FineWeb shard)")
-    p.add_argument("--depths", default=f"{cand.DEPTHS[0]}-{cand.DEPTHS[-1]}",
-                   help="the family's depths, e.g. 2-16 or 4,8,12 (default %(default)s)")
-    return p.parse_intermixed_args(argv)
-
-
-def _depths(text: str) -> tuple[int, ...]:
-    try:
-        if "-" in text:
-            lo, hi = map(int, text.split("-"))
-            return tuple(range(lo, hi + 1))
-        return tuple(sorted({int(d) for d in text.split(",")}))
-    except ValueError:
-        raise PlanError(f"--depths {text!r}: write a range (2-16) or a list (4,8,12)") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..errors import FwrayError
-
-    args = parse_args(argv)
-    try:
-        # the plan sets the budget, so an experiment file needs none of its own
-        exp = config.load(args.experiment, [*args.overrides, "train.epochs=1"])
-        plan_command(exp, args, " ".join(["python -m fwray.plan", *(argv if argv is not None else sys.argv[1:])]))
-        return 0
-    except FwrayError as e:
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-def plan_command(exp: Experiment, args, command: str) -> Plan:
-    """The command's work: plan, print, write the experiment (with --write), log the plan to MLflow."""
-    from ..tracking import store as tracking
-    from . import measure as plan_run  # the boundary: the card, the data's size, Ray Tune trials, MLflow
-
-    if not args.hours > 0:
-        raise PlanError(f"--hours {args.hours:g}: give the hours of training to plan for, e.g. --hours 12")
-    written = Path(args.write) if args.write else None
-    if written and written.exists() and not args.force:
-        raise PlanError(f"{written} exists: choose another --write path or add --force to overwrite it")
-    depths = _depths(args.depths)
-    target, speed_exp = plan_run.target(exp, args.gpu, args.measure)
-    data = (DataSize(int(args.train_tokens), 0, 0, "given", "given with --train-tokens; the data was not read")
-            if args.train_tokens else plan_run.data_size(exp))
-    client = tracking.connect(exp)  # an unreachable server stops the plan before the memory estimates and trials
-    out_dir = (Path(".fwray/plan") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    measure = plan_run.measurer(exp, target, out_dir) if args.measure else None
-    plan = make_plan(exp, args.hours * 3600, data, target, speed_exp, depths, plan_run.cached_estimates(),
-                     measure=measure)
-    text = table(plan)
-    print(text, flush=True)
-    if written:
-        from ..core.tokens import write_atomic
-
-        write_atomic(written, experiment_yaml(plan, command).encode())
-    run_id = plan_run.track(client, plan, text, out_dir, written, command)
-    if written:
-        print(f"\nwrote {written}: train it with `python -m fwray.run {written}`")
-    print(f"MLflow run {run_id} (plan) in experiment {exp.tracking.experiment or exp.name!r} at {client.tracking_uri}")
-    return plan
-
-
-if __name__ == "__main__":
-    sys.exit(main())

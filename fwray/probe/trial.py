@@ -35,6 +35,7 @@ from ..core.loader import Batches
 from ..core.model import count_params, flops_per_token
 from ..errors import ProbeError
 from ..train import artifacts
+from .verdict import probe_accumulation
 
 GIB = 2**30
 INJECT_ENV = "FWRAY_PROBE_INJECT_OOM"
@@ -60,18 +61,6 @@ class ProbeJob:
 
 
 # ---------------------------------------------------------------- one candidate (runs inside a Tune trial)
-
-
-def accumulation_for(exp: Experiment, batch_size: int) -> int:
-    """Accumulation steps that keep tokens per optimizer step nearest to the configured figure."""
-    per_micro = batch_size * exp.model.block_size * exp.resources.num_workers
-    return max(1, round(exp.tokens_per_step / per_micro))
-
-
-def probe_accumulation(exp: Experiment, batch_size: int) -> int:
-    """Micro-steps a trial runs per step: 2 where training accumulates (the 2nd micro-batch's forward runs with the
-    1st one's gradients alive) and under DDP (its buckets hold the gradients through every forward), else 1."""
-    return 2 if exp.resources.num_workers > 1 else min(accumulation_for(exp, batch_size), 2)
 
 
 def usable_bytes(exp: Experiment, total: int | None = None, free: int | None = None,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from ..config import Experiment
 from ..errors import ProbeError
-from .trial import accumulation_for
+
+
+def probe_accumulation(exp: Experiment, batch_size: int) -> int:
+    """Micro-steps a trial runs per step: 2 where training accumulates (the 2nd micro-batch's forward runs with the
+    1st one's gradients alive) and under DDP (its buckets hold the gradients through every forward), else 1."""
+    return 2 if exp.resources.num_workers > 1 else min(exp.accumulation_for(batch_size), 2)
 
 
 # tokens/s within 2% of the fastest count as a tie and the larger micro-batch wins: a few timed steps of a trial
@@ -40,7 +45,7 @@ def decide(exp: Experiment, results: list[dict], cap_gb: float, method: str) -> 
         pool, rule = fitting, "largest micro-batch that fits (CPU tokens/s do not predict GPU speed)"
     pick = max(pool, key=lambda r: (r["batch_size"], not r["activation_checkpointing"],
                                     r["tokens_per_s"] or 0))
-    accum = accumulation_for(exp, pick["batch_size"])
+    accum = exp.accumulation_for(pick["batch_size"])
     tokens = pick["batch_size"] * exp.model.block_size * accum * exp.resources.num_workers
     verdict["chosen"] = {"batch_size": pick["batch_size"], "gradient_accumulation_steps": accum,
                          "activation_checkpointing": pick["activation_checkpointing"],
