@@ -5,6 +5,7 @@ Every error is a ConfigError whose message is one line naming the key, the value
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -318,13 +319,16 @@ def load(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Exper
         raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
     # data.paths in the file are relative to the file, so experiments can bundle their data
     _resolve_data_paths(raw, path.parent)
+    given = {}  # (section, key) -> the override that set it, to say where a bad key came from
     for item in overrides:
-        _apply_override(raw, item, where)
-    return from_dict(raw, where)
+        given[_apply_override(raw, item, where)] = item
+    return from_dict(raw, where, given)
 
 
-def from_dict(raw: dict, where: str = "<dict>") -> Experiment:
+def from_dict(raw: dict, where: str = "<dict>", given: dict[tuple[str, str], str] | None = None) -> Experiment:
+    """An experiment from its sections; `given` names the keys the command line set, for messages."""
     raw = dict(raw)
+    given = given or {}
     name = raw.pop("name", "fwray")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: name = {name!r}: must be a non-empty string")
@@ -335,10 +339,11 @@ def from_dict(raw: dict, where: str = "<dict>") -> Experiment:
             raw[section] = {**defaults, **raw.get(section, {})}
     for key, value in raw.items():
         if key not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section {key!r} (known: name, {', '.join(SECTIONS)})")
+            origin = _origin(given, key)
+            raise ConfigError(f"{where}: unknown section {key!r}{origin}; {_nearest(key, ['name', *SECTIONS])}")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} = {value!r}: must be a mapping of keys")
-        sections[key] = _build(SECTIONS[key], value, key, where)
+        sections[key] = _build(SECTIONS[key], value, key, where, given)
     exp = Experiment(name=name, source=where, **sections)
     # what an experiment file needs beyond valid sections (the core runs without data or a budget)
     if not exp.data.paths:
@@ -364,7 +369,7 @@ def _under(base: Path, p: str) -> str:
     return p if os.path.isabs(p) or "://" in p else str(base / p)
 
 
-def _apply_override(raw: dict, item: str, where: str) -> None:
+def _apply_override(raw: dict, item: str, where: str) -> tuple[str, str]:
     key, sep, text = item.partition("=")
     if not sep or "." not in key:
         raise ConfigError(f"{where}: override {item!r} must look like section.key=value (e.g. train.max_iters=50)")
@@ -381,20 +386,39 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
     if not isinstance(target, dict):
         raise ConfigError(f"{where}: override {item!r}: {section} is not a section")
     target[name] = value
+    return section, name
 
 
-def _build(cls: type, values: dict, section: str, where: str):
+def _build(cls: type, values: dict, section: str, where: str, given: dict[tuple[str, str], str]):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # fields(): the ClassVar SECTION is not a key
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {section}.{key} = {value!r} (known: {', '.join(sorted(known))})")
+            origin = _origin(given, section, key)
+            raise ConfigError(f"{where}: unknown key {section}.{key} = {value!r}{origin}; "
+                              f"{_nearest(key, sorted(known), f'{section}.')}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
     try:
         return cls(**kwargs)  # the section validates itself
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _origin(given: dict[tuple[str, str], str], section: str, key: str | None = None) -> str:
+    """' (on the command line: ITEM)' for a key an override set, else ' (in the file)'."""
+    items = [item for (s, k), item in given.items() if s == section and key in (None, k)]
+    return f" (on the command line: {items[0]})" if items else " (in the file)"
+
+
+def _nearest(name: str, choices: list[str], section: str = "") -> str:
+    """'did you mean train.batch_size?' for a misspelt key (or section), as git and argparse suggest."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {section}{close[0]}?"
+    if section:
+        return f"{section.rstrip('.')} has no such key (the README's Experiment files section lists them)"
+    return f"the sections: {', '.join(choices)}"
 
 
 def _coerce(value, hint, key: str, where: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import config
 from .config import TrainConfig
 from .core import bpb, checkpoint, engine, hardware, hellaswag, loader, tokens
-from .errors import FwrayError
+from .errors import FwrayError, command
 from .tracking.trained import add_model_source, load
 
 
@@ -114,45 +114,42 @@ def validation(model, folder: Path, manifest: dict, train: TrainConfig, args, dt
 # ---------------------------------------------------------------- the command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
-    try:
-        if args.limit is not None and args.limit < 1:
-            raise EvalError(f"--limit {args.limit}: must be at least 1")
-        if args.no_val and not args.hellaswag:
-            raise EvalError("--no-val without --hellaswag leaves nothing to evaluate")
-        examples = hellaswag.read_examples(args.hellaswag, args.limit) if args.hellaswag else None  # before any work
-        with tempfile.TemporaryDirectory(prefix="fwray-eval-") as tmp:
-            model, meta, run = load(args, tmp, device, with_config=True)
-            if run is not None:  # the resolved experiment: the validation settings, and where its data is
-                exp = config.load(run.config_file) if run.config_file else None
-            else:
-                exp = checkpoint.experiment_near(args.checkpoint)
-        val = None if args.no_val else val_data(args, run, exp)  # every input found before any work
-        enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2")) if examples else None
-        train = exp.train if exp else TrainConfig()
-        dtype = engine.autocast_dtype(train, device.type)  # as the training evaluated
-        metrics, tags = {}, {}
-        print(f"model: step {meta.get('step')}, {model.num_params():,} parameters ({meta.get('recipe', 'gpt2')})")
-        if val is not None:
-            validation(model, *val, train, args, dtype, metrics, tags)
-        if examples:
-            with engine.autocast_context(device.type, dtype):
-                hs = hellaswag.accuracy(model, enc, examples, device)
-            metrics.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"])
-            print(f"hellaswag: {hs['examples']:,} examples of {args.hellaswag}: acc {hs['acc']:.4f} | "
-                  f"acc_norm {hs['acc_norm']:.4f}", flush=True)
-            tags["fwray.eval.hellaswag"] = f"{args.hellaswag} ({hs['examples']} examples)"
-        if run is not None:
-            from .tracking.store import default_uri, log_evaluation
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit {args.limit}: must be at least 1")
+    if args.no_val and not args.hellaswag:
+        raise EvalError("--no-val without --hellaswag leaves nothing to evaluate")
+    examples = hellaswag.read_examples(args.hellaswag, args.limit) if args.hellaswag else None  # before any work
+    with tempfile.TemporaryDirectory(prefix="fwray-eval-") as tmp:
+        model, meta, run = load(args, tmp, device, with_config=True)
+        if run is not None:  # the resolved experiment: the validation settings, and where its data is
+            exp = config.load(run.config_file) if run.config_file else None
+        else:
+            exp = checkpoint.experiment_near(args.checkpoint)
+    val = None if args.no_val else val_data(args, run, exp)  # every input found before any work
+    enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2")) if examples else None
+    train = exp.train if exp else TrainConfig()
+    dtype = engine.autocast_dtype(train, device.type)  # as the training evaluated
+    metrics, tags = {}, {}
+    print(f"model: step {meta.get('step')}, {model.num_params():,} parameters ({meta.get('recipe', 'gpt2')})")
+    if val is not None:
+        validation(model, *val, train, args, dtype, metrics, tags)
+    if examples:
+        with engine.autocast_context(device.type, dtype):
+            hs = hellaswag.accuracy(model, enc, examples, device)
+        metrics.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"])
+        print(f"hellaswag: {hs['examples']:,} examples of {args.hellaswag}: acc {hs['acc']:.4f} | "
+              f"acc_norm {hs['acc_norm']:.4f}", flush=True)
+        tags["fwray.eval.hellaswag"] = f"{args.hellaswag} ({hs['examples']} examples)"
+    if run is not None:
+        from .tracking.store import default_uri, log_evaluation
 
-            uri = args.tracking_uri or default_uri()
-            log_evaluation(args.run_id, uri, int(meta.get("step") or 0), metrics, tags)
-            print(f"logged to MLflow run {args.run_id} at {uri}: {', '.join(metrics)}")
-    except FwrayError as e:
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
+        uri = args.tracking_uri or default_uri()
+        log_evaluation(args.run_id, uri, int(meta.get("step") or 0), metrics, tags)
+        print(f"logged to MLflow run {args.run_id} at {uri}: {', '.join(metrics)}")
     return 0
 
 

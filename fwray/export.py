@@ -29,7 +29,7 @@ import torch
 from .config import ConfigError
 from .core import checkpoint, tokens
 from .core.hf import gpt2_state_dict_to_hf
-from .errors import FwrayError
+from .errors import FwrayError, command
 from .tracking.trained import add_model_source, load
 
 FORMATS = ("hf", "safetensors")
@@ -141,18 +141,15 @@ def publish(out: Path, write) -> None:
 # ---------------------------------------------------------------- the command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    try:
-        check_out(out, args.force, args.checkpoint)  # before minutes of download or load
-        with tempfile.TemporaryDirectory(prefix="fwray-export-") as tmp:
-            model, meta, _ = load(args, tmp, torch.device("cpu"))
-        state = model.state_dict()
-        publish(out, lambda folder: (write_hf if args.format == "hf" else write_safetensors)(folder, state, meta))
-    except FwrayError as e:
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
+    check_out(out, args.force, args.checkpoint)  # before minutes of download or load
+    with tempfile.TemporaryDirectory(prefix="fwray-export-") as tmp:
+        model, meta, _ = load(args, tmp, torch.device("cpu"))
+    state = model.state_dict()
+    publish(out, lambda folder: (write_hf if args.format == "hf" else write_safetensors)(folder, state, meta))
     print(f"exported ({args.format}) to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     if args.format == "hf":
         print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "

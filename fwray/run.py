@@ -10,7 +10,7 @@ from pathlib import Path
 from . import ray_session  # noqa: F401  (first: it sets Ray's environment before Ray starts)
 from . import config
 from .data.report import DATA_REPORT
-from .errors import FwrayError
+from .errors import FwrayError, command
 
 
 class ResumeError(FwrayError):
@@ -28,14 +28,11 @@ def parse_args(argv):
     return parser.parse_intermixed_args(argv)  # options and overrides in any order
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        exp = config.load(args.experiment, args.overrides)
-        return run(exp, resume=args.resume)
-    except FwrayError as e:  # a problem the user can fix; anything else is a bug and keeps its traceback
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
+    exp = config.load(args.experiment, args.overrides)
+    return run(exp, resume=args.resume)
 
 
 def _latest_path(exp) -> Path:
@@ -78,8 +75,8 @@ def run(exp, resume: bool = False) -> int:
         if not previous:
             tracker.log_prepare(cache_dir, manifest, prepare_s)
         train_files, val_files = (tuple(map(str, split_files(cache_dir, manifest, s))) for s in ("train", "val"))
-        # a split too small for one window stops here, in one line, not in a Ray worker or a probe trial
-        loader.Batches.from_files(train_files, val_files, exp.model.block_size, batch_size=1, seed=0)
+        for split in ("train", "val"):  # too small for one window: one line here, not in a Ray worker or a trial
+            loader.split_shards(cache_dir, manifest, split, exp.model.block_size, exp.source)
         verdict = None
         if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
             # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it

@@ -12,7 +12,7 @@ import tempfile
 
 from .core import hardware, tokens
 from .core.model import generate_text
-from .errors import FwrayError
+from .errors import FwrayError, command
 from .tracking.trained import add_model_source, load
 
 
@@ -37,18 +37,15 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
-    try:
-        if args.max_new_tokens < 0:
-            raise SampleError(f"--max-new-tokens {args.max_new_tokens}: must be 0 or more")
-        with tempfile.TemporaryDirectory(prefix="fwray-sample-") as tmp:
-            model, meta, _ = load(args, tmp, device)
-        enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2"))
-    except FwrayError as e:
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
+    if args.max_new_tokens < 0:
+        raise SampleError(f"--max-new-tokens {args.max_new_tokens}: must be 0 or more")
+    with tempfile.TemporaryDirectory(prefix="fwray-sample-") as tmp:
+        model, meta, _ = load(args, tmp, device)
+    enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2"))
     for i in range(args.num_samples):
         if i:
             print("\n---------------")

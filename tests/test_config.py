@@ -53,6 +53,23 @@ def test_unknown_key(tmp_path):
     assert "train.batchsize" in msg and "7" in msg and "unknown key" in msg
 
 
+def test_a_misspelt_key_says_where_it_came_from_and_suggests_the_nearest(tmp_path):
+    path = write(tmp_path, BASE)
+    with pytest.raises(ConfigError) as e:
+        load(path, ["train.batch_sise=4"])
+    assert str(e.value) == (f"{path}: unknown key train.batch_sise = 4 (on the command line: train.batch_sise=4); "
+                            "did you mean train.batch_size?")
+    (tmp_path / "bad").mkdir()
+    msg = error_of(write(tmp_path / "bad", BASE.replace("max_iters: 5", "max_iters: 5, batch_sise: 4")))
+    assert msg.endswith("unknown key train.batch_sise = 4 (in the file); did you mean train.batch_size?")
+    with pytest.raises(ConfigError, match=r"unknown section 'trian' \(on the command line: trian.max_iters=3\); "
+                                          r"did you mean train\?"):
+        load(path, ["trian.max_iters=3"])
+    with pytest.raises(ConfigError, match="train has no such key") as e:  # nothing near: no list of all 30 keys
+        load(path, ["train.zzz=1"])
+    assert "learning_rate" not in str(e.value)
+
+
 @pytest.mark.parametrize("old, new, key, value", [
     ("n_layer: 1", "n_layer: one", "model.n_layer", "'one'"),
     ("batch_size: 2", "batch_size: 2.5", "train.batch_size", "2.5"),

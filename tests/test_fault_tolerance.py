@@ -131,8 +131,23 @@ def test_split_smaller_than_a_window_stops_before_training_in_one_line(ray_sessi
                      f"resources.storage_path={tmp_path / 'runs'}", f"data.cache_dir={cache}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fwray:")]
     assert rc == 2 and len(err) == 1, err
-    assert "fewer than block_size + 1 = 60001" in err[0] and "smaller block_size" in err[0]
+    # the training split's shard holds a window of 60,001 tokens; the 12 validation documents do not
+    assert "the validation split got 12 of the data's 218 documents" in err[0]
+    assert "fewer than one window of block_size + 1 = 60001" in err[0] and "lower model.block_size" in err[0]
     assert not list((tmp_path / "runs").glob("*/checkpoint_*"))  # no training started
+
+
+def test_a_validation_split_without_documents_names_the_split_and_the_setting(ray_session, tmp_path, capsys):
+    """experiments/4070.yaml on the 218-document smoke sample: val_fraction 0.005 sends no document to validation."""
+    from fwray import run as fwrun
+
+    rc = fwrun.main([str(SMOKE.with_name("4070.yaml")), f"data.paths=[{SMOKE.with_name('smoke-sample.parquet')}]",
+                     f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"resources.storage_path={tmp_path / 'runs'}",
+                     f"data.cache_dir={tmp_path / 'cache'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fwray:")]
+    assert rc == 2 and len(err) == 1, err
+    assert "4070.yaml: the validation split got 0 of the data's 218 documents" in err[0]
+    assert "raise data.val_fraction (now 0.005" in err[0]
 
 
 def test_a_workers_deterministic_error_is_not_retried(ray_session, tmp_path):

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fwray import config
+from fwray import prepare as prepare_command
 from fwray.core import tokens
 from fwray.data import parquet_inputs, prepare as prep
 from fwray.data.prepare import PrepareError
@@ -258,10 +259,10 @@ def test_disk_full_while_writing(ray_session, table, tmp_path, monkeypatch):
 def test_main_reports_errors_in_one_line(tmp_path, capsys):
     exp_file = tmp_path / "exp.yaml"
     exp_file.write_text("train: {max_iters: 10}\ndata: {paths: [missing.parquet]}\n")
-    assert prep.main([str(exp_file)]) == 2
+    assert prepare_command.main([str(exp_file)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fwray: error: ") and err.count("\n") == 1 and "missing.parquet" in err
-    assert prep.main([str(exp_file), "data.bogus=1"]) == 2
+    assert prepare_command.main([str(exp_file), "data.bogus=1"]) == 2
     assert "data.bogus" in capsys.readouterr().err
 
 
@@ -271,7 +272,7 @@ def test_main_prints_a_summary(prepared, corpus, tmp_path, capsys):
     exp_file.write_text(f"train: {{epochs: 2, batch_size: 2}}\nmodel: {{block_size: 64}}\n"
                         f"data: {{paths: ['{corpus}'], cache_dir: '{exp.data.cache_dir}', val_fraction: {VAL}, "
                         "rows_per_task: 100}\n")
-    assert prep.main([str(exp_file)]) == 0
+    assert prepare_command.main([str(exp_file)]) == 0
     out = capsys.readouterr()
     assert str(folder) in out.out and "cached" in out.err
     assert "chars/token" in out.out and "2.00 epochs" in out.out

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from fwray import config, sample
 from fwray.core import checkpoint, tokens
 from fwray.core.model import generate_text
+from fwray.tracking import __main__ as tracking_command
 from fwray.tracking import records as outbox, store as tracking
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -390,7 +391,7 @@ def test_server_killed_mid_run_training_finishes_and_replay_logs_the_rest(outage
     # the new server on the same database and artifact folder, then replay
     again = outage["again"].wait()
     run_id = json.loads((outage["runs"] / "smoke.latest.json").read_text())["mlflow_run_id"]
-    assert tracking.main(["replay", str(jsonl), "--uri", again.uri]) == 0
+    assert tracking_command.main(["replay", str(jsonl), "--uri", again.uri]) == 0
     assert not jsonl.exists() and jsonl.with_name(jsonl.name + ".replayed").is_file()
     client = MlflowClient(tracking_uri=again.uri)
     steps = {n: sorted(m.step for m in client.get_metric_history(run_id, n)) for n in ("train_loss", "val_loss")}
@@ -469,13 +470,13 @@ def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
     history = tracking.metric_history(store, run_id, fallback=log.fallback, max_step=2)
     assert history["train_loss"] == {1: 11.0, 2: 10.0}  # MLflow's and the kept records, up to the checkpoint
 
-    assert tracking.main(["replay", str(log.fallback), "--uri", store]) == 0
+    assert tracking_command.main(["replay", str(log.fallback), "--uri", store]) == 0
     assert "4 metric values, 0 params, 1 tags, 1 artifacts, 1 status" in capsys.readouterr().out
     run = client.get_run(run_id)
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3]
     assert run.info.status == "FINISHED" and run.data.tags["fwray.resumed_from_step"] == "2"
     assert [a.path for a in client.list_artifacts(run_id)] == ["curve.txt"]
-    assert tracking.main(["replay", str(log.fallback), "--uri", store]) == 2  # renamed: nothing to log twice
+    assert tracking_command.main(["replay", str(log.fallback), "--uri", store]) == 2  # renamed: nothing to log twice
 
 
 def test_mlflow_batches_and_cuts_what_fwray_hands_it(tmp_path):

@@ -141,7 +141,9 @@ def cuda_device(index: int | None = None) -> torch.device:
 
 
 class DeviceError(FwrayError):
-    """The configured device is not there."""
+    """The device asked for is not there."""
+
+    exit_code = 2
 
 
 def pick_device(name: str = "auto") -> torch.device:

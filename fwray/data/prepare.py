@@ -12,7 +12,6 @@ replaced. Nothing is evicted: entries of other fingerprints stay until removed b
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import json
@@ -29,15 +28,13 @@ import numpy as np
 import pyarrow
 import pyarrow.compute as pc
 
-from .. import config, ray_session
+from .. import ray_session
 from ..config import DataConfig, Experiment
 from ..core import tokens
-from ..errors import FwrayError
-from .report import data_report
 from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspect_file, keep_mask, output_settings,
                              plan_tasks, read_task, resolve_paths)
 
-__all__ = ["PrepareError", "prepare", "main", "summary"]
+__all__ = ["PrepareError", "prepare"]
 
 FORMAT_VERSION = 2  # 2: each split's UTF-8 bytes (bits per byte); an entry of version 1 is rebuilt
 SPLITS = ("train", "val")
@@ -355,40 +352,3 @@ def _publish(tmp: Path, entry: Path) -> None:
         shutil.rmtree(entry)
     os.replace(tmp, entry)
     tokens.fsync(entry.parent)
-
-
-# ---------------------------------------------------------------- the command
-
-
-def summary(exp: Experiment, folder: Path, manifest: dict) -> str:
-    """The data report the run logs (one set of figures, here and in MLflow) and the epochs the configured run does."""
-    lines = [f"prepared {folder}", data_report(manifest).rstrip("\n")]
-    train_tokens = manifest["splits"]["train"]["tokens"]
-    if train_tokens:
-        iters = config.resolve(exp, train_tokens).train.max_iters
-        epochs = iters * exp.tokens_per_step / train_tokens
-        lines.append(f"  the run: {iters:,} steps x {exp.tokens_per_step:,} tokens = {epochs:.2f} epochs of train")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fwray.prepare",
-                                     description="Tokenize an experiment's parquet inputs into cached token shards.")
-    parser.add_argument("experiment", help="experiments/*.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.num_workers=2")
-    args = parser.parse_args(argv)
-    try:
-        exp = config.load(args.experiment, args.overrides)
-        folder, manifest = prepare(exp)
-    except FwrayError as e:
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(summary(exp, folder, manifest))
-    return 0
-
-
-if __name__ == "__main__":
-    # import the module under its own name so Ray's workers can unpickle its functions (not as __main__)
-    from fwray.data.prepare import main as _main
-
-    sys.exit(_main())

@@ -11,7 +11,7 @@ from .. import config
 from ..config import Experiment
 from ..core.tokens import write_atomic
 from ..data.size import DataSize
-from ..errors import FwrayError
+from ..errors import command
 from . import family as cand
 from .family import PlanError
 from .planner import Plan, experiment_yaml, make_plan, table
@@ -45,16 +45,13 @@ def _depths(text: str) -> tuple[int, ...]:
         raise PlanError(f"--depths {text!r}: write a range (2-16) or a list (4,8,12)") from None
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        # the plan sets the budget, so an experiment file needs none of its own
-        exp = config.load(args.experiment, [*args.overrides, "train.epochs=1"])
-        plan_command(exp, args, " ".join(["python -m fwray.plan", *(argv if argv is not None else sys.argv[1:])]))
-        return 0
-    except FwrayError as e:
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
+    # the plan sets the budget, so an experiment file needs none of its own
+    exp = config.load(args.experiment, [*args.overrides, "train.epochs=1"])
+    plan_command(exp, args, " ".join(["python -m fwray.plan", *(argv if argv is not None else sys.argv[1:])]))
+    return 0
 
 
 def plan_command(exp: Experiment, args, command: str) -> Plan:

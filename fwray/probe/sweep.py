@@ -9,22 +9,19 @@ candidate.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from ray import tune
 
-from .. import config, ray_session
+from .. import ray_session
 from ..config import Experiment
-from ..core import tokens
-from ..data import prepare
-from ..errors import FwrayError, ProbeError
+from ..core import loader, tokens
+from ..errors import ProbeError
 from ..tracking import store as tracking
 from . import verdict as verdicts
 from .trial import INJECT_ENV, ProbeJob, measure, usable_bytes
@@ -58,6 +55,8 @@ def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, 
                          f"to the memory of the card you will train on (e.g. probe.gpu_memory_gb=12)")
     files = {s: tuple(map(str, tokens.split_files(cache_dir, manifest, s))) if cache_dir else () for s in
              ("train", "val")}
+    for split in ("train", "val") if cache_dir else ():  # too small for one window: one line, not a failed trial each
+        loader.split_shards(cache_dir, manifest, split, exp.model.block_size, exp.source)
     if not use_gpu:
         usable_bytes(exp)  # a card too small for its own overhead is one line here, not a failed trial each
     job = ProbeJob(exp, files["train"], files["val"], use_gpu, os.environ.get(INJECT_ENV, ""))
@@ -137,37 +136,3 @@ def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, ou
                         "tokens_per_step_difference": c["tokens_per_step_difference"]})
     log.artifact(out_dir / "verdict.json")
     tracking.finish(client, probe_id, c is not None)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fwray.probe", description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", help="an experiments/*.yaml file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value (e.g. probe.gpu_memory_gb=8)")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="random tokens instead of the prepared data (no data needed; same memory and speed)")
-    args = parser.parse_args(argv)
-    try:
-        exp = config.load(args.experiment, args.overrides)
-        client = tracking.connect(exp)
-        # the data first: a missing or broken input is one line before Ray starts
-        cache_dir, manifest = (None, None) if args.synthetic else prepare.prepare(exp)
-        ray_session.start()
-        verdict = run_probe(exp, cache_dir, manifest, client=client)
-        verdicts.apply_verdict(exp, verdict)
-    except FwrayError as e:
-        print(f"fwray: error: {e}", file=sys.stderr)
-        return e.exit_code
-    c = verdict["chosen"]
-    print(f"train with: python -m fwray.run {args.experiment} train.batch_size={c['batch_size']} "
-          f"train.gradient_accumulation_steps={c['gradient_accumulation_steps']}"
-          + (" train.activation_checkpointing=true" if c["activation_checkpointing"] else "")
-          + (f" train.compile={str(c['compile']).lower()}" if "compile" in c else "")
-          + ("" if exp.probe.enabled else "   (or set probe.enabled: true)"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

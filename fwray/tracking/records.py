@@ -8,8 +8,8 @@ One record a line, for one run: {"run_id", "uri" (the store it was meant for), a
   (fwray.served) | "status" (FINISHED/FAILED) with "timestamp" and the outcome "tags"}.
 `send` logs one record into its run: `tracking.RunLogger` sends its records live through it and keeps them here when
 that fails, and `replay` sends the kept ones, so the format is read in one place. The command is
-`python -m fwray.tracking replay` (tracking.main hands it to `replay_command`). No fwray.tracking import here:
-tracking imports this module.
+`python -m fwray.tracking replay` (fwray/tracking/__main__.py). No fwray.tracking.store import here: the store
+imports this module.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # the input tag the UI shows beside a dataset
 
-from ..errors import first_line
 
 FALLBACK_FILE = "unlogged_metrics.jsonl"
 
@@ -129,22 +128,3 @@ def replay(jsonl: str | os.PathLike, uri: str | None = None, *, default_uri: str
         done = path.with_name(f"{path.name}.replayed-{int(time.time())}")
     os.replace(path, done)
     return counts
-
-
-def replay_command(jsonl: str, uri: str | None, default_uri: str) -> int:
-    """`python -m fwray.tracking replay JSONL [--uri URI]`: replay, one line of counts; the exit code."""
-    if not Path(jsonl).is_file():
-        print(f"fwray: error: {jsonl}: no such file (nothing to replay?)", file=sys.stderr)
-        return 2
-    try:
-        counts = replay(jsonl, uri, default_uri=default_uri)
-    except Exception as e:
-        print(f"fwray: error: replay stopped ({type(e).__name__}: {first_line(e)}); the file is kept, fix the "
-              f"store and run it again (metrics already logged would be logged twice)", file=sys.stderr)
-        return 1
-    print(f"replayed {jsonl}: {counts['metrics']} metric values, {counts['params']} params, "
-          f"{counts['tags']} tags, "
-          f"{counts['artifacts']} artifacts, {counts['status']} status"
-          + "".join(f", {counts[k]} {k}" for k in ("datasets", "models") if counts[k])
-          + (f" ({counts['missing_artifacts']} artifacts gone)" if counts["missing_artifacts"] else ""))
-    return 0

@@ -17,7 +17,6 @@ name (`Tracker.log_model`, fwray.served).
 """
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import logging
@@ -499,27 +498,3 @@ class Tracker:
 
     def runs_table(self) -> str:
         return runs_table(self.uri, self.experiment_id)
-
-
-# ---------------------------------------------------------------- the command
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fwray.tracking")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rp = sub.add_parser("replay", help="log what a run kept in unlogged_metrics.jsonl while MLflow was unreachable")
-    rp.add_argument("jsonl", help="<run_dir>/unlogged_metrics.jsonl")
-    rp.add_argument("--uri", help="tracking URI (default: the URI the run used, as recorded in the file)")
-    sub.add_parser("metrics", help="list the metric names fwray logs and what they mean")
-    args = parser.parse_args(argv)
-    if args.command == "metrics":
-        width = max(map(len, METRICS))
-        for name, text in METRICS.items():
-            print(f"{name:{width}s} {text}")
-        return 0
-    # a record names the store it was meant for; one that names none goes where a run without tracking.uri goes
-    return outbox.replay_command(args.jsonl, args.uri, default_uri())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
