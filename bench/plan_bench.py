@@ -77,8 +77,8 @@ def main() -> None:
     load_before = os.getloadavg()
     argv = [str(SMOKE), "--hours", str(args.minutes / 60), "--gpu", "cpu", "--measure", "--depths", args.depths,
             *SETTINGS, *where]
-    the_plan = plan_cli.plan_command(config.load(SMOKE, [*SETTINGS, *where, "train.epochs=1"]), plan_cli.parse_args(argv),
-                                 "python -m fwray.plan " + " ".join(argv))
+    exp = config.load(SMOKE, [*SETTINGS, *where, "train.epochs=1"])
+    the_plan = plan_cli.plan_command(exp, plan_cli.parse_args(argv), "python -m fwray.plan " + " ".join(argv))
 
     from fwray import run as fwrun
 

@@ -138,9 +138,9 @@ def ray_mode(args) -> None:
         ray_session.start(num_cpus=2)  # before the plain run too: both run beside an idle Ray
         plain = engine.train(exp.model, exp.train, loader.Batches.from_files(train_files, val_files, exp.model.block_size,
                                                             batch_size=exp.train.batch_size, seed=exp.train.seed),
-                             lambda *a: None, device=torch.device("cpu"), train_tokens=2_000_000)
+                             lambda *a: None, device=torch.device("cpu"))
         job = trainer.TrainJob(exp=exp, train_files=tuple(train_files), val_files=tuple(val_files),
-                               train_tokens=2_000_000, tracking_uri=client.tracking_uri, run_id=run_id,
+                               tracking_uri=client.tracking_uri, run_id=run_id,
                                run_dir=str(tmp / "run"))
         (tmp / "run").mkdir()
         wrapped = trainer.fit(job, "train-bench")

@@ -283,8 +283,7 @@ class Experiment:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.train
-        return t.batch_size * self.model.block_size * t.gradient_accumulation_steps * self.resources.num_workers
+        return tokens_per_step(self.model, self.train, self.resources.num_workers)
 
     def accumulation_for(self, batch_size: int) -> int:
         """Accumulation steps that keep tokens per optimizer step nearest to the configured figure at this
@@ -294,6 +293,11 @@ class Experiment:
 
     def with_changes(self, section: str, **changes) -> "Experiment":
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def tokens_per_step(model: ModelConfig, train: TrainConfig, workers: int) -> int:
+    """Tokens one optimizer step trains on: every worker's micro-batches of block_size tokens, accumulated."""
+    return train.batch_size * model.block_size * train.gradient_accumulation_steps * workers
 
 
 # section name -> its dataclass

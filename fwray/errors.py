@@ -23,6 +23,13 @@ def first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def last_line(e: BaseException) -> str:
+    """The last line of an exception's message, or its type's name when it has none: where a message carries a
+    traceback (a Ray worker's error), its last line is the error itself."""
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
 def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
     """A command's `main(argv) -> exit code`, with fwray's one way out for a problem the user can fix: its
     FwrayError printed as one `fwray: error:` line, the exit code its type carries. Anything else is a bug and keeps

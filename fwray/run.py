@@ -103,8 +103,7 @@ def run(exp, resume: bool = False) -> int:
             tracker.dataset(manifest)
             _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
                                                      "run_dir": str(run_dir), "tracking_uri": tracker.uri}))
-        job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files,
-                               train_tokens=manifest["splits"]["train"]["tokens"], tracking_uri=tracker.uri,
+        job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files, tracking_uri=tracker.uri,
                                run_id=run_id, run_dir=str(run_dir), val_text=bpb.text_counts(manifest))
         result = trainer.fit(job, ray_name)
         ok = True

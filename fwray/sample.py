@@ -11,7 +11,8 @@ import sys
 import tempfile
 
 from .core import hardware, tokens
-from .core.model import generate_text
+from .core.model import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
+                         generate_text)
 from .errors import FwrayError, command
 from .tracking.trained import add_model_source, load
 
@@ -29,10 +30,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m fwray.sample", description=__doc__.splitlines()[0].split(": ", 1)[1])
     add_model_source(p)
     p.add_argument("--prompt", default="The", help="text to continue (default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=200, help="0 means no top-k cut")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="0 means no top-k cut")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--num-samples", type=int, default=1)
     return p.parse_args(argv)
 

@@ -17,7 +17,7 @@ from fwray.core.engine import Engine, NonFiniteLoss, train
 from fwray.core.loader import Batches
 from fwray.core.model import GPT
 from fwray.core.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, lr_multiplier
-from fwray.core.tokens import encode_documents, get_tokenizer
+from fwray.core.tokens import EOT, encode_documents, get_tokenizer
 from steps import assert_same_grads, assert_same_update, fixed_batch, look_at_step, optimizer_of, update_mismatch
 
 CPU = torch.device("cpu")
@@ -72,7 +72,7 @@ class Recorder:
 def test_loss_falls_on_real_tokens(token_files):
     t = train_section(max_iters=24, eval_interval=8, log_interval=4, learning_rate=6e-3, warmup_iters=3)
     rec = Recorder()
-    summary = train(MODEL, t, batches_for(t, token_files), rec, device=CPU, train_tokens=100_000)
+    summary = train(MODEL, t, batches_for(t, token_files), rec, device=CPU)
     val = [v for _, v in rec.metrics["val_loss"]]
     assert [s for s, _ in rec.metrics["val_loss"]] == [0, 8, 16, 24]
     assert val[0] == pytest.approx(math.log(50304), abs=0.3)  # an untrained model is about uniform
@@ -88,13 +88,12 @@ def test_loss_falls_on_real_tokens(token_files):
 def test_resume_reproduces_uninterrupted_run(token_files, optimizer):
     t = train_section(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2, optimizer=optimizer)
     full = Recorder()
-    train(MODEL, t, batches_for(t, token_files), full, device=CPU, train_tokens=100_000)
+    train(MODEL, t, batches_for(t, token_files), full, device=CPU)
     first = Recorder()
-    train(MODEL, dataclasses.replace(t, max_iters=4), batches_for(t, token_files), first, device=CPU,
-          train_tokens=100_000)
+    train(MODEL, dataclasses.replace(t, max_iters=4), batches_for(t, token_files), first, device=CPU)
     # resume from step 4's checkpoint in a fresh loader (no loader state) with the full budget
     resumed = Recorder()
-    summary = train(MODEL, t, batches_for(t, token_files), resumed, device=CPU, train_tokens=100_000,
+    summary = train(MODEL, t, batches_for(t, token_files), resumed, device=CPU,
                     resume=first.states[4])
     assert summary["resumed_from"] == 4
     # exact, on any CPU: both runs are this process, with the same kernels on the same shapes in the same order
@@ -208,7 +207,7 @@ def test_nonfinite_steps_counted_and_run_goes_on(token_files):
     engine = Engine.build(MODEL, t, CPU)
     rec = Recorder()
     batches = PoisonedBatches(batches_for(t, token_files), Poison(engine), bad_steps={2, 3, 7})
-    summary = train(MODEL, t, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
+    summary = train(MODEL, t, batches, rec, device=CPU, engine=engine)
     assert rec.metrics["nonfinite_skipped"] == [(5, 2), (10, 3)]
     assert summary["nonfinite_skipped"] == 3
     assert all(math.isfinite(v) for _, v in rec.metrics["train_loss"])  # the mean leaves skipped steps out
@@ -221,7 +220,7 @@ def test_nonfinite_streak_stops_the_run(token_files):
     rec = Recorder()
     batches = PoisonedBatches(batches_for(t, token_files), Poison(engine), bad_steps={3, 4, 5})
     with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
-        train(MODEL, t, batches, rec, device=CPU, train_tokens=100_000, engine=engine)
+        train(MODEL, t, batches, rec, device=CPU, engine=engine)
     assert rec.metrics["train_loss"][-1][0] == 4  # stopped at the first log after the third bad step (step 6)
 
 
@@ -298,7 +297,7 @@ def test_resume_from_a_state_dict_marked_assign(token_files):
     the engine's tied parameters, or the optimizer would step parameters the model no longer uses."""
     t = train_section(max_iters=4, eval_interval=4, eval_iters=1, log_interval=2, warmup_iters=1)
     rec = Recorder()
-    train(MODEL, t, batches_for(t, token_files), rec, device=CPU, train_tokens=100_000)
+    train(MODEL, t, batches_for(t, token_files), rec, device=CPU)
     state = rec.states[4]
     cfg = Engine.build(MODEL, t, CPU).raw_model.config
     with torch.device("meta"):
@@ -319,3 +318,24 @@ def test_resume_from_a_state_dict_marked_assign(token_files):
     x, y = fixed_batch()
     engine.step(4, lambda m: (x, y))
     assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_the_epoch_is_the_loaders_windows_read_over_its_layout(tmp_path):
+    """One definition of an epoch, the sampler's. With documents aligned, a document of 40 tokens takes two windows
+    of 32, so an epoch holds ~1.6x more windows than tokens / block_size: tokens read / tokens held (the figure the
+    engine once logged) would say the run read 1.6x more epochs than it did."""
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[EOT], rng.integers(0, EOT, 39)]).astype(np.uint16) for _ in range(200)]
+    for split in ("train", "val"):
+        np.concatenate(docs).tofile(tmp_path / f"{split}.bin")
+    files = {split: tmp_path / f"{split}.bin" for split in ("train", "val")}
+    t = train_section(max_iters=4, eval_interval=4, log_interval=2, eval_iters=1, gradient_accumulation_steps=2)
+    batches = batches_for(t, files, sampling="epoch", align_to_documents=True, accumulation=2)
+    rec = Recorder()
+    train(MODEL, t, batches, rec, device=CPU)
+    windows_per_step = t.batch_size * t.gradient_accumulation_steps
+    n = len(batches.layout)  # two windows a document, but the last one's second runs past the file's end
+    assert n == 399 and n > 1.5 * 8000 / MODEL.block_size
+    assert rec.metrics["epoch"] == [(2, 2 * windows_per_step / n), (4, 4 * windows_per_step / n)]
+    random = batches_for(t, files)  # windows at any offset: tokens read / tokens held
+    assert random.epochs_read(10) == 10 * MODEL.block_size / 8000

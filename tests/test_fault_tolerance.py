@@ -161,7 +161,7 @@ def test_a_workers_deterministic_error_is_not_retried(ray_session, tmp_path):
     (tmp_path / "short.bin").write_bytes(tokens.read_bytes()[:20])  # 10 tokens
     (tmp_path / "run").mkdir()
     job = trainer.TrainJob(exp=exp, train_files=(str(tokens),), val_files=(str(tmp_path / "short.bin"),),
-                           train_tokens=1000, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id="0" * 32,
+                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id="0" * 32,
                            run_dir=str(tmp_path / "run"))
     with pytest.raises(trainer.TrainingStopped, match="holds 10 tokens, fewer than block_size") as stopped:
         trainer.fit(job, "deterministic")

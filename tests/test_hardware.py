@@ -97,3 +97,9 @@ def test_the_device_picker_without_a_gpu():
     with pytest.raises(hardware.DeviceError, match="not a device torch knows"):
         hardware.pick_device("gpu0")
     assert hardware.pick_device("auto") == torch.device("cpu") and hardware.pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_device_picker_indexes_the_gpu():
+    """torch.cuda.set_per_process_memory_fraction rejects a bare "cuda": the picker never returns one."""
+    assert hardware.pick_device("cuda").index is not None and hardware.pick_device("auto").index is not None

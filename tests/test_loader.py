@@ -99,7 +99,7 @@ def test_epoch_reads_every_window_once_in_a_new_order_each_epoch(shards):
     for f, c in enumerate(Reader(tokens).target_counts(epochs[0])):
         end = max(o for g, o in layout if g == f) + BLOCK + 1
         assert c[0] == 0 and (c[1: end] == 1).all() and (c[end:] == 0).all()
-    assert b.epoch_of(0) == 0 and b.epoch_of(n) == pytest.approx(6.0)
+    assert b.epochs_read(0) == 0 and b.epochs_read(6 * n) == pytest.approx(6.0)
 
 
 def test_epoch_batches_are_a_pure_function(shards):

@@ -290,3 +290,17 @@ def test_measure_on_cpu_times_the_best_shapes_and_writes_their_figures(ray_sessi
     run = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])[0]
     assert run.data.tags["fwray.kind"] == "plan" and run.data.params["speed_source"] == "measured"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"plan_table.txt", "plan.json", "planned.yaml"}
+
+
+def test_a_cpu_trial_is_sized_for_the_micro_steps_it_runs():
+    """The planner's CPU trials take the probe's accumulation rule, multi-worker branch included: with two workers a
+    trial runs two micro-steps a step even where training does not accumulate, and its timed steps count both."""
+    from fwray.plan import measure
+    from fwray.probe.verdict import probe_accumulation
+
+    exp = config.load(SMOKE, ["resources.num_workers=2", "hardware.tokens_per_s=1000",
+                             "train.gradient_accumulation_steps=1"])
+    assert probe_accumulation(exp, exp.train.batch_size) == 2
+    per_step = exp.train.batch_size * 2 * exp.model.block_size
+    timed = measure.trial_steps(exp, gpu=False) - measure.CPU_TRIAL_WARMUP_STEPS
+    assert timed == -(-measure.CPU_TRIAL_TIMED_S * 1000 // per_step) == 5

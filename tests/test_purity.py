@@ -193,8 +193,8 @@ SCRIPT = textwrap.dedent("""
         rng.integers(0, 50257, 2_000, dtype=np.uint16).tofile(folder / f"{split}.bin")
     batches = Batches.from_files([folder / "train.bin"], [folder / "val.bin"], 16, batch_size=2, seed=0)
     seen = []
-    summary = train(model, train_config, batches, lambda step, metrics, state: seen.append(step), device=torch.device("cpu"),
-                    train_tokens=10_000)
+    summary = train(model, train_config, batches, lambda step, metrics, state: seen.append(step),
+                    device=torch.device("cpu"))
     assert seen == [0, 1, 2, 3, 3], seen
     assert summary["steps"] == 3 and summary["final_val_loss"] > 0
     from fwray.core.health import HealthSampler

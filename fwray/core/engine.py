@@ -14,7 +14,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig, tokens_per_step
 from ..errors import FwrayError
 from . import bpb, hardware
 from .loader import Batches
@@ -195,7 +195,7 @@ def _world_size() -> int:
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches, report: Report, *,
-          device: torch.device, train_tokens: int, resume: dict | None = None, world_size: int = 1,
+          device: torch.device, resume: dict | None = None, world_size: int = 1,
           engine: Engine | None = None, peak_tflops: float | None = None,
           val_text: tuple[int, int] | None = None) -> dict:
     """Run train_config.max_iters optimizer steps (resolved: not None); returns a summary of the run.
@@ -210,7 +210,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
     start = engine.load(resume) if resume else 0
     carried = (resume or {}).get("counters", {})
     nonfinite_total = int(carried.get("nonfinite_skipped", 0))
-    tokens_per_step = t.batch_size * model_config.block_size * t.gradient_accumulation_steps * world_size
+    step_tokens = tokens_per_step(model_config, t, world_size)
     n_params = engine.raw_model.num_params()
     fpt = flops_per_token(model_config, n_params)
     peak = hardware.peak_tflops(device, peak_tflops)
@@ -233,7 +233,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
             ckpt = None
             if step > start or last:
                 ckpt = engine.state(step, {"counters": {"nonfinite_skipped": nonfinite_total}})
-            metrics = {"val_loss": val.loss, "tokens_seen": step * tokens_per_step}
+            metrics = {"val_loss": val.loss, "tokens_seen": step * step_tokens}
             if val_text:
                 metrics["val_bpb"] = bpb.bits_per_byte(val.text_loss, *val_text)
             report(step, metrics, ckpt)
@@ -260,13 +260,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - interval_start
             good = interval_steps - n_bad
-            tok_s = interval_steps * tokens_per_step / elapsed
+            tok_s = interval_steps * step_tokens / elapsed
             if step >= start + t.log_interval:  # the first interval carries compilation and warm-up
                 steps_timed, seconds_timed = steps_timed + interval_steps, seconds_timed + elapsed
             metrics = {"train_loss": loss_acc.item() / good if good else float("nan"),
                        "lr": t.learning_rate * lr_multiplier(step, t),  # adamw: every group's; muon: the scalars'
-                       "tokens_per_s": tok_s, "tokens_seen": done * tokens_per_step,
-                       "epoch": done * tokens_per_step / train_tokens, "nonfinite_skipped": nonfinite_total,
+                       "tokens_per_s": tok_s, "tokens_seen": done * step_tokens,
+                       "epoch": batches.epochs_read(done * step_tokens // model_config.block_size),
+                       "nonfinite_skipped": nonfinite_total,
                        "eta_s": (t.max_iters - done) * elapsed / interval_steps,
                        **hardware.memory_stats(device)}
             utilisation = hardware.mfu(tok_s / world_size, fpt, peak)
@@ -278,6 +279,6 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
 
     summary.update(steps=t.max_iters, nonfinite_skipped=nonfinite_total,
                    seconds=time.perf_counter() - run_start,
-                   tokens_per_s=steps_timed * tokens_per_step / seconds_timed if seconds_timed else None,
+                   tokens_per_s=steps_timed * step_tokens / seconds_timed if seconds_timed else None,
                    **hardware.memory_stats(device))
     return summary

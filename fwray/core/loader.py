@@ -32,7 +32,7 @@ import torch
 
 from ..config import SAMPLINGS
 from ..errors import FwrayError
-from .tokens import EOT, TOKEN_DTYPE, split_files
+from .tokens import EOT, TOKEN_DTYPE, VOCAB_SIZE, split_files
 
 _TRAIN, _VAL, _EPOCH = 0, 1, 2  # random streams: train draws, validation draws, epoch permutations
 _SCAN_CHUNK = 1 << 26  # tokens per EOT scan: a 128 MB read, a 64 MB mask
@@ -94,6 +94,14 @@ class TokenShards:
                                f"{self.block_size + 1} tokens after it: these are not fwray token shards, or "
                                f"data.align_to_documents needs more data")
         return layout
+
+
+def random_batch(batch_size: int, block_size: int, device: torch.device | str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of random GPT-2 tokens: what memory and speed are measured on (neither depends on the
+    values)."""
+    x = torch.randint(0, VOCAB_SIZE, (batch_size, block_size + 1), device=device)
+    return x[:, :-1], x[:, 1:]
 
 
 SPLIT_NAMES = {"train": "training", "val": "validation"}
@@ -186,13 +194,14 @@ class Batches:
         engine shares the indices out between ranks), so val losses compare across steps and runs."""
         return val_batch(self.val, self.seed, i, self.eval_batch_size)
 
-    def epoch_of(self, step: int) -> float:
-        """Passes over the training data before `step`: windows read / windows in the layout, or, for random
-        windows at any offset, tokens read / tokens held (the engine's figure)."""
-        samples = step * self.accumulation * self.world_size * self.batch_size
+    def epochs_read(self, windows: int) -> float:
+        """Passes over the training data once `windows` windows are read (every worker's): windows / windows in the
+        layout one epoch reads, or, for random windows at any offset, tokens read / tokens held. With
+        data.align_to_documents an epoch holds more windows than tokens / block_size (a document's last window is
+        partly the next one's), so the epoch is counted in windows, as the sampler reads them."""
         if self.layout is None:
-            return samples * self.train.block_size / self.train.num_tokens
-        return samples / len(self.layout)
+            return windows * self.train.block_size / self.train.num_tokens
+        return windows / len(self.layout)
 
     def _epoch_positions(self, samples: np.ndarray) -> np.ndarray:
         """Layout positions of run samples: sample g is entry g % N of epoch g // N's permutation."""

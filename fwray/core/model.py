@@ -225,9 +225,14 @@ def encode_prompt(enc, prompt: str) -> list[int]:
     return [EOT] + enc.encode_ordinary(prompt)
 
 
+# how fwray generates unless told otherwise: fwray sample, the served MLflow model, a run's samples
+DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_SEED = 100, 0.8, 200, 1337
+
+
 @torch.no_grad()
-def generate_text(model: GPT, enc, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                  top_k: int | None = 200, seed: int = 1337, device: torch.device | str | None = None) -> str:
+def generate_text(model: GPT, enc, prompt: str, max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,
+                  top_k: int | None = DEFAULT_TOP_K, seed: int = DEFAULT_SEED,
+                  device: torch.device | str | None = None) -> str:
     """The prompt and its continuation, cut at the first generated EOT. Same model, prompt and seed: same text."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training

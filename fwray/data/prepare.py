@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from .. import ray_session
 from ..config import DataConfig, Experiment
 from ..core import tokens
+from ..errors import first_line
 from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspect_file, keep_mask, output_settings,
                              plan_tasks, read_task, resolve_paths)
 
@@ -143,9 +144,8 @@ def _run_task(row: dict) -> dict:
                "check that data.cache_dir is writable and the input is readable")
         message = f"{where}: {e.strerror or e} while preparing rows of {task['path']}; {fix}"
     except Exception as e:  # pyarrow decode errors and the like: the input is damaged
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         message = (f"{task['path']}: cannot read rows {task['first_row']}..{task['first_row'] + task['rows'] - 1} "
-                   f"({type(e).__name__}: {first}); re-download or rewrite the file")
+                   f"({type(e).__name__}: {first_line(e)}); re-download or rewrite the file")
     return {"index": task["index"], "error": message, "result": ""}
 
 
@@ -226,9 +226,8 @@ def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -
             results[row["index"]] = json.loads(row["result"])
             meter.update(results[row["index"]])
     except ray.exceptions.RayError as e:  # a worker died (killed, out of memory): one line, not Ray's traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PrepareError(f"{tasks[0]['path']}{' and others' if len(tasks) > 1 else ''}: a tokenizer task failed "
-                           f"({first}); if memory ran out lower data.num_workers, then rerun") from None
+                           f"({first_line(e)}); if memory ran out lower data.num_workers, then rerun") from None
     meter.done()
     return [results[i] for i in range(len(tasks))]
 

@@ -126,7 +126,7 @@ def describe(exp: Experiment, fig: dict[str, float]) -> str:
         f"= {fig['epochs']:.2f} epochs over the train split ({fig['total_flops']:.3g} FLOPs)",
         f"  data         train {fig['train_documents']:,} documents / {fig['train_tokens']:,} tokens; "
         f"val {fig['val_documents']:,} documents / {fig['val_tokens']:,} tokens",
-        "  time         " + (f"~{_duration(fig['predicted_seconds'])} of training at "
+        "  time         " + (f"~{duration(fig['predicted_seconds'])} of training at "
                               f"{fig['predicted_tokens_per_s']:,.0f} tokens/s ({fig['throughput_source']}), "
                               f"{fig['evaluations']} evaluations of ~{fig['predicted_eval_s']:.1f} s included; the run "
                               f"logs the measured figures" if "predicted_seconds" in fig else
@@ -135,7 +135,7 @@ def describe(exp: Experiment, fig: dict[str, float]) -> str:
     ])
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
 
 
@@ -163,9 +163,9 @@ def describe_outcome(out: dict[str, float]) -> str:
                      f"({measured / out['predicted_tokens_per_s']:.2f}x the plan)")
         lines.append(line)
     if out.get("measured_seconds"):
-        line = f"  time         trained {_duration(out['measured_seconds'])}"
+        line = f"  time         trained {duration(out['measured_seconds'])}"
         if out.get("time_ratio"):
-            line += f" vs {_duration(out['predicted_seconds'])} predicted ({out['time_ratio']:.2f}x the plan)"
+            line += f" vs {duration(out['predicted_seconds'])} predicted ({out['time_ratio']:.2f}x the plan)"
         lines.append(line)
     if out.get("measured_peak_gb") is not None:
         line = f"  memory       peak {out['measured_peak_gb']:.2f} GB reserved"

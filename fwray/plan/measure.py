@@ -17,6 +17,7 @@ from ..data import prepare
 from ..data.parquet_inputs import inspect_file, resolve_paths
 from ..data.size import DataSize, from_manifest, from_parquet
 from ..probe.trial import GIB, ProbeJob, usable_bytes
+from ..probe.verdict import probe_accumulation
 from ..tracking import store as tracking
 from . import figures
 from .family import PlanError, Target
@@ -36,7 +37,7 @@ def trial_steps(exp: Experiment, gpu: bool) -> int:
     if gpu or not exp.hardware.tokens_per_s:
         return exp.probe.steps
     t = exp.train
-    per_step = t.batch_size * min(t.gradient_accumulation_steps, 2) * exp.model.block_size  # trial.probe_accumulation
+    per_step = t.batch_size * probe_accumulation(exp, t.batch_size) * exp.model.block_size  # what the trial runs
     timed = max(2, min(40, math.ceil(CPU_TRIAL_TIMED_S * exp.hardware.tokens_per_s / per_step)))
     return CPU_TRIAL_WARMUP_STEPS + timed
 

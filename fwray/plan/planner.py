@@ -250,7 +250,7 @@ def table(plan: Plan) -> str:
         "",
         f"recommended: {b.describe()}, micro-batch {b.micro_batch} x {b.accumulation} accumulation, {b.max_iters:,} "
         f"steps = {_tokens(b.tokens)} tokens = {b.epochs:.2f} epochs, {b.tokens_per_param:.3g} tokens per parameter, "
-        f"~{_duration(pred['predicted_seconds'])} of training",
+        f"~{figures.duration(pred['predicted_seconds'])} of training",
         f"why: {plan.why}",
         *([f"note: {_exhausted(b)}"] if b.epochs > scaling.R_D_STAR else []),
     ])
@@ -260,10 +260,6 @@ def _exhausted(c: Candidate) -> str:
     return (f"{c.epochs:.0f} epochs: past ~{scaling.R_D_STAR:.0f} repetitions more passes over the same data are worth "
             f"little (the law's R*_D) and the candidates barely differ; a shorter budget, or more data, would do as "
             f"well")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
 
 
 def planned_experiment(plan: Plan, c: Candidate | None = None) -> Experiment:
@@ -299,8 +295,8 @@ def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str
         f"budget: {plan.budget_s / 3600:g} h => {c.max_iters:,} steps = {c.tokens:,} tokens = {c.epochs:.2f} epochs, "
         f"{c.tokens_per_param:.3g} tokens per parameter; law loss {plan.law(c):.3f} (ranking only"
         f"{', small-scale form' if plan.small else ''})",
-        f"predicted: {c.tokens_per_s:,.0f} tokens/s ({c.speed_source}); {_duration(pred['predicted_seconds'])} of "
-        f"training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
+        f"predicted: {c.tokens_per_s:,.0f} tokens/s ({c.speed_source}); "
+        f"{figures.duration(pred['predicted_seconds'])} of training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
         f"why: {plan.why}" if c.depth == plan.best.depth else
         f"a neighbour of the recommendation, {plan.best.describe()}",
         "hardware.tokens_per_s and hardware.eval_seconds are the plan's figures: the run compares its time with them "

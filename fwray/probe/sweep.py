@@ -21,7 +21,7 @@ from ray import tune
 from .. import ray_session
 from ..config import Experiment
 from ..core import loader, tokens
-from ..errors import ProbeError
+from ..errors import ProbeError, last_line
 from ..tracking import store as tracking
 from . import verdict as verdicts
 from .trial import INJECT_ENV, ProbeJob, measure, usable_bytes
@@ -102,7 +102,7 @@ def _result(r) -> dict:
     """A trial's metrics; a trial that crashed (not an OOM) becomes a candidate that does not fit."""
     if r.error is None and r.metrics and "status" in r.metrics:
         return {k: r.metrics[k] for k in r.metrics if k in _KEYS}
-    err = str(r.error).strip().splitlines()[-1] if r.error else "no result"
+    err = last_line(r.error) if r.error else "no result"
     return {**{k: r.config["trial"][k] for k in ("batch_size", "activation_checkpointing", "compile")},
             "status": "error", "reason": f"trial failed: {err}", "tokens_per_s": None, "method": "-"}
 

@@ -46,7 +46,7 @@ def decide(exp: Experiment, results: list[dict], cap_gb: float, method: str) -> 
     pick = max(pool, key=lambda r: (r["batch_size"], not r["activation_checkpointing"],
                                     r["tokens_per_s"] or 0))
     accum = exp.accumulation_for(pick["batch_size"])
-    tokens = pick["batch_size"] * exp.model.block_size * accum * exp.resources.num_workers
+    tokens = exp.with_changes("train", batch_size=pick["batch_size"], gradient_accumulation_steps=accum).tokens_per_step
     verdict["chosen"] = {"batch_size": pick["batch_size"], "gradient_accumulation_steps": accum,
                          "activation_checkpointing": pick["activation_checkpointing"],
                          "tokens_per_step": tokens, "tokens_per_step_difference": tokens - exp.tokens_per_step,

@@ -27,15 +27,16 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from ..core import checkpoint
+from ..core.model import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 
 ARTIFACT = "model"  # the key of the fwray model folder among the MLflow model's artifacts
 ENTRY = Path(__file__).with_name("served_entry.py")
-# generation settings a request may pass as params; the defaults are fwray.sample's
+# generation settings a request may pass as params, with fwray's defaults
 PARAMS = ParamSchema([
-    ParamSpec("max_new_tokens", DataType.long, 100),
-    ParamSpec("temperature", DataType.double, 0.8),  # 0: greedy
-    ParamSpec("top_k", DataType.long, 200),  # 0: no top-k cut
-    ParamSpec("seed", DataType.long, 1337),
+    ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS),
+    ParamSpec("temperature", DataType.double, DEFAULT_TEMPERATURE),  # 0: greedy
+    ParamSpec("top_k", DataType.long, DEFAULT_TOP_K),  # 0: no top-k cut
+    ParamSpec("seed", DataType.long, DEFAULT_SEED),
 ])
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema([ColSpec(DataType.string)]),
                            params=PARAMS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..core import tokens
-from ..core.model import GPT, generate_text
+from ..core.model import DEFAULT_SEED, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GPT, generate_text
 
 LOSS_CURVE = "loss_curve.png"
 CURVES = ("train_loss", "val_loss", "val_bpb")  # the metrics the curve draws (a restarted worker reads them back)
@@ -22,7 +22,6 @@ SAMPLES_DIR = "samples"
 PROMPTS = ("The", "In this article, we will", "The most important thing about")
 SAMPLE_COUNT = 3  # prompts sampled at each evaluation
 SAMPLE_TOKENS = 48  # new tokens per sample: cheap even on CPU
-SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
 
 
 # ---------------------------------------------------------------- loss curve
@@ -84,8 +83,8 @@ def _figure_class():
 # ---------------------------------------------------------------- samples
 
 
-def samples_text(model, enc, step: int, prompts=PROMPTS, max_new_tokens: int = SAMPLE_TOKENS, seed: int = 1337,
-                 temperature: float = SAMPLE_TEMPERATURE, top_k: int = SAMPLE_TOP_K) -> str:
+def samples_text(model, enc, step: int, prompts=PROMPTS, max_new_tokens: int = SAMPLE_TOKENS, seed: int = DEFAULT_SEED,
+                 temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K) -> str:
     parts = [f"step {step}: temperature {temperature}, top_k {top_k}, seed {seed}, {max_new_tokens} new tokens"]
     for i, prompt in enumerate(prompts):
         text = generate_text(model, enc, prompt, max_new_tokens, temperature, top_k, seed=seed + i)

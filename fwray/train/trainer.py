@@ -23,7 +23,7 @@ from ..config import Experiment
 from ..core import checkpoint, engine, hardware
 from ..core.health import HealthSampler
 from ..core.loader import Batches
-from ..errors import FwrayError
+from ..errors import FwrayError, last_line
 from ..tracking.store import RunLogger, metric_history
 from .artifacts import CURVES, EvalArtifacts
 
@@ -48,7 +48,6 @@ class TrainJob:
     exp: Experiment
     train_files: tuple[str, ...]
     val_files: tuple[str, ...]
-    train_tokens: int
     tracking_uri: str
     run_id: str
     run_dir: str  # local folder of this run: final model, unlogged metrics
@@ -77,9 +76,9 @@ def fit(job: TrainJob, ray_run_name: str) -> dict:
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; its last line is the one that says what happened
-        raise TrainingFailed(f"training failed: {_last_line(e)}") from e
+        raise TrainingFailed(f"training failed: {_innermost_line(e)}") from e
     if result.error is not None:
-        raise TrainingFailed(f"training failed: {_last_line(result.error)}") from result.error
+        raise TrainingFailed(f"training failed: {_innermost_line(result.error)}") from result.error
     # Result.metrics would not do: in Train V2 it is the metrics of the latest report that carried a checkpoint
     summary = result.return_value
     if not isinstance(summary, dict):
@@ -95,11 +94,11 @@ def _cpus_per_worker(exp: Experiment) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // exp.resources.num_workers)
 
 
-def _last_line(e: BaseException) -> str:
+def _innermost_line(e: BaseException) -> str:
+    """The last line of the innermost cause's message: what went wrong in the worker, not Ray's wrapping."""
     while e.__cause__ is not None:
         e = e.__cause__
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
+    return last_line(e)
 
 
 def _worker(config: dict) -> dict | None:
@@ -155,9 +154,8 @@ def _worker(config: dict) -> dict | None:
                                      seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
                                      align_to_documents=exp.data.align_to_documents,
                                      accumulation=exp.train.gradient_accumulation_steps)
-        summary = engine.train(exp.model, exp.train, batches, report, device=device, train_tokens=job.train_tokens,
-                               resume=resume, world_size=world, peak_tflops=exp.hardware.peak_tflops,
-                               val_text=job.val_text)
+        summary = engine.train(exp.model, exp.train, batches, report, device=device, resume=resume, world_size=world,
+                               peak_tflops=exp.hardware.peak_tflops, val_text=job.val_text)
     except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
         summary = {"stopped": {"message": str(e), "exit_code": e.exit_code}}
     if rank != 0:
