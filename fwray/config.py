@@ -110,9 +110,9 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 12  # micro-batch per worker
     gradient_accumulation_steps: int = 1
-    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest (fwray.optim)
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest (fwray.core.optim)
     learning_rate: float = 6e-4  # AdamW's rate: every group under adamw; norms, biases and scalars under muon
-    muon_lr: float | None = None  # None => fwray.optim's default (shape-scaled: no retuning when n_embd changes)
+    muon_lr: float | None = None  # None => fwray.core.optim's default (shape-scaled: no retuning when n_embd changes)
     muon_momentum: float = 0.95
     embedding_lr: float | None = None  # None => learning_rate (adamw), a width-scaled default (muon)
     head_lr: float | None = None  # the output layer (and the embedding tied to it); None as embedding_lr
@@ -165,7 +165,7 @@ class TrainConfig:
                "must be auto, float32 or bfloat16")
 
 
-SAMPLINGS = ("random", "epoch")  # data.sampling: how training windows are ordered (fwray.loader)
+SAMPLINGS = ("random", "epoch")  # data.sampling: how training windows are ordered (fwray.core.loader)
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ class ProbeConfig:
 class HardwareConfig:
     peak_tflops: float | None = None  # overrides the peak-FLOPs table for MFU
     gpu: str | None = None  # the card the plan predicts for (e.g. "RTX 4070", or "cpu"); None => the one torch sees
-    # for the time prediction; None => from the card's public reference throughput (fwray.figures.assumed_mfu), else
+    # for the time prediction; None => from the card's public reference throughput (fwray.plan.figures.assumed_mfu), else
     # 0.40. The run measures the real one
     assumed_mfu: float | None = None
     tokens_per_s: float | None = None  # planned training tokens/s (fwray.plan --measure writes it): overrides MFU

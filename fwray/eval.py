@@ -5,7 +5,7 @@ Validation reads the split the run trained beside: the token cache its MLflow ru
 checkpoint the cache its run folder's config.yaml maps to, or --data. By default it reads the very windows the
 training's evaluations read (eval_iters batches of eval_batch_size, drawn from the run's seed), so eval_val_loss is
 the run's last val_loss for its final model; --all-val reads every validation token once instead (windows at stride
-block_size). bpb follows fwray.bpb. With --run-id the results are logged to that run at the model's step (metrics
+block_size). bpb follows fwray.core.bpb. With --run-id the results are logged to that run at the model's step (metrics
 eval_val_loss, eval_val_bpb, hellaswag_acc, hellaswag_acc_norm; tags fwray.eval.*) and printed; else printed.
 No ray import; mlflow only for --run-id.
 """

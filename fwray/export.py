@@ -9,7 +9,7 @@ model in a folder that other tools load.
   generation is fwray's token for token. fwray reads every document after <|endoftext|>: start a prompt with it,
   as fwray.sample does (`[tok.bos_token_id] + tok(prompt).input_ids`).
 - safetensors (any recipe): model.safetensors + model_config.json, a final-model folder that
-  fwray.checkpoint.load_model, fwray.sample and fwray.eval load.
+  fwray.core.checkpoint.load_model, fwray.sample and fwray.eval load.
 
 The export is written into a temporary folder beside OUT and renamed into place, so a crash leaves no half export.
 An OUT that exists and is not empty is refused unless --force replaces it. No ray import; mlflow only for --run-id.
@@ -63,7 +63,7 @@ def write_hf(folder: Path, state: dict, meta: dict) -> None:
         hf_config, hf_state = gpt2_state_dict_to_hf(state, cfg, vocab_size=tokens.VOCAB_SIZE)
     except ConfigError as e:
         raise ExportError(f"{e}; transformers has no architecture for this model: --format safetensors writes "
-                          "model.safetensors + model_config.json (any recipe; fwray.checkpoint.load_model loads it)")
+                          "model.safetensors + model_config.json (any recipe; fwray.core.checkpoint.load_model loads it)")
     bpe = tokens.gpt2_bpe_files()  # before transformers' import (~5 s): a missing cache fails at once
     try:
         import transformers

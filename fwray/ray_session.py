@@ -35,7 +35,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 ADDRESS_ENV = "RAY_ADDRESS"
 CONNECT_TIMEOUT_S = 3.0
 # What every Ray worker process needs from the driver's environment (those set here, or by the user, at ray.init),
-# besides the CUDA allocator configuration (fwray.hardware.ALLOC_CONF_ENVS)
+# besides the CUDA allocator configuration (fwray.core.hardware.ALLOC_CONF_ENVS)
 WORKER_ENV = ("RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 

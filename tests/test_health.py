@@ -54,7 +54,7 @@ def test_a_cpu_run_logs_cpu_and_memory_at_each_log_interval_beside_the_loss(tiny
 
 
 def test_tracking_lists_the_names_without_loading_torch():
-    """`python -m fwray.tracking replay` and `metrics` start without torch (~1.5 s): the names come from fwray.health."""
+    """`python -m fwray.tracking replay` and `metrics` start without torch (~1.5 s): the names come from fwray.core.health."""
     import os
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""The gpt2 recipe against an implementation no one here wrote: its weights, mapped by fwray.hf, give Hugging Face
+"""The gpt2 recipe against an implementation no one here wrote: its weights, mapped by fwray.core.hf, give Hugging Face
 transformers' GPT2LMHeadModel the same logits."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""fwray.optim: parameter groups (each parameter in exactly one, for the tied GPT-2 recipe and an untied model without
+"""fwray.core.optim: parameter groups (each parameter in exactly one, for the tied GPT-2 recipe and an untied model without
 position embeddings), the rates' defaults, checkpoints that do not fit, the train section's new keys, and the memory
 estimate under Muon. The schedules and the engine with Muon (skipped steps, accumulation, resume) are in
 test_engine.py."""

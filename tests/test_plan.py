@@ -153,7 +153,7 @@ def test_memory_filter_estimates_few_sizes_and_fits_the_limit():
 
 
 def test_memory_filter_with_the_real_estimate():
-    """fwray.memory's FakeTensor estimate on a small model: the chosen size fits, the next one would not."""
+    """fwray.core.memory's FakeTensor estimate on a small model: the chosen size fits, the next one would not."""
     exp = config.load(SMOKE, ["model.block_size=256", "train.batch_size=32"])  # 32 sequences a step
     c = cand.family(exp.model, [2])[0]
     limit = cand.peak_bytes(cand.with_shape(exp, c, 8), "cuda", 8) + 1

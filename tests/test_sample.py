@@ -23,7 +23,7 @@ def tiny_model() -> GPT:
 
 @pytest.fixture
 def model_folder(tmp_path):
-    """What fwray.trainer writes as the run's `model/`: a weights-only state dict and the model config."""
+    """What fwray.train.trainer writes as the run's `model/`: a weights-only state dict and the model config."""
     folder = tmp_path / checkpoint.MODEL_DIR
     checkpoint.save_model(folder, EXP, tiny_model().state_dict(), step=10, val_loss=9.9)
     return folder

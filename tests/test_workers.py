@@ -1,6 +1,6 @@
 """Two CPU workers (DDP over gloo) x 1 micro-step train like one worker x 2 micro-steps: the same global batches.
 
-Worker `rank`'s micro-step m reads global micro-batch m * world_size + rank (fwray.loader.Batches), and evaluation
+Worker `rank`'s micro-step m reads global micro-batch m * world_size + rank (fwray.core.loader.Batches), and evaluation
 shares validation batches 0..eval_iters-1 out between the ranks, so both setups see exactly the same sequences and
 differ only in float summation order (DDP averages the two ranks' gradients in one all-reduce; accumulation adds
 loss/2 twice). One optimizer step is compared closely (gradients to float32 rounding, updates to the optimizer's own

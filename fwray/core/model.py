@@ -1,5 +1,5 @@
 """The GPT of nanoGPT (pre-norm blocks, causal scaled-dot-product attention) and its recipes: gpt2 (learned positions,
-LayerNorm, GELU, tied embeddings) or modern (config.RECIPES; the blocks are in fwray.layers).
+LayerNorm, GELU, tied embeddings) or modern (config.RECIPES; the blocks are in fwray.core.layers).
 
 The loss is computed in chunks of tokens with its gradients taken in the same pass, so the full (batch x block x
 vocab) logits never exist and nothing is recomputed: evaluation at the training micro-batch costs no more than

@@ -132,7 +132,7 @@ def with_shape(exp: Experiment, c: Candidate, micro_batch: int | None = None) ->
 
 
 def peak_bytes(exp: Experiment, device_type: str, batch_size: int) -> int:
-    """fwray.memory's CPU estimate of one training step and evaluation at `batch_size`, as the probe's trial makes it:
+    """fwray.core.memory's CPU estimate of one training step and evaluation at `batch_size`, as the probe's trial makes it:
     reserved bytes of a CUDA run, or the live bytes of a CPU run (its dtype, no caching allocator)."""
     accumulation = probe_accumulation(exp, batch_size)
     eval_bs = exp.train.eval_batch_size or batch_size
@@ -219,7 +219,7 @@ def planned(exp: Experiment, c: Candidate, max_iters: int, intervals: int) -> Ex
 
 
 def schedule(exp: Experiment, c: Candidate, budget_s: float, train_tokens: int) -> Candidate:
-    """The most steps whose predicted time (fwray.figures: steps at tokens_per_s, evaluations at eval_s) fits the
+    """The most steps whose predicted time (fwray.plan.figures: steps at tokens_per_s, evaluations at eval_s) fits the
     budget, and what they come to: tokens, epochs, the law's loss."""
     k = evaluation_intervals(budget_s)
     steps = int((budget_s - (k + 1) * c.eval_s) * c.tokens_per_s / exp.tokens_per_step)
@@ -250,14 +250,14 @@ def embedding_params(model: ModelConfig) -> int:
 
 
 def modelled_eval_seconds(exp: Experiment, c: Candidate, tokens_per_s: float) -> float:
-    """fwray.figures' model of one evaluation at `tokens_per_s` (at the micro-batch, or the largest before it is
+    """fwray.plan.figures' model of one evaluation at `tokens_per_s` (at the micro-batch, or the largest before it is
     known)."""
     return figures.eval_seconds(with_shape(exp, c, c.micro_batch or micro_batches(exp)[-1]), tokens_per_s, c.params)
 
 
 def with_speed(exp: Experiment, c: Candidate, tokens_per_s: float, source: str,
                eval_s: float | None = None) -> Candidate:
-    """The candidate at `tokens_per_s`; an evaluation's cost modelled by fwray.figures unless given."""
+    """The candidate at `tokens_per_s`; an evaluation's cost modelled by fwray.plan.figures unless given."""
     if eval_s is None:
         eval_s = modelled_eval_seconds(exp, c, tokens_per_s)
     # rounded as the experiment file writes them: the run predicts its time from the same figures
@@ -268,7 +268,7 @@ EVAL_RECORDS_S = 1.0  # the loss curve, the MLflow records and Ray's report of a
 
 
 def measured_eval_seconds(exp: Experiment, m: dict, budget_s: float) -> float:
-    """One evaluation of the run, on average, from a trial's timings (fwray.trial, time_evaluation): eval_iters
+    """One evaluation of the run, on average, from a trial's timings (fwray.probe.trial, time_evaluation): eval_iters
     batches (shared by the workers), the checkpoint written and then copied by Ray, the samples (at every evaluation
     but the first: step 0 has no state to sample from), the records."""
     k = evaluation_intervals(budget_s)

@@ -1,5 +1,5 @@
 """fwray.plan's boundary: the card it plans for, the data's size, the --measure trials (Ray Tune) and the plan's
-MLflow run. `python -m fwray.plan` is in fwray/plan.py; its arithmetic stays pure there and in fwray/candidates.py."""
+MLflow run. `python -m fwray.plan` is fwray/plan/__main__.py; the arithmetic stays pure in planner.py and family.py."""
 from __future__ import annotations
 
 import json
@@ -80,7 +80,7 @@ ESTIMATES = Path(".fwray/plan/memory_estimates.json")
 
 
 def cached_estimates(path: Path = ESTIMATES):
-    """fwray.candidates.peak_bytes, remembered on disk: a 124M estimate costs seconds, and a plan asks for ~20. The
+    """fwray.plan.family.peak_bytes, remembered on disk: a 124M estimate costs seconds, and a plan asks for ~20. The
     key is everything the estimate reads (model, train section, micro-batch, device, workers) and the versions."""
 
     from .. import __version__
@@ -101,7 +101,7 @@ def cached_estimates(path: Path = ESTIMATES):
 
 
 def data_size(exp: Experiment) -> DataSize:
-    """The prepared cache's counts when there is one, else the parquet's (fwray.data_size)."""
+    """The prepared cache's counts when there is one, else the parquet's (fwray.data.size)."""
     files = [inspect_file(p, exp.data) for p in resolve_paths(exp.data.paths)]
     hit = prepare.cached(exp.data, files)
     size = from_manifest(hit[1], str(hit[0])) if hit else from_parquet(files, exp.data)

@@ -47,7 +47,7 @@ class Plan:
 
     @property
     def small(self) -> bool:
-        """Below the law's fitted range: its small-scale form ranks (fwray.scaling)."""
+        """Below the law's fitted range: its small-scale form ranks (fwray.plan.scaling)."""
         return cand.small_scale(self.cands)
 
     def law(self, c: Candidate) -> float:

@@ -1,9 +1,9 @@
 """`python -m fwray.probe EXP.yaml [section.key=value ...]`: which micro-batch fits the card, and which is fastest.
 
 A Ray Tune sweep over probe.batch_sizes x probe.activation_checkpointing (x probe.compile on a GPU). Every candidate
-is a trial in a fresh worker process (reuse_actors=False, one trial at a time) that runs `fwray.trial.measure`: the
+is a trial in a fresh worker process (reuse_actors=False, one trial at a time) that runs `fwray.probe.trial.measure`: the
 engine's real step under the target card's memory cap. A candidate fits when its peak <= (1 - probe.margin) x cap; an
-OOM is a verdict ("does not fit"), not a crash; `fwray.verdict.decide` picks one. When the largest candidate fits, the
+OOM is a verdict ("does not fit"), not a crash; `fwray.probe.verdict.decide` picks one. When the largest candidate fits, the
 verdict says so: the ceiling was not found. The verdict is saved as JSON and logged to MLflow, one nested run per
 candidate.
 """

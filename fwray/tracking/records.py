@@ -5,7 +5,7 @@ One record a line, for one run: {"run_id", "uri" (the store it was meant for), a
   "artifact" (a local path, file or folder) with "artifact_path" | "dataset" (an MLflow dataset's fields: name,
   digest, source_type, source, schema, profile) with its "context" | "model" (the run's model folder; when it is
   not there, the run's model/ artifacts) with "registered_model": logged as an MLflow model and registered
-  (fwray.served) | "status" (FINISHED/FAILED) with "timestamp" and the outcome "tags"}.
+  (fwray.tracking.served) | "status" (FINISHED/FAILED) with "timestamp" and the outcome "tags"}.
 `send` logs one record into its run: `tracking.RunLogger` sends its records live through it and keeps them here when
 that fails, and `replay` sends the kept ones, so the format is read in one place. The command is
 `python -m fwray.tracking replay` (fwray/tracking/__main__.py). No fwray.tracking.store import here: the store

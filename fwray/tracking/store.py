@@ -3,7 +3,7 @@
 Everything goes through `MlflowClient` with explicit run ids, so the driver and a Ray worker (rank 0 only) log
 into the same run without sharing process state. A tracking failure mid-run never stops training: one warning,
 and the records (metrics, and the artifacts, tags and final status that could not be logged) wait in the run's
-outbox, `<run_dir>/unlogged_metrics.jsonl` (fwray.outbox), which `python -m fwray.tracking replay` logs later.
+outbox, `<run_dir>/unlogged_metrics.jsonl` (fwray.tracking.records), which `python -m fwray.tracking replay` logs later.
 
 Who uses what: fwray.run holds one `Tracker` (store, parent run, nested prepare run, params, tags, artifacts, finish);
 a Ray worker logs with a `RunLogger` built from (uri, run_id, run_dir) and reads `metric_history`; the probe nests its
@@ -13,7 +13,7 @@ Layout: one MLflow experiment per experiment name (tagged as model training for 
 `fwray.run`, named after the Ray run; the data preparation as a nested run `prepare` (tag mlflow.parentRunId).
 The metrics of the parent run, x = optimizer step, are listed in METRICS. The parent run's dataset input is the data
 it trained on (`training_dataset`); its final model is an MLflow model under it, registered under the experiment's
-name (`Tracker.log_model`, fwray.served).
+name (`Tracker.log_model`, fwray.tracking.served).
 """
 from __future__ import annotations
 

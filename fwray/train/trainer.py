@@ -51,7 +51,7 @@ class TrainJob:
     tracking_uri: str
     run_id: str
     run_dir: str  # local folder of this run: final model, unlogged metrics
-    val_text: tuple[int, int] | None = None  # validation (text tokens, UTF-8 bytes) for val_bpb: fwray.bpb
+    val_text: tuple[int, int] | None = None  # validation (text tokens, UTF-8 bytes) for val_bpb: fwray.core.bpb
 
 
 def fit(job: TrainJob, ray_run_name: str) -> dict:
