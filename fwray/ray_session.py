@@ -67,6 +67,29 @@ def worker_env() -> dict[str, str]:
     return {**env, **tokenizer_env()}
 
 
+# Ray Train starts a PlacementGroupCleaner beside every run, whose thread watches the controller through Ray's State
+# API. That API needs the dashboard, which a private Ray here keeps off (and on a machine with several Rays it cannot
+# tell which one to ask), so the thread dies at its first look and its traceback lands in the user's terminal though
+# nothing failed: the run removes its placement groups itself, and a private Ray takes them down with it.
+CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
+def quiet_worker() -> None:
+    """Each Ray worker process's setup (the runtime_env's worker_process_setup_hook): the cleaner thread's end is a
+    debug line in the worker's log instead of a traceback on the driver's terminal; other threads' errors print."""
+    import threading
+
+    previous = threading.excepthook
+
+    def excepthook(args) -> None:
+        if args.thread is not None and args.thread.name == CLEANER_THREAD:
+            logging.getLogger(__name__).debug("Ray Train's placement group cleaner stopped: %s", args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = excepthook
+
+
 def cluster_address(address: str | None = None) -> str | None:
     """The cluster to join: `address`, else $RAY_ADDRESS; None (or "local"): start a private Ray."""
     address = (address if address is not None else os.environ.get(ADDRESS_ENV, "")).strip()
@@ -86,7 +109,8 @@ def start(num_cpus: int | None = None, log_to_driver: bool = True, address: str 
         return
     # Ray's own INFO/WARNING chatter (report bookkeeping, state-API probes) would bury fwray's progress lines
     common = dict(log_to_driver=log_to_driver, logging_level=logging.ERROR,
-                  logging_config=ray.LoggingConfig(log_level="ERROR"), runtime_env={"env_vars": env})
+                  logging_config=ray.LoggingConfig(log_level="ERROR"),
+                  runtime_env={"env_vars": env, "worker_process_setup_hook": f"{__name__}.{quiet_worker.__name__}"})
     target = cluster_address(address)
     if target is None:
         with _loopback_only():
