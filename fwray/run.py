@@ -47,11 +47,12 @@ def run(exp, resume: bool = False) -> int:
     from .plan import figures
     from .probe import sweep as probe
     from .probe.verdict import apply_verdict
-    from .tracking import store as tracking
+    from .tracking.store import is_server
+    from .tracking.tracker import Tracker
     from .train import trainer
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
-    tracker = tracking.Tracker(exp)  # an unreachable server stops us before any work
+    tracker = Tracker(exp)  # an unreachable server stops us before any work
     previous = _previous_run(exp) if resume else None
 
     ray_session.start()  # a private Ray, or the cluster $RAY_ADDRESS names
@@ -124,7 +125,7 @@ def run(exp, resume: bool = False) -> int:
     print(f"final model: {run_dir / 'model'}" + (f", registered as {registered}" if registered else ""))
     print(f"run page:    {tracker.run_page()}")
     print(f"runs table:  {tracker.runs_table()}")
-    if not tracking.is_server(tracker.uri):
+    if not is_server(tracker.uri):
         print(f"browse it:   {tracker.ui_command()}")
     if registered:
         print(f"serve it:    MLFLOW_TRACKING_URI={tracker.uri} mlflow models serve -m {registered} --env-manager local "

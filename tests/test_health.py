@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fwray.core import health
-from fwray.tracking import store as tracking
+from fwray.tracking import live
 from pipeline import history
 
 MACHINE = (health.CPU_UTILIZATION, health.MEMORY_MB, health.MEMORY_PERCENT)
@@ -34,7 +34,7 @@ def test_gpu_figures_without_cuda_are_none_and_never_raise():
 
 
 def test_every_health_metric_is_documented():
-    assert set(MACHINE + GPU) == set(health.METRICS) <= set(tracking.METRICS)
+    assert set(MACHINE + GPU) == set(health.METRICS) <= set(live.METRICS)
     assert all(name.startswith("system/") for name in health.METRICS)  # MLflow's UI: the System metrics tab
 
 
@@ -61,7 +61,7 @@ def test_tracking_lists_the_names_without_loading_torch():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    script = "import sys, fwray.tracking.store\nassert 'torch' not in sys.modules, 'torch loaded'\n"
+    script = "import sys, fwray.tracking.__main__\nassert 'torch' not in sys.modules, 'torch loaded'\n"
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

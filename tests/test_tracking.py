@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from fwray import config, sample
 from fwray.core import checkpoint, tokens
 from fwray.core.model import generate_text
 from fwray.tracking import __main__ as tracking_command
-from fwray.tracking import records as outbox, store as tracking
+from fwray.tracking import live, records as outbox, store as tracking, tags
+from fwray.tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -237,7 +239,7 @@ def test_metric_histories_are_complete_and_the_loss_falls(trained):
     for name in ("train_loss", "lr", "tokens_per_s", "epoch"):
         assert steps[name] == [10, 20, 30, 40], name
     assert steps["tokens_seen"] == [0, 10, 20, 20, 30, 40, 40]  # logged with the train and the eval metrics
-    assert set(trained["run"].data.metrics) <= set(tracking.METRICS)  # every name is documented
+    assert set(trained["run"].data.metrics) <= set(live.METRICS)  # every name is documented
     assert all(v > 0 for _, v in history["tokens_per_s"])
     assert history["lr"][-1][1] == pytest.approx(3e-4, rel=0.1)  # decayed to about the smoke's min_lr
     first, last = history["val_loss"][0][1], history["val_loss"][-1][1]
@@ -297,7 +299,7 @@ def test_eval_of_the_trained_run_is_its_last_validation_and_logs_to_it(trained, 
     logged = client.get_run(run.info.run_id).data.metrics
     assert logged["eval_val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
     assert logged["eval_val_bpb"] == pytest.approx(last["val_bpb"], rel=1e-5)
-    assert logged["hellaswag_acc"] in (0.0, 1.0) and set(logged) <= set(tracking.METRICS)
+    assert logged["hellaswag_acc"] in (0.0, 1.0) and set(logged) <= set(live.METRICS)
     capsys.readouterr()
     rc = fw_eval.main(["--checkpoint", str(trained["runs"] / run.info.run_name), "--device", "cpu"])
     out = capsys.readouterr().out
@@ -336,7 +338,7 @@ def test_the_model_is_registered_one_version_per_run(trained, tmp_path, monkeypa
     last_val = max(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)
     assert {(m.key, m.step, m.value) for m in logged.metrics} >= {("val_loss", SHARED_STEPS, last_val.value)}
 
-    second = tracking.Tracker(config.load(SMOKE, [f"tracking.uri={trained['uri']}"]))
+    second = Tracker(config.load(SMOKE, [f"tracking.uri={trained['uri']}"]))
     second.start("smoke-second", tmp_path, "cpu")
     client.log_artifacts(second.run_id, str(next(trained["runs"].glob("smoke-*/model"))), "model")  # rank 0's
     assert second.log_model() == "models:/smoke/2"
@@ -345,7 +347,7 @@ def test_the_model_is_registered_one_version_per_run(trained, tmp_path, monkeypa
     assert checkpoint.is_model(tmp_path / "model")
 
     monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go to ./mlruns
-    local = tracking.Tracker(config.load(SMOKE, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]))
+    local = Tracker(config.load(SMOKE, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]))
     local.start("smoke-local", tmp_path, "cpu")  # tmp_path/model is there now
     assert local.log_model() == "models:/smoke/1"
     assert local.client.get_model_version("smoke", "1").run_id == local.run_id
@@ -455,21 +457,21 @@ def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
     client = MlflowClient(tracking_uri=store)
     exp_id = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp_id).info.run_id
-    client.log_batch(run_id, metrics=[tracking.Metric("train_loss", 11.0, 0, 1)])
+    client.log_batch(run_id, metrics=[Metric("train_loss", 11.0, 0, 1)])
     (tmp_path / "curve.txt").write_text("x")
 
-    log = tracking.RunLogger(f"http://127.0.0.1:{free_port()}", run_id, tmp_path / "run")
+    log = live.RunLogger(f"http://127.0.0.1:{free_port()}", run_id, tmp_path / "run")
     log.metrics(2, {"train_loss": 10.0, "lr": 1e-3})
     log.metrics(3, {"train_loss": 9.0, "lr": 2e-3})
     log.tags({"fwray.resumed_from_step": 2})
     log.artifact(tmp_path / "curve.txt")
     log.artifact(tmp_path / "curve.txt")  # refreshed: uploaded once on replay
-    gone = tracking.MlflowClient(tracking_uri=log.uri)
+    gone = MlflowClient(tracking_uri=log.uri)
     assert tracking.finish(gone, run_id, True, tmp_path / "run") is False
     err = capsys.readouterr().err
     assert err.count("stopped answering") == 1 and err.count("did not take the run's final status") == 1
 
-    history = tracking.metric_history(store, run_id, fallback=log.fallback, max_step=2)
+    history = live.metric_history(store, run_id, fallback=log.fallback, max_step=2)
     assert history["train_loss"] == {1: 11.0, 2: 10.0}  # MLflow's and the kept records, up to the checkpoint
 
     assert tracking_command.main(["replay", str(log.fallback), "--uri", store]) == 0
@@ -487,7 +489,7 @@ def test_mlflow_batches_and_cuts_what_fwray_hands_it(tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store)
     run_id = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
-    log = tracking.RunLogger(store, run_id, tmp_path / "run")
+    log = live.RunLogger(store, run_id, tmp_path / "run")
     log.params({**{f"p{i}": i for i in range(150)}, "long": "x" * 7000})
     log.metrics(1, {f"m{i}": float(i) for i in range(1200)})
     assert not log.failed
@@ -497,6 +499,6 @@ def test_mlflow_batches_and_cuts_what_fwray_hands_it(tmp_path):
 
 
 def test_git_commit_only_in_a_checkout(tmp_path):
-    assert tracking.git_commit(tmp_path) is None
-    found = tracking.git_commit()
+    assert tags.git_commit(tmp_path) is None
+    found = tags.git_commit()
     assert found is None or re.fullmatch(r"[0-9a-f]{40}", found[0])

@@ -23,6 +23,7 @@ from ..config import Experiment
 from ..core import loader, tokens
 from ..errors import ProbeError, last_line
 from ..tracking import store as tracking
+from ..tracking.live import RunLogger
 from . import verdict as verdicts
 from .trial import INJECT_ENV, ProbeJob, measure, usable_bytes
 
@@ -118,7 +119,7 @@ def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, ou
     tracking.log_params(client, probe_id, {**{f"probe.{k}": v for k, v in dataclasses.asdict(exp.probe).items()},
                                            "device": verdict["device"], "method": verdict["method"],
                                            "cap_gb": verdict["cap_gb"], "limit_gb": verdict["limit_gb"]})
-    log = tracking.RunLogger(client.tracking_uri, probe_id, out_dir)
+    log = RunLogger(client.tracking_uri, probe_id, out_dir)
     for r in verdict["candidates"]:
         name = f"bs{r['batch_size']}" + ("-ac" if r["activation_checkpointing"] else "") + (
             {True: "-compiled", False: "-eager", None: ""}[r["compile"]])
@@ -126,7 +127,7 @@ def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, ou
                                                           r["reason"] or "ok"}, probe_id)
         tracking.log_params(client, trial_id, {k: r[k] for k in ("batch_size", "activation_checkpointing", "compile",
                                                                  "method", "allocator", "sdpa_backend") if k in r})
-        tracking.RunLogger(client.tracking_uri, trial_id, out_dir).metrics(0, {
+        RunLogger(client.tracking_uri, trial_id, out_dir).metrics(0, {
             "fits": float(r["fits"]), "peak_gb": r.get("peak_gb"), "tokens_per_s": r["tokens_per_s"],
             "predicted_gb": r.get("predicted_gb"), "peak_alloc_gb": r.get("peak_alloc_gb")})
         tracking.finish(client, trial_id, r["status"] != "error")

@@ -1,2 +1,9 @@
-"""MLflow: the store and the live logger, the records a run keeps while MLflow is away (and their replay), the served
-model; `python -m fwray.tracking replay|metrics`."""
+"""MLflow, one job a module: the store (where runs go, starting and finishing one), the live path of a run's records
+(live), the outbox a run keeps while MLflow is away (records) and its replay, a run's tags, fwray.run's Tracker, a
+trained model named by run id or folder (trained), the served model; `python -m fwray.tracking replay|metrics`."""
+import os
+
+# Fail fast against an unreachable server instead of retrying for minutes: set here, before any module of this
+# package imports mlflow (which reads them)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

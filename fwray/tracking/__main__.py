@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 from ..errors import FwrayError, command, first_line
-from . import records
-from .store import METRICS, default_uri
+from .live import METRICS
+from .replay import replay as replay_records
+from .store import default_uri
 
 
 class ReplayError(FwrayError):
@@ -40,7 +41,7 @@ def replay(jsonl: str, uri: str | None) -> int:
         raise NothingToReplay(f"{jsonl}: no such file (nothing to replay?)")
     try:
         # a record names the store it was meant for; one that names none goes where a run without tracking.uri goes
-        counts = records.replay(jsonl, uri, default_uri=default_uri())
+        counts = replay_records(jsonl, uri, default_uri=default_uri())
     except Exception as e:
         raise ReplayError(f"replay stopped ({type(e).__name__}: {first_line(e)}); the file is kept, fix the store and "
                           f"run it again (metrics already logged would be logged twice)") from None

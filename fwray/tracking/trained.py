@@ -1,13 +1,16 @@
 """A trained model, named as fwray's commands name it (sample, eval, export): an MLflow run's model/ artifacts
-(--run-id) or a folder on disk (--checkpoint)."""
+(--run-id) or a folder on disk (--checkpoint); and an evaluation logged back into its run."""
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..core import checkpoint
+from ..errors import first_line
 
 
 def add_model_source(p: argparse.ArgumentParser) -> None:
@@ -24,8 +27,61 @@ def load(args: argparse.Namespace, dst: str | os.PathLike, device: torch.device,
     """(model, its config, the MLflow run it came from or None) for --run-id (downloaded into `dst`; mlflow is
     imported only then: ~1.4 s) or --checkpoint."""
     if args.run_id:
-        from .store import default_uri, fetch_run
+        from .store import default_uri
 
         run = fetch_run(args.run_id, args.tracking_uri or default_uri(), dst, with_config)
         return (*checkpoint.load_model(run.model_dir, device), run)
     return (*checkpoint.find_model(args.checkpoint, device), None)
+
+
+@dataclass(frozen=True)
+class FetchedRun:
+    model_dir: Path  # the run's model/ artifacts, downloaded
+    config_file: Path | None  # its config.yaml (the resolved experiment), when asked for and logged
+    tags: dict[str, str]
+
+def fetch_run(run_id: str, uri: str, dst: str | os.PathLike, with_config: bool = False) -> FetchedRun:
+    """Download a run's `model/` artifacts (and `config.yaml`) from a local store or a server into `dst`. An unknown
+    run, an unreadable store or a run without a model is one-line `ModelNotFound`."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ..core.checkpoint import CONFIG_FILE, MODEL_CONFIG, MODEL_DIR, MODEL_FILE, ModelNotFound
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise ModelNotFound(f"no MLflow run {run_id!r} at {uri}") from None
+        raise ModelNotFound(f"MLflow at {uri} cannot be read ({first_line(e)})") from None
+    except Exception as e:  # requests' ConnectionError and friends
+        raise ModelNotFound(f"MLflow at {uri} is unreachable ({type(e).__name__})") from None
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, MODEL_DIR)}
+    if not {MODEL_FILE, MODEL_CONFIG} <= names:
+        raise ModelNotFound(f"MLflow run {run_id} has no model artifacts ({MODEL_DIR}/{MODEL_FILE}, "
+                            f"{MODEL_DIR}/{MODEL_CONFIG}); did its training finish? (python -m fwray.tracking replay "
+                            "logs what an outage held back)")
+    model_dir = Path(download_artifacts(run_id=run_id, artifact_path=MODEL_DIR, tracking_uri=uri, dst_path=str(dst)))
+    config_file = None
+    if with_config and CONFIG_FILE in {a.path for a in client.list_artifacts(run_id)}:
+        config_file = Path(download_artifacts(run_id=run_id, artifact_path=CONFIG_FILE, tracking_uri=uri,
+                                              dst_path=str(dst)))
+    return FetchedRun(model_dir, config_file, dict(run.data.tags))
+
+def log_evaluation(run_id: str, uri: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """An evaluation's results into the run it evaluated (at the model's step), in one request."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from .live import now_ms
+    from .store import TrackingUnavailable
+
+    try:
+        MlflowClient(tracking_uri=uri).log_batch(
+            run_id, metrics=[Metric(k, float(v), now_ms(), step) for k, v in metrics.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    except Exception as e:
+        raise TrackingUnavailable(f"MLflow at {uri} did not take the results for run {run_id} ({type(e).__name__}: "
+                                  f"{first_line(e)}); they are printed above") from None

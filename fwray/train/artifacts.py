@@ -1,6 +1,6 @@
 """What a training run writes for people to look at: the loss curve and sample generations at each evaluation.
 
-Files are written atomically under the run folder and handed to a logger (`tracking.RunLogger` in training), so
+Files are written atomically under the run folder and handed to a logger (`fwray.tracking.live.RunLogger` in training), so
 they exist locally even while MLflow is away. No mlflow or ray import here.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ from ..core import checkpoint, engine, hardware
 from ..core.health import HealthSampler
 from ..core.loader import Batches
 from ..errors import FwrayError, last_line
-from ..tracking.store import RunLogger, metric_history
+from ..tracking.live import RunLogger, metric_history
 from .artifacts import CURVES, EvalArtifacts
 
 

@@ -1,0 +1,148 @@
+"""fwray.run's one tracking object, `Tracker`: the store checked, the parent run, the nested prepare run, what the
+run logs (through a RunLogger: an outage never stops it), its model registered, its finish. The data it trained on is
+its dataset input (`training_dataset`); its final model an MLflow model registered under the experiment's name
+(fwray.tracking.served).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from mlflow.entities import Metric
+
+from ..config import DataConfig, Experiment, flatten
+from ..data.report import DATA_REPORT, data_metrics, data_report
+from ..errors import first_line
+from . import records as outbox
+from .live import RunLogger, now_ms
+from .store import PREPARE_RUN, connect, finish, log_params, run_page, runs_table, start_run, ui_command
+from .tags import run_tags
+
+
+def training_dataset(manifest: dict, data: DataConfig) -> dict:
+    """The data a run trains on as an MLflow dataset (the fields of mlflow.entities.Dataset), for the runs table's
+    Dataset column and the run page: named after its parquet file(s), its source their path (their common folder
+    when there are several), its digest the token cache's fingerprint (the cache entry's folder name), its schema
+    the columns read, documents and tokens as its profile."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    paths = [f["path"] for f in manifest["inputs"]]
+    name = Path(paths[0]).stem + (f" +{len(paths) - 1} more" if len(paths) > 1 else "")
+    where = paths[0] if len(paths) == 1 else os.path.commonpath(paths)
+    source = get_dataset_source_from_json(json.dumps({"uri": where}), "local")
+    schema = Schema([ColSpec(DataType.string, data.text_column), ColSpec(DataType.string, data.id_column)])
+    fields = MetaDataset(source, name=name, digest=manifest["fingerprint"][:16], schema=schema).to_dict()
+    splits = manifest["splits"]
+    profile = {"documents": sum(s["documents"] for s in splits.values()),
+               "tokens": sum(s["tokens"] for s in splits.values()),
+               "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"], "files": len(paths)}
+    return {**fields, "profile": json.dumps(profile)}
+
+def registered_model_name(exp: Experiment) -> str:
+    """The registry name of an experiment's models: its MLflow experiment's name ('/' and ':' are not allowed)."""
+    return re.sub(r"[/:]", "-", exp.tracking.experiment or exp.name)
+
+class Tracker:
+    """fwray.run's one handle on MLflow, made before any work: the store checked reachable (an unreachable one is
+    `TrackingUnavailable`, one line; with tracking.required false, the local store with a warning), then the parent
+    run started or reused, the data preparation as a nested run, what the run logs, and its finish.
+
+    Once a run is started or reused, logging goes through a `RunLogger`: an outage warns and never stops the run.
+    `client` and `run_id` are what other code needs to nest its own runs (the probe).
+    """
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.client = connect(exp)
+        self.uri = self.client.tracking_uri
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.run_dir: Path | None = None
+        self._log: RunLogger | None = None
+
+    def start(self, run_name: str, run_dir: str | os.PathLike, device: str) -> str:
+        """A new parent run, tagged with fwray's version and commit, `device` and the library versions."""
+        return self.reuse(start_run(self.client, self.exp, run_name, tags=run_tags(self.exp, device)), run_dir)
+
+    def reuse(self, run_id: str, run_dir: str | os.PathLike) -> str:
+        """Log into `run_id` from here on (an earlier run's, on --resume), its outbox in `run_dir`."""
+        self.run_id, self.run_dir = run_id, Path(run_dir)
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id  # for the addresses the run ends with
+        self._log = RunLogger(self.uri, run_id, self.run_dir)
+        return run_id
+
+    def log_prepare(self, cache_dir: str | os.PathLike, manifest: dict, wall_seconds: float) -> str | None:
+        """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
+        data report (written to the run folder first). Returns its id, or None (after one warning) when MLflow fails:
+        data logging never stops a run."""
+        report = self.run_dir / DATA_REPORT
+        report.write_text(data_report(manifest))
+        try:
+            tags = {"fwray.cache": str(cache_dir), "fwray.fingerprint": manifest.get("fingerprint", "")}
+            child = start_run(self.client, self.exp, PREPARE_RUN, tags, parent_run_id=self.run_id)
+            params = {k: v for k, v in flatten(self.exp).items() if k.startswith("data.")}
+            params["fingerprint"] = manifest.get("fingerprint", "")
+            log_params(self.client, child, params)
+            values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
+            self.client.log_batch(child, metrics=[Metric(k, float(v), now_ms(), 0) for k, v in values.items()])
+            self.client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
+            self.client.log_artifact(child, str(report))
+            self.client.set_terminated(child, "FINISHED")
+            return child
+        except Exception as e:
+            print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
+                  f"{first_line(e)}); training goes on", file=sys.stderr, flush=True)
+            return None
+
+    def params(self, values: dict[str, object]) -> None:
+        self._log.params(values)
+
+    def tags(self, values: dict[str, object]) -> None:
+        self._log.tags(values)
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._log.artifact(path, artifact_path)
+
+    def dataset(self, manifest: dict) -> None:
+        """The prepared data as the run's training dataset: the runs table's Dataset column, the run page's inputs."""
+        self._log.dataset(training_dataset(manifest, self.exp.data), "training")
+
+    def log_model(self) -> str | None:
+        """The run's final model (`<run_dir>/model`, else the run's model/ artifacts: rank 0 may have trained on
+        another node) as an MLflow model under the run, registered as a new version of `registered_model_name`.
+        Returns its `models:/NAME/VERSION`. Never raises: the run has trained, so a failure is one warning, and the
+        model waits in the outbox for `replay`."""
+        from ..core import checkpoint  # torch and mlflow.pyfunc: only a run that trained needs them
+        from . import served
+
+        name = registered_model_name(self.exp)
+        folder = (self.run_dir / checkpoint.MODEL_DIR).resolve()
+        record = {"run_id": self.run_id, "uri": self.uri, "model": str(folder), "registered_model": name}
+        try:
+            info = served.log_run_model(self.uri, self.run_id, record["model"], name)
+            return f"models:/{name}/{info.registered_model_version}"
+        except Exception as e:
+            path = self.run_dir / outbox.FALLBACK_FILE
+            outbox.keep(path, record)
+            print(f"fwray: warning: MLflow at {self.uri} did not take the trained model as an MLflow model "
+                  f"({type(e).__name__}: {first_line(e)[:160]}); it waits in {path}: log it with "
+                  f"`python -m fwray.tracking replay {path}`", file=sys.stderr, flush=True)
+            return None
+
+    def finish(self, ok: bool, tags: dict[str, str] | None = None) -> bool:
+        """FINISHED or FAILED with the outcome `tags`; never raises (an outage keeps them in the outbox)."""
+        return finish(self.client, self.run_id, ok, self.run_dir, tags)
+
+    def ui_command(self) -> str:
+        return ui_command(self.uri)
+
+    def run_page(self) -> str:
+        return run_page(self.uri, self.experiment_id, self.run_id)
+
+    def runs_table(self) -> str:
+        return runs_table(self.uri, self.experiment_id)
