@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_command(exp: Experiment, args, command: str) -> Plan:
+def plan_command(exp: Experiment, args, command_line: str) -> Plan:
     """The command's work: plan, print, write the experiment (with --write), log the plan to MLflow."""
     from ..tracking import store as tracking
     from . import measure as plan_run  # the boundary: the card, the data's size, Ray Tune trials, MLflow
@@ -76,8 +76,8 @@ def plan_command(exp: Experiment, args, command: str) -> Plan:
     text = table(plan)
     print(text, flush=True)
     if written:
-        write_atomic(written, experiment_yaml(plan, command).encode())
-    run_id = plan_run.track(client, plan, text, out_dir, written, command)
+        write_atomic(written, experiment_yaml(plan, command_line).encode())
+    run_id = plan_run.track(client, plan, text, out_dir, written, command_line)
     if written:
         print(f"\nwrote {written}: train it with `python -m fwray.run {written}`")
     print(f"MLflow run {run_id} (plan) in experiment {exp.tracking.experiment or exp.name!r} at {client.tracking_uri}")
