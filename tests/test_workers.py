@@ -58,9 +58,48 @@ def test_two_workers_match_one_worker_with_accumulation(two_workers, tiny_run):
         torch.testing.assert_close(two["weights"][k], w, rtol=0, atol=1e-3)
 
 
-def _count_allreduces(rank: int, world: int, port: int, results) -> None:
-    """One rank of a 2-process gloo group: 3 optimizer steps of 4 micro-steps through a compiled, DDP-wrapped
-    engine, counting the gradient all-reduces DDP launches."""
+# the 2-rank tests' engine: one layer, 4 micro-steps an optimizer step
+TINY_MODEL = config.ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
+ACCUMULATING = config.TrainConfig(batch_size=2, gradient_accumulation_steps=4, max_iters=3)
+
+
+def run_two_ranks(target, *args, timeout: float = 240) -> list:
+    """`target(rank, *args)` in 2 spawned processes joined in one gloo group on this machine; its results by rank.
+    `target` lives at module level (spawn imports it by name) and returns something picklable."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(target, rank, port, results, args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():  # a hung rank would keep its port and the other rank's group
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    by_rank = dict(results.get(timeout=10) for _ in procs)
+    return [by_rank[rank] for rank in range(2)]
+
+
+def _rank_main(target, rank: int, port: int, results, args: tuple) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results.put((rank, target(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _count_allreduces(rank: int) -> tuple[bool, list[list[int]]]:
+    """3 optimizer steps of 4 micro-steps through a compiled, DDP-wrapped engine: whether it compiled, and the
+    buckets DDP all-reduced in each step."""
     import functools
 
     import torch.distributed as dist
@@ -70,47 +109,67 @@ def _count_allreduces(rank: int, world: int, port: int, results) -> None:
 
     # the same dynamo tracing as inductor, without its minute of C++ compilation on 2 cores
     torch.compile = functools.partial(torch.compile, backend="aot_eager")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        engine = Engine.build(config.ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16),
-                              config.TrainConfig(batch_size=2, gradient_accumulation_steps=4, max_iters=3),
-                              torch.device("cpu"), compile=True)
-        calls = []
+    engine = Engine.build(TINY_MODEL, ACCUMULATING, torch.device("cpu"), compile=True)
+    calls = []
 
-        def counting_hook(state, bucket):
-            calls.append(bucket.index())
-            return allreduce_hook(dist.group.WORLD, bucket)
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(dist.group.WORLD, bucket)
 
-        engine.model.register_comm_hook(None, counting_hook)
-        x = torch.randint(0, 50257, (2, 17))
-        per_step = []
-        for step in range(3):
-            calls.clear()
-            engine.step(step, lambda micro: (x[:, :-1], x[:, 1:]))
-            per_step.append(list(calls))
-        results.put((rank, engine.compiled, per_step))
-    finally:
-        dist.destroy_process_group()
+    engine.model.register_comm_hook(None, counting_hook)
+    x = torch.randint(0, 50257, (2, 17))
+    per_step = []
+    for step in range(3):
+        calls.clear()
+        engine.step(step, lambda micro: (x[:, :-1], x[:, 1:]))
+        per_step.append(list(calls))
+    return engine.compiled, per_step
 
 
 def test_compiled_ddp_all_reduces_once_per_optimizer_step():
     """Gradient accumulation under DDP skips the all-reduce on all but the last micro-step, with torch.compile too."""
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_count_allreduces, args=(r, 2, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    for _ in procs:
-        rank, compiled, per_step = results.get(timeout=10)
+    for rank, (compiled, per_step) in enumerate(run_two_ranks(_count_allreduces)):
         assert compiled
         for calls in per_step:  # each bucket all-reduced once a step, not once a micro-step (4 here)
             assert calls and len(calls) == len(set(calls)), (rank, per_step)
+
+
+def _gradient_storages(rank: int) -> list[tuple[set[int], list[list[int | None]]]]:
+    """3 optimizer steps of 4 micro-steps through a DDP-wrapped engine. For each step: the storages of the buckets
+    DDP all-reduced, and of every parameter's .grad as micro-steps 1..3 begin (after no_sync backward passes)."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from fwray.engine import Engine
+
+    engine = Engine.build(TINY_MODEL, ACCUMULATING, torch.device("cpu"), compile=False)
+    buckets, grads = set(), []
+
+    def recording_hook(state, bucket):
+        buckets.add(bucket.buffer().untyped_storage().data_ptr())
+        return allreduce_hook(dist.group.WORLD, bucket)
+
+    def batch(micro):
+        if micro:
+            grads.append([p.grad if p.grad is None else p.grad.untyped_storage().data_ptr()
+                          for p in engine.raw_model.parameters()])
+        return x[:, :-1], x[:, 1:]
+
+    engine.model.register_comm_hook(None, recording_hook)
+    x = torch.randint(0, 50257, (2, 17))
+    per_step = []
+    for step in range(3):
+        engine.step(step, batch)
+        per_step.append((set(buckets), list(grads)))
+        buckets.clear(), grads.clear()
+    return per_step
+
+
+def test_ddp_accumulates_into_its_buckets():
+    """Under DDP every micro-step's gradients are views of the all-reduce buckets, on every optimizer step: no
+    second, full-size copy of them beside the buckets (which the single-process probe's peak would not include)."""
+    for rank, per_step in enumerate(run_two_ranks(_gradient_storages)):
+        for step, (buckets, grads) in enumerate(per_step):
+            assert buckets and len(grads) == ACCUMULATING.gradient_accumulation_steps - 1
+            for storages in grads:
+                assert set(storages) <= buckets, (rank, step, storages, buckets)
