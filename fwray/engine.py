@@ -74,11 +74,13 @@ def autocast_context(device_type: str, dtype: torch.dtype):
 
 
 def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
-    """train.compile resolved: auto means on where it can run; asked-for but impossible gives one warning."""
-    available, why = hardware.compile_available(device)
-    if train.compile is False:
+    """train.compile resolved: true compiles on any device, auto on CUDA only (on a CPU, Inductor's C++ compile costs
+    more than it saves, and the check below would cost a compile too); either way only where torch.compile can run
+    (hardware.compile_available), else one warning saying what is missing, and training runs uncompiled."""
+    if train.compile is False or (train.compile == "auto" and device.type != "cuda"):
         return False
-    if not available and device.type == "cuda":  # on CPU, off is simply the default
+    available, why = hardware.compile_available(device)
+    if not available:
         warnings.warn(f"{why}; training runs uncompiled", stacklevel=2)
     return available
 
