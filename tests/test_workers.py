@@ -151,7 +151,7 @@ def _gradient_storages(rank: int) -> list[tuple[set[int], list[list[int | None]]
 
     def batch(micro):
         if micro:
-            grads.append([p.grad if p.grad is None else p.grad.untyped_storage().data_ptr()
+            grads.append([None if p.grad is None else p.grad.untyped_storage().data_ptr()
                           for p in engine.raw_model.parameters()])
         return x[:, :-1], x[:, 1:]
 
@@ -161,7 +161,8 @@ def _gradient_storages(rank: int) -> list[tuple[set[int], list[list[int | None]]
     for step in range(3):
         engine.step(step, batch)
         per_step.append((set(buckets), list(grads)))
-        buckets.clear(), grads.clear()
+        buckets.clear()
+        grads.clear()
     return per_step
 
 
