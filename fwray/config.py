@@ -130,7 +130,7 @@ class TrainConfig:
     eval_iters: int = 20
     eval_batch_size: int | None = None  # None => batch_size
     log_interval: int = 10
-    compile: bool | str = "auto"  # auto: on for CUDA (when Triton is present), off on CPU
+    compile: bool | str = "auto"  # auto: on for CUDA, off on CPU; true: on any device; where it can run (else eager)
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32, bfloat16
     seed: int = 1337
     keep_checkpoints: int = 3

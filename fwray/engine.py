@@ -74,11 +74,13 @@ def autocast_context(device_type: str, dtype: torch.dtype):
 
 
 def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
-    """train.compile resolved: auto means on where it can run; asked-for but impossible gives one warning."""
-    available, why = hardware.compile_available(device)
-    if train.compile is False:
+    """train.compile resolved: true compiles on any device, auto on CUDA only (on a CPU, Inductor's C++ compile costs
+    more than it saves, and the check below would cost a compile too); either way only where torch.compile can run
+    (hardware.compile_available), else one warning saying what is missing, and training runs uncompiled."""
+    if train.compile is False or (train.compile == "auto" and device.type != "cuda"):
         return False
-    if not available and device.type == "cuda":  # on CPU, off is simply the default
+    available, why = hardware.compile_available(device)
+    if not available:
         warnings.warn(f"{why}; training runs uncompiled", stacklevel=2)
     return available
 
@@ -112,7 +114,12 @@ class Engine:
         if _world_size() > 1:
             # DDP outermost (as nanoGPT): torch.compile(DDP(m)) is no DDP instance, and `step` must reach DDP's
             # no_sync to skip the all-reduce on all but the last micro-step. Gradients as views of the all-reduce
-            # buckets: no second copy of them, so a worker's peak is what the single-process probe measured.
+            # buckets: no second copy of them, so a worker's peak is what the single-process probe measured. DDP
+            # aliases only a gradient that exists (at construction, or at an all-reduce) and no_sync micro-steps
+            # accumulate into .grad, so a gradient set to None comes back as a full-size tensor beside the buckets:
+            # gradients exist from the start and `step` zeroes them in place, never drops them.
+            for p in raw.parameters():
+                p.grad = torch.zeros_like(p)
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         return cls(model_config, train, device, raw, model, make_optimizer(raw, train),
@@ -138,9 +145,10 @@ class Engine:
         accum = t.gradient_accumulation_steps
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         for micro in range(accum):
             x, y = (self.to_device(a) for a in get_batch(micro))
-            sync = micro == accum - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+            sync = micro == accum - 1 or not ddp
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
                 loss = self.model(x, y) / accum
             loss.backward()
@@ -151,7 +159,7 @@ class Engine:
         if _world_size() > 1:  # each rank saw its own loss: skip the step on every rank if any saw a bad one
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.optimizer.step(lr_multiplier(step, t), found_inf=bad)
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=not ddp)  # under DDP they stay the buckets' views (see build)
         return loss_sum, bad.bool()
 
     @torch.no_grad()
