@@ -236,6 +236,8 @@ def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
 
 def table(plan: Plan) -> str:
     t, b, exp = plan.target, plan.best, plan.exp
+    head_size = cand.HEAD_SIZE[exp.model.recipe]
+    width = f"{cand.ASPECT}d wide" + (f" rounded up to whole heads of {head_size}" if head_size > cand.ASPECT else "")
     head = ("depth", "shape", "params", "MFLOP/tok", "micro x acc", "est. GB", "tokens/s", "steps", "tokens",
             "epochs", "tok/param", "law loss")
     rows = [head] + [_row(c, b, plan.law(c)) for c in plan.shown]
@@ -251,10 +253,8 @@ def table(plan: Plan) -> str:
         f"{exp.probe.margin:.0%} margin)",
         f"data     {plan.data.train_tokens:,} train tokens"
         + (f", {plan.data.documents:,} documents" if plan.data.documents else "") + f" ({plan.data.note})",
-        f"family   depth d: d layers x {cand.ASPECT}d wide, head size "
-        f"{cand.HEAD_SIZE[exp.model.recipe]} ({exp.model.recipe} "
-        f"recipe), block {exp.model.block_size}; every candidate at {exp.tokens_per_step:,} tokens per optimizer "
-        f"step",
+        f"family   depth d: d layers x {width}, head size {head_size} ({exp.model.recipe} recipe), block "
+        f"{exp.model.block_size}; every candidate at {exp.tokens_per_step:,} tokens per optimizer step",
         f"speed    {plan.speed_note}",
         f"memory   fwray.memory's CPU estimate: {plan.estimates} estimates in {plan.estimate_s:.0f} s (the largest "
         f"micro-batch and a small one per shape, the chosen one verified; remembered in .fwray/plan)",
@@ -266,6 +266,9 @@ def table(plan: Plan) -> str:
         "candidates; not the loss the run will reach" + (f"; {hidden} other depths not shown" if hidden else ""),
         *([f"          below the law's fitted range ({scaling.FITTED_MIN_TOKENS / 1e6:.0f}M tokens) its small-scale "
            f"form ranks: the same law of non-embedding parameters (fwray/scaling.py says why)"] if plan.small else []),
+        *([f"          {_flops(b.flops_per_token * b.tokens)} FLOPs is below the law's smallest fitted compute "
+           f"({_flops(scaling.FITTED_MIN_FLOPS)}): an extrapolation"] if b.flops_per_token * b.tokens
+          < scaling.FITTED_MIN_FLOPS else []),
         f"time: steps at the speed shown plus {pred['evaluations']} evaluations (~{b.eval_s:.1f} s each, checkpoint "
         f"included) within the budget; preparing the data and starting Ray come on top",
         "",
@@ -275,6 +278,10 @@ def table(plan: Plan) -> str:
         f"why: {plan.why}",
         *([f"note: {_exhausted(b)}"] if b.epochs > scaling.R_D_STAR else []),
     ])
+
+
+def _flops(n: float) -> str:
+    return f"{n:.1e}".replace("e+", "e")
 
 
 def _exhausted(c: Candidate) -> str:
