@@ -190,28 +190,38 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
 
 
-def outcome(fig: dict[str, float], summary: dict, predicted_peak_gb: float | None = None) -> dict[str, float]:
+def outcome(fig: dict[str, float], summary: dict, predicted_peak_gb: float | None = None,
+            planned_for: str | None = None) -> dict[str, float | str]:
     """What the run measured beside what the plan (and the probe) predicted: tokens/s, training time (the engine's
-    loop, evaluations included), peak memory, and the measured / predicted ratios."""
+    loop, evaluations included), peak memory, and the measured / predicted ratios. A run on another device than the
+    card the plan was for (`planned_for`; rank 0's device in the summary) gets no ratios: they would compare two
+    machines, not the plan with the run."""
     out = {"measured_tokens_per_s": summary.get("tokens_per_s"), "measured_seconds": summary.get("seconds"),
            "measured_hours": summary.get("seconds", 0) / 3600,
            "predicted_tokens_per_s": fig.get("predicted_tokens_per_s"),
            "predicted_seconds": fig.get("predicted_seconds"), "slowest_seconds": fig.get("slowest_seconds"),
            "predicted_peak_gb": predicted_peak_gb, "measured_peak_gb": summary.get("peak_reserved_gb")}
-    for what, key in (("speed", "tokens_per_s"), ("time", "seconds")):
-        if out[f"measured_{key}"] and out[f"predicted_{key}"]:
-            out[f"{what}_ratio"] = out[f"measured_{key}"] / out[f"predicted_{key}"]
+    trained_on = summary.get("device")
+    if planned_for and trained_on and (hardware.normalise_gpu_name(planned_for)
+                                       != hardware.normalise_gpu_name(trained_on)):
+        out.update(planned_for=planned_for, trained_on=trained_on)
+    else:
+        for what, key in (("speed", "tokens_per_s"), ("time", "seconds")):
+            if out[f"measured_{key}"] and out[f"predicted_{key}"]:
+                out[f"{what}_ratio"] = out[f"measured_{key}"] / out[f"predicted_{key}"]
     return {k: v for k, v in out.items() if v is not None}
 
 
-def describe_outcome(out: dict[str, float]) -> str:
+def describe_outcome(out: dict[str, float | str]) -> str:
     lines = []
+    elsewhere = (f"the plan was for {out['planned_for']}, this run trained on {out['trained_on']}: no ratio"
+                 if "trained_on" in out else "")
     measured = out.get("measured_tokens_per_s")
     if measured:
         line = f"  speed        measured {measured:,.0f} tokens/s"
-        if out.get("predicted_tokens_per_s"):
+        if out.get("speed_ratio"):
             line += (f" vs {out['predicted_tokens_per_s']:,.0f} predicted "
-                     f"({measured / out['predicted_tokens_per_s']:.2f}x the plan)")
+                     f"({out['speed_ratio']:.2f}x the plan)")
         lines.append(line)
     if out.get("measured_seconds"):
         line = f"  time         trained {duration(out['measured_seconds'])}"
@@ -219,6 +229,8 @@ def describe_outcome(out: dict[str, float]) -> str:
             fast = out["predicted_seconds"]
             line += (f" vs {time_span(fast, out.get('slowest_seconds', fast))} predicted "
                      f"({out['time_ratio']:.2f}x the plan's figure)")
+        elif elsewhere:
+            line += f"; {elsewhere}"
         lines.append(line)
     if out.get("measured_peak_gb") is not None:
         line = f"  memory       peak {out['measured_peak_gb']:.2f} GB reserved"

@@ -115,3 +115,16 @@ def test_a_measured_shape_gives_one_time_and_says_measured():
     planned = config.resolve(config.load(FULL, ["probe.enabled=false", "hardware.tokens_per_s=80000"]), 700_000_000)
     fig = figures.figures(planned, manifest(700_000_000))
     assert fig["slowest_tokens_per_s"] < 80_000 and "top of the 60–82% MFU band" in fig["throughput_source"]
+
+
+def test_a_run_on_another_device_than_the_planned_card_gives_no_ratio():
+    fig = {"predicted_tokens_per_s": 90_000.0, "predicted_seconds": 12.0, "slowest_seconds": 16.4}
+    out = figures.outcome(fig, {"tokens_per_s": 700.0, "seconds": 42.0, "device": "cpu"}, planned_for="RTX 4070")
+    assert not any(k.endswith("_ratio") for k in out)
+    text = figures.describe_outcome(out)
+    assert "the plan was for RTX 4070, this run trained on cpu: no ratio" in text and "x the plan" not in text
+    # the planned card itself, however torch names it: the ratios are there
+    same = figures.outcome(fig, {"tokens_per_s": 80_000.0, "seconds": 14.0, "device": "NVIDIA GeForce RTX 4070"},
+                           planned_for="RTX 4070")
+    assert same["time_ratio"] == pytest.approx(14 / 12) and "within" not in figures.describe_outcome(same)
+    assert "0.2–0.3 min predicted (1.17x the plan's figure)" in figures.describe_outcome(same)
