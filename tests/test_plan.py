@@ -299,6 +299,7 @@ def test_measure_on_cpu_times_the_best_shapes_and_writes_their_figures(ray_sessi
     manifest = {"splits": {"train": {"documents": 206, "tokens": 1_481_455}, "val": {"documents": 12, "tokens": 1}}}
     fig = figures.figures(config.resolve(exp, 1_481_455), manifest)
     assert 0.97 * 180 < fig["predicted_seconds"] <= 180  # the run predicts the plan's time from the file alone
+    assert exp.hardware.tokens_per_s_measured and "(measured speed)" in figures.describe(exp, fig)  # one time
     out_of_run = figures.outcome(fig, {"tokens_per_s": exp.hardware.tokens_per_s, "seconds": 190.0})
     assert out_of_run["time_ratio"] == pytest.approx(190 / fig["predicted_seconds"])
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
