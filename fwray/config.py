@@ -267,6 +267,8 @@ class HardwareConfig:
                "must be positive")
         _check(self.eval_seconds is None or self.eval_seconds >= 0, "hardware.eval_seconds", self.eval_seconds,
                "must be 0 or more")
+        _check(not self.tokens_per_s_measured or self.tokens_per_s, "hardware.tokens_per_s_measured",
+               self.tokens_per_s_measured, "says hardware.tokens_per_s was measured, but it is not set: set both")
 
 
 @dataclass(frozen=True)
