@@ -249,10 +249,11 @@ class ProbeConfig:
 class HardwareConfig:
     peak_tflops: float | None = None  # overrides the peak-FLOPs table for MFU
     gpu: str | None = None  # the card the plan predicts for (e.g. "RTX 4070", or "cpu"); None => the one torch sees
-    # for the time prediction; None => from the card's public reference throughput (fwray.figures.assumed_mfu), else
-    # 0.40. The run measures the real one
+    # for the time prediction: one figure; None => the band for the card's class (fwray.figures.MFU_BANDS). The run
+    # measures the real one
     assumed_mfu: float | None = None
-    tokens_per_s: float | None = None  # planned training tokens/s (fwray.plan --measure writes it): overrides MFU
+    tokens_per_s: float | None = None  # planned training tokens/s (fwray.plan writes it): overrides MFU
+    tokens_per_s_measured: bool = False  # fwray.plan --measure timed this shape on the card: one time, not a range
     eval_seconds: float | None = None  # planned seconds of one evaluation and its checkpoint (fwray.plan writes it)
 
     SECTION: typing.ClassVar[str] = "hardware"
@@ -266,6 +267,8 @@ class HardwareConfig:
                "must be positive")
         _check(self.eval_seconds is None or self.eval_seconds >= 0, "hardware.eval_seconds", self.eval_seconds,
                "must be 0 or more")
+        _check(not self.tokens_per_s_measured or self.tokens_per_s, "hardware.tokens_per_s_measured",
+               self.tokens_per_s_measured, "says hardware.tokens_per_s was measured, but it is not set: set both")
 
 
 @dataclass(frozen=True)

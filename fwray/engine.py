@@ -284,7 +284,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
             loss_acc.zero_(), bad_acc.zero_(), worst_streak.zero_()
             interval_start, interval_steps = time.perf_counter(), 0
 
-    summary.update(steps=t.max_iters, nonfinite_skipped=nonfinite_total,
+    summary.update(steps=t.max_iters, nonfinite_skipped=nonfinite_total, device=hardware.device_name(device),
                    seconds=time.perf_counter() - run_start,
                    tokens_per_s=steps_timed * tokens_per_step / seconds_timed if seconds_timed else None,
                    **hardware.memory_stats(device))

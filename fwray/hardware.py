@@ -46,13 +46,6 @@ GPU_MEMORY_GB: dict[str, float] = {
     "rtx 3090 ti": 24, "rtx 3090": 24, "rtx 3080 ti": 12, "rtx 3070 ti": 8, "rtx 3070": 8, "rtx 3060 ti": 8,
 }
 
-# Public training throughput of a known model on a card, from which the time prediction takes that card's MFU
-# (fwray.figures.assumed_mfu): tokens/s, the model as a ModelConfig's keyword arguments, and where it comes from.
-REFERENCE_THROUGHPUT: dict[str, tuple[float, dict, str]] = {
-    "rtx 4070": (56_000, dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
-                 "GPT-2 124M with nanoGPT, bf16, compiled"),  # fwray's DESIGN.md
-}
-
 
 def table_memory(gpu_name: str) -> float | None:
     """The table's memory in GB for a GPU name such as 'NVIDIA GeForce RTX 4070' or 'RTX 4070'."""
