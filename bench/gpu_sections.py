@@ -160,7 +160,8 @@ def _profile_step(engine: Engine, batches, step: int, device: torch.device) -> d
     names = [e.name for e in prof.events()]
     copies = [n for n in names if n.startswith("Memcpy HtoD")]
     attention = ("flash", "fmha", "attention", "sdpa", "cudnn")  # FlashAttention, cuDNN, memory-efficient kernels
-    return {"attention_kernels": sorted({n for n in names if any(a in n.lower() for a in attention)
+    return {"sdpa_ops": sorted({n for n in names if n.startswith("aten::_scaled_dot_product")}),  # the backend chosen
+            "attention_kernels": sorted({n for n in names if any(a in n.lower() for a in attention)
                                          and not n.startswith("aten::")})[:6],
             "htod_copies": sorted(set(copies)), "pinned_htod": bool(copies) and all("Pinned" in n for n in copies)}
 
@@ -216,14 +217,15 @@ def throughput(shape: str, batch_size: int, steps: int, cuda: bool) -> dict:
                                    not out["recompiled_after_eval"]))
         if cuda:
             out.update(_profile_step(engine, batches, 6 + steps, device))
-            out["checks"].append(check(f"pinned host-to-device copies ({len(out['htod_copies'])} kinds)",
-                                       out["pinned_htod"], "all pinned", out["pinned_htod"]))
+            out["checks"] += [check(f"pinned host-to-device copies ({len(out['htod_copies'])} kinds)",
+                                    out["pinned_htod"], "all pinned", out["pinned_htod"]),
+                              check(f"attention: {', '.join(out['sdpa_ops']) or 'no SDPA op seen'}", out["sdpa_ops"])]
         del engine
         if out["compiled"]:
             torch._dynamo.reset()
-            from torch._inductor.utils import clear_caches
+            from torch._inductor.utils import clear_inductor_caches  # (clear_caches's older name, kept in 2.13)
 
-            clear_caches()
+            clear_inductor_caches()
             torch.cuda.empty_cache()
             _, out["compile_seconds_warm"] = _build_and_warm(exp, device, batches)
             out["checks"].append(check(f"compile s cold {cold:.0f} / warm {out['compile_seconds_warm']:.0f}",

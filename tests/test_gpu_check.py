@@ -15,10 +15,13 @@ from bench.child import run_in_child  # noqa: E402  (standard library only: a ch
 
 
 def _gpu_check(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
-    out = tmp_path / "gpu_check.json"
+    """The script with ray and mlflow unimportable in it and in every section's process, as on the GPU machine."""
+    out, guard = tmp_path / "gpu_check.json", tmp_path / "no_ray"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = sys.modules['mlflow'] = None\n")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
                            *args], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(guard), str(ROOT)])})
     return proc, json.loads(out.read_text())
 
 
