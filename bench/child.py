@@ -26,19 +26,27 @@ def run_in_child(fn, args: tuple, limit_s: float) -> dict:
     start = time.monotonic()
     proc.start()
     send.close()  # the child holds the only sending end: its death reads as end-of-file here
-    result = None
     try:
-        if receive.poll(max(0.0, limit_s - (time.monotonic() - start))):
-            result = receive.recv()
-    except EOFError:
-        result = {"error": f"the process died (exit code {_exit_code(proc)}) before returning a result"}
+        result = _receive(receive, proc, max(0.0, limit_s - (time.monotonic() - start)))
+    finally:  # on an interrupt too: a section never outlives this call
+        kill(proc)
+        receive.close()
     if result is None:
         result = {"killed": f"ran past its {limit_s:.0f} s limit: killed"}
-    else:
-        proc.join(GRACE_S)
-    kill(proc)
-    receive.close()
     return {**result, "pid": proc.pid, "seconds": round(time.monotonic() - start, 1)}
+
+
+def _receive(receive, proc, timeout_s: float) -> dict | None:
+    """The child's result, an error if it died first, or None if the time ran out."""
+    try:
+        if not receive.poll(timeout_s):
+            return None
+        result = receive.recv()
+    except EOFError:
+        proc.join(GRACE_S)
+        return {"error": f"the process died (exit code {proc.exitcode}) before returning a result"}
+    proc.join(GRACE_S)  # it exits after sending
+    return result
 
 
 def kill(proc) -> None:
@@ -60,11 +68,6 @@ def _signal(pid: int, sig: int, group_only: bool = False) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-
-
-def _exit_code(proc) -> int | None:
-    proc.join(GRACE_S)
-    return proc.exitcode
 
 
 def _child(send, fn, args) -> None:

@@ -37,7 +37,7 @@ from bench import gpu_sections as sections  # noqa: E402
 from bench.child import run_in_child  # noqa: E402
 from fwray import hardware, tokens  # noqa: E402
 
-GPU_BUDGET_S = 340  # the sections' share of 6 minutes (this process's start and the table take the rest)
+GPU_BUDGET_S = 330  # the sections' share of 6 minutes (this process's start, a last kill's grace, the table)
 CPU_BUDGET_S = 1800  # the smoke test on a slow shared CPU: nothing is meant to be skipped there
 MIN_START_S = 5  # a section is not started with less left: it could not finish
 GPU_LIMITS_S = {"probe": 60, "throughput": 150, "reference": 100, "check": 45, "probe_compiled": 120}
