@@ -36,9 +36,10 @@ CARD = {"gpu_memory_gb": 12, "context_overhead_gb": 0.5}  # the target: an RTX 4
 # torch's sync debug mode "warn" (c10/cuda/CUDAFunctions.cpp, warn_or_error_on_sync) raises TORCH_WARN with this
 # text; Python sees a UserWarning whose message starts with it (" (Triggered internally at ...)" follows)
 SYNC_WARNING = "called a synchronizing CUDA operation"
-COMPILE_NOTE = ("cold: a fresh, empty Inductor cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) in this process; "
-                "warm: the same process after torch._dynamo.reset() with Inductor's in-memory caches cleared, "
-                "reading the on-disk cache the cold compile filled")
+COMPILE_NOTE = ("compile seconds: the first 3 steps of a new engine. cold: a fresh, empty Inductor cache "
+                "(TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) in the section's own process; warm: the same process "
+                "after torch._dynamo.reset() with Inductor's in-memory caches cleared, reading the on-disk cache the "
+                "cold compile filled")
 
 
 def check(figure: str, value, goal: str = "-", held: bool | None = None) -> dict:
