@@ -32,7 +32,7 @@ import torch
 
 from .config import SAMPLINGS
 from .errors import FwrayError
-from .tokens import EOT, TOKEN_DTYPE
+from .tokens import EOT, TOKEN_DTYPE, VOCAB_SIZE
 
 _TRAIN, _VAL, _EPOCH = 0, 1, 2  # random streams: train draws, validation draws, epoch permutations
 _SCAN_CHUNK = 1 << 26  # tokens per EOT scan: a 128 MB read, a 64 MB mask
@@ -73,10 +73,7 @@ class TokenShards:
 
     def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of the windows `starts`."""
-        w = self.windows(starts)
-        # contiguous inputs and targets: a pinned copy of a strided view would stage through pageable memory and
-        # make the host-to-device copy synchronous
-        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+        return inputs_and_targets(torch.from_numpy(self.windows(starts)))
 
     def epoch_layout(self, align_to_documents: bool) -> np.ndarray:
         """The global indices, ascending, of the windows one epoch reads (the module docstring has both layouts)."""
@@ -192,6 +189,17 @@ class Batches:
             rng = np.random.default_rng([self.seed, _EPOCH, epoch])
             self._orders[epoch] = rng.permutation(self.num_windows)
         return self._orders[epoch]
+
+
+def inputs_and_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of (rows, block_size + 1) token windows, each contiguous: a pinned copy of a strided view
+    would stage through pageable memory and make the host-to-device copy synchronous."""
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def random_batch(batch_size: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random tokens laid out as the loader's (memory and speed do not depend on the values)."""
+    return inputs_and_targets(torch.randint(0, VOCAB_SIZE, (batch_size, block_size + 1)))
 
 
 def val_batch(val: TokenShards, seed: int, i: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

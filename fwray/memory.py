@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ModelConfig, TrainConfig
 from .engine import Engine, autocast_dtype, loss_sums
+from .loader import random_batch
 from .model import GPT
 from .optim import make_optimizer
 
@@ -68,11 +69,6 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _batch(model: ModelConfig, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(0, 50257, (batch_size, model.block_size + 1), device=device)
-    return x[:, :-1], x[:, 1:]
-
-
 def measure_peak_bytes(model: ModelConfig, train: TrainConfig, batch_size: int, activation_checkpointing: bool = False,
                        eval_batch_size: int | None = None, accumulation: int | None = None,
                        dtype: torch.dtype | None = None, fake: bool = True, steps: int = 2) -> dict:
@@ -100,13 +96,13 @@ def measure_peak_bytes(model: ModelConfig, train: TrainConfig, batch_size: int, 
         engine = Engine(model, train, device, raw, raw, make_optimizer(raw, train), dtype, compiled=False)
         counter.track(*raw.parameters())
         params = counter.current
-        batch = _batch(model, batch_size, device)
+        batch = random_batch(batch_size, model.block_size)
         counter.reset_peak()
         for step in range(steps):
             engine.step(step, lambda micro: batch)
         train_peak = counter.peak
         del batch
-        val = _batch(model, eval_batch_size, device)
+        val = random_batch(eval_batch_size, model.block_size)
         counter.reset_peak()
         # Engine.evaluate's forward (its read-back has no value under FakeTensorMode)
         with torch.no_grad(), engine.autocast():

@@ -32,7 +32,7 @@ from . import artifacts, checkpoint, hardware, memory, tokens
 from .config import Experiment
 from .engine import Engine
 from .errors import ProbeError
-from .loader import Batches
+from .loader import Batches, random_batch
 from .model import count_params, flops_per_token
 
 GIB = 2**30
@@ -216,8 +216,7 @@ def _batches(job: ProbeJob, run: Experiment, batch_size: int, eval_bs: int):
 
     class Synthetic:  # random tokens: memory and speed do not depend on their values
         def train_batch(self, step, micro, b=batch_size):
-            x = torch.randint(0, 50257, (b, run.model.block_size + 1))
-            return x[:, :-1], x[:, 1:]
+            return random_batch(b, run.model.block_size)
 
         def val_batch(self, i):
             return self.train_batch(0, 0, eval_bs)
