@@ -104,15 +104,17 @@ class Report:
         self.path = path
         self.data = {"mode": mode, "torch": torch.__version__, "python": platform.python_version(),
                      "device": None,  # from the sections: this process never initialises CUDA
-                     # as set in the environment; the allocator's and SDPA's effective settings belong here too
-                     "allocator": os.environ.get(hardware.ALLOC_CONF_ENV),
-                     "sdpa_backend": os.environ.get("TORCH_CUDNN_SDPA_PREFERRED"),
+                     # as the sections' processes found them (torch's effective settings, not the environment):
+                     # the allocator's configuration and the attention kernel the probe's capped trials ran
+                     "allocator": None, "sdpa_backend": None,
                      "budget_s": budget_s, "compile_note": sections.COMPILE_NOTE, "sections": {}}
 
     def add(self, name: str, result: dict) -> None:
         self.data["sections"][name] = result
         if result.get("device") and result["device"] != "cpu":
             self.data["device"] = self.data["device"] or result["device"]
+        for key in ("allocator", "sdpa_backend"):  # as the first section that records it found it
+            self.data[key] = self.data[key] or result.get(key)
         shown = {k: v for k, v in result.items() if k not in ("checks", "traceback", "model")}
         print(json.dumps(shown, default=str)[:1500], flush=True)
         if "traceback" in result:

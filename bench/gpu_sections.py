@@ -203,7 +203,7 @@ def throughput(shape: str, batch_size: int, steps: int, cuda: bool) -> dict:
         expected_syncs = steps if muon else 0
         out.update(tokens_per_s=tok_s, mfu=mfu, peak_tflops=peak, loss=float(loss), timed_steps=steps,
                    host_syncs=syncs.count if cuda else None, expected_host_syncs=expected_syncs,
-                   **hardware.memory_stats(device))
+                   allocator=hardware.allocator_settings(device), **hardware.memory_stats(device))
         out["checks"] += [
             check(f"tokens/s {tok_s:,.0f}" + (f", MFU {mfu:.1%}" if mfu else ""), tok_s),
             check(f"host syncs in {steps} steps: {out['host_syncs']}", out["host_syncs"],
