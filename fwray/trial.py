@@ -100,7 +100,8 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
     accum = probe_accumulation(exp, batch_size)
     eval_bs = exp.train.eval_batch_size or batch_size
     run = exp.with_changes("train", batch_size=batch_size, gradient_accumulation_steps=accum,
-                           max_iters=exp.train.max_iters or steps)
+                           max_iters=exp.train.max_iters or steps,
+                           **({} if compile is None else {"compile": compile}))
     out = {"batch_size": batch_size, "activation_checkpointing": activation_checkpointing, "compile": compile,
            "eval_batch_size": eval_bs, "probe_accumulation": accum, "status": "ok", "reason": "",
            "tokens_per_s": None}
@@ -132,7 +133,8 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
     engine = batches = None
     try:
         engine = Engine.build(run.model, run.train, device, activation_checkpointing=activation_checkpointing,
-                              compile=compile if device.type == "cuda" else False)
+                              # resolved as training resolves it: where compilation fails, one line and eager
+                              compile=None if device.type == "cuda" else False)
         batches = _batches(job, run, batch_size, eval_bs)
         out.update(allocator=hardware.allocator_settings(device), sdpa_backend=_sdpa_backend(engine, batches))
 
