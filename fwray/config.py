@@ -131,7 +131,7 @@ class TrainConfig:
     eval_iters: int = 20
     eval_batch_size: int | None = None  # None => batch_size
     log_interval: int = 10
-    compile: bool | str = "auto"  # auto: on for CUDA (when Triton is present), off on CPU
+    compile: bool | str = "auto"  # auto: on for CUDA, off on CPU; true: on any device; where it can run (else eager)
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32, bfloat16
     seed: int = 1337
     keep_checkpoints: int = 3
@@ -250,10 +250,11 @@ class ProbeConfig:
 class HardwareConfig:
     peak_tflops: float | None = None  # overrides the peak-FLOPs table for MFU
     gpu: str | None = None  # the card the plan predicts for (e.g. "RTX 4070", or "cpu"); None => the one torch sees
-    # for the time prediction; None => from the card's public reference throughput (fwray.plan.figures.assumed_mfu), else
-    # 0.40. The run measures the real one
+    # for the time prediction: one figure; None => the band for the card's class (fwray.plan.figures.MFU_BANDS). The run
+    # measures the real one
     assumed_mfu: float | None = None
-    tokens_per_s: float | None = None  # planned training tokens/s (fwray.plan --measure writes it): overrides MFU
+    tokens_per_s: float | None = None  # planned training tokens/s (fwray.plan writes it): overrides MFU
+    tokens_per_s_measured: bool = False  # fwray.plan --measure timed this shape on the card: one time, not a range
     eval_seconds: float | None = None  # planned seconds of one evaluation and its checkpoint (fwray.plan writes it)
 
     SECTION: typing.ClassVar[str] = "hardware"
@@ -267,6 +268,8 @@ class HardwareConfig:
                "must be positive")
         _check(self.eval_seconds is None or self.eval_seconds >= 0, "hardware.eval_seconds", self.eval_seconds,
                "must be 0 or more")
+        _check(not self.tokens_per_s_measured or self.tokens_per_s, "hardware.tokens_per_s_measured",
+               self.tokens_per_s_measured, "says hardware.tokens_per_s was measured, but it is not set: set both")
 
 
 @dataclass(frozen=True)

@@ -108,14 +108,15 @@ def run(exp, resume: bool = False) -> int:
                                run_id=run_id, run_dir=str(run_dir), val_text=bpb.text_counts(manifest))
         result = trainer.fit(job, ray_name)
         ok = True
-        outcome = figures.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"))
+        outcome = figures.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"),
+                                  planned_for=figures.target_gpu(exp))
         if exp.tracking.register_model:
             # in the driver, once, after any worker restarts (rank 0 may be on another node); never raises: it has
             # trained
             registered = tracker.log_model()
     finally:
         # never raises: an outage warns and waits for replay; tags, not params: a resume may update them
-        outcome_tags = {f"fwray.outcome.{k}": f"{v:.4g}" for k, v in outcome.items()}
+        outcome_tags = {f"fwray.outcome.{k}": v if isinstance(v, str) else f"{v:.4g}" for k, v in outcome.items()}
         tracker.finish(ok, tags=outcome_tags)
     print(f"\ndone: validation loss {result['first_val_loss']:.3f} -> {result['final_val_loss']:.3f} "
           f"after {exp.train.max_iters} steps")

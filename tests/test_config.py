@@ -91,6 +91,11 @@ def test_block_size_below_one(tmp_path):
     assert "model.block_size = 0" in msg and "at least 1" in msg
 
 
+def test_a_measured_speed_needs_the_figure(tmp_path):
+    msg = error_of(write(tmp_path, BASE), ["hardware.tokens_per_s_measured=true"])
+    assert "hardware.tokens_per_s_measured = True" in msg and "hardware.tokens_per_s" in msg and "set both" in msg
+
+
 def test_bad_override_names_key(tmp_path):
     path = write(tmp_path, BASE)
     msg = error_of(path, ["train.max_iters=lots"])

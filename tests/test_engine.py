@@ -339,3 +339,59 @@ def test_the_epoch_is_the_loaders_windows_read_over_its_layout(tmp_path):
     assert rec.metrics["epoch"] == [(2, 2 * windows_per_step / n), (4, 4 * windows_per_step / n)]
     random = batches_for(t, files)  # windows at any offset: tokens read / tokens held
     assert random.epochs_read(10) == 10 * MODEL.block_size / 8000
+
+
+# Run in a fresh process whose C++ compiler does not exist: Inductor's CPU backend fails for real, as Triton does on
+# a desktop without gcc. Auto leaves CPU uncompiled without the trial; asked-for compile tries, says why not, trains.
+COMPILE_WITHOUT_A_COMPILER = """
+import json, warnings, torch
+from fwray.core import hardware
+from fwray.config import ModelConfig, TrainConfig
+from fwray.core.engine import Engine, compile_enabled
+cpu = torch.device("cpu")
+auto = compile_enabled(TrainConfig(compile="auto"), cpu)
+trials_for_auto = hardware._trial_compile.cache_info().misses
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    engine = Engine.build(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16),
+                          TrainConfig(batch_size=2, max_iters=2, compile=True), cpu)
+x = torch.randint(0, 50257, (2, 17))
+losses = [engine.step(s, lambda micro: (x[:, :-1], x[:, 1:]))[0].item() for s in range(2)]
+print(json.dumps({"auto": auto, "trials_for_auto": trials_for_auto, "compiled": engine.compiled,
+                  "warnings": [str(w.message) for w in caught if "uncompiled" in str(w.message)], "losses": losses}))
+"""
+
+
+def test_compile_falls_back_when_the_compiler_is_missing(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # a cache of its own: no kernel compiled earlier on this machine stands in for the missing compiler
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_A_COMPILER], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["auto"] is False and out["trials_for_auto"] == 0  # CPU's auto: off, and no trial compile paid for
+    assert out["warnings"] == [f"torch.compile failed a trial compile on cpu: no C++ compiler found "
+                               f"({tmp_path / 'no-such-g++'}): install g++ (e.g. build-essential) or set CXX; "
+                               f"training runs uncompiled"]
+    assert out["compiled"] is False
+    assert len(out["losses"]) == 2 and all(math.isfinite(loss) for loss in out["losses"])  # it trained, eager
+
+
+def test_a_failed_cuda_compile_names_what_is_missing(monkeypatch, tmp_path):
+    """Triton's launchers want $CC (else gcc or clang on PATH); where that compiler is there, the error's root cause."""
+    from fwray.core import hardware
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-gcc"))
+    failed = RuntimeError("backend='inductor' raised")
+    no_compiler = "no C compiler found: install gcc (e.g. build-essential) or set CC"
+    assert hardware._what_is_missing("cuda", failed) == no_compiler
+    monkeypatch.delenv("CC")
+    if hardware._what_is_missing("cuda", failed).startswith(("no C compiler", "Python headers")):
+        pytest.skip("this machine lacks a C compiler or Python's headers itself")
+    failed.__cause__ = OSError("libcuda.so cannot be found\nsecond line")
+    assert hardware._what_is_missing("cuda", failed) == "OSError: libcuda.so cannot be found"

@@ -3,6 +3,7 @@ written experiment, bad input; and once, with Ray, --gpu cpu --measure --write f
 import dataclasses
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from fwray import config
@@ -131,11 +132,19 @@ def test_the_4070_reference_and_the_real_shard():
     exp = full()
     speed = exp.with_changes("hardware", gpu="RTX 4070")
     d12 = cand.family(exp.model, [12])[0]
-    # the public figure the MFU comes from: GPT-2 124M on a 4070 at 56K tokens/s
-    assert figures.throughput(cand.with_shape(speed, d12), d12.flops_per_token)[0] == pytest.approx(56_000)
+    # the public figure the consumer band's top comes from: nanoGPT's GPT-2 124M on a 4070, 9.35 s per 524,288 tokens
+    assert figures.throughput(cand.with_shape(speed, d12), d12.flops_per_token)[0] == pytest.approx(524_288 / 9.35,
+                                                                                                   rel=0.005)
     p = plan.make_plan(exp, 12 * 3600, data(), Target("RTX 4070", "cuda", 12, int(10.35 * GIB)), speed,
                        depths=range(6, 17), estimate=linear_estimate(0.4, 3.0))
     assert 8 <= p.best.depth <= 14 and 1 < p.best.epochs < 8  # ~100M parameters for a few epochs of 0.7B tokens
+    # the time is a range from the stated band: the steps fill the budget at its top, the bottom takes 82/60 as long
+    text = plan.table(p)
+    assert "58.3 TFLOPS x 60–82% MFU, the band for consumer cards" in text
+    recommended = next(line for line in text.splitlines() if line.startswith("recommended:"))
+    assert "12.0–16.3 h (at 60–82% MFU) of training" in recommended, recommended
+    # the plan's compute is below the law's fitted range, and the table says so
+    assert "below the law's smallest fitted compute (1.0e19)" in text
 
 
 def test_memory_filter_estimates_few_sizes_and_fits_the_limit():
@@ -203,6 +212,10 @@ def test_measured_speeds_replace_the_prediction_and_scale_the_rest():
         0.25 * 100e12 / c.flops_per_token, rel=1e-3) for c in untimed)
     assert by_depth[refused[0]].fits is False and "probe's trial" in by_depth[refused[0]].memory_note
     assert p.best.depth != refused[0] and "measured on this machine" in plan.table(p)
+    # a measured shape: one time, said to be measured, in the table and in the file the plan writes
+    assert p.best.speed_source == "measured" and "(measured speed) of training" in plan.table(p)
+    assert plan.planned_experiment(p).hardware.tokens_per_s_measured
+    assert "(measured speed) of training" in plan.experiment_yaml(p, "test").split("\nname:")[0]
 
 
 # ---------------------------------------------------------------- the data's size
@@ -242,6 +255,11 @@ def test_write_gives_an_experiment_fwray_run_accepts_with_the_plan_s_figures(tmp
     fig = figures.figures(config.resolve(exp, 700_000_000), manifest)
     assert exp.hardware.gpu == "RTX 4070" and exp.probe.gpu_memory_gb == 12
     assert fig["predicted_seconds"] <= 12 * 3600 and fig["predicted_seconds"] > 0.98 * 12 * 3600
+    assert "h (at 60–82% MFU) of training" in head  # not measured: the file states the band's range
+    # the plan's MLflow run records the range and its band
+    run_id = text.split("MLflow run ")[1].split()[0]
+    params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db").get_run(run_id).data.params
+    assert float(params["slowest_seconds"]) > float(params["predicted_seconds"]) and params["mfu_band"] == "60–82%"
     code, _, err = run_main(capsys, FULL, "--hours", 12, "--gpu", "RTX 4070", "--train-tokens", 7e8, "--write", out,
                             f"tracking.uri=sqlite:///{tmp_path}/m.db")
     assert code == 2 and err.count("\n") == 1 and "--force" in err
@@ -284,6 +302,7 @@ def test_measure_on_cpu_times_the_best_shapes_and_writes_their_figures(ray_sessi
     manifest = {"splits": {"train": {"documents": 206, "tokens": 1_481_455}, "val": {"documents": 12, "tokens": 1}}}
     fig = figures.figures(config.resolve(exp, 1_481_455), manifest)
     assert 0.97 * 180 < fig["predicted_seconds"] <= 180  # the run predicts the plan's time from the file alone
+    assert exp.hardware.tokens_per_s_measured and "(measured speed)" in figures.describe(exp, fig)  # one time
     out_of_run = figures.outcome(fig, {"tokens_per_s": exp.hardware.tokens_per_s, "seconds": 190.0})
     assert out_of_run["time_ratio"] == pytest.approx(190 / fig["predicted_seconds"])
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")

@@ -122,6 +122,17 @@ def test_ddp_and_accumulation_trials_run_two_micro_steps():
     assert probe_accumulation(ddp, 2) == 2  # DDP's buckets keep gradients alive through the forward
 
 
+def test_synthetic_trial_batches_are_contiguous():
+    """A trial without token files reads random batches laid out as the loader's: a pinned copy of a strided slice
+    would stage through pageable memory and time a synchronous host-to-device copy."""
+    exp = tiny()
+    batches = trial._batches(trial.ProbeJob(exp, (), (), False), exp, 2, 3)
+    for x, y in (batches.train_batch(0, 0), batches.val_batch(0)):
+        assert x.is_contiguous() and y.is_contiguous() and x.shape == y.shape
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    assert batches.val_batch(0)[0].shape == (3, exp.model.block_size)
+
+
 def test_verdict_says_when_the_ceiling_was_not_found():
     exp = tiny()
     v = decide(exp, [_row(1, 1.0), _row(2, 2.0)], 4.0, "cpu-estimate")

@@ -64,6 +64,11 @@ def test_two_workers_match_one_worker_with_accumulation(two_workers, tiny_run):
         assert abs(two["val"][step] - one["val"][step]) <= 1e-2, (two["val"], one["val"])
 
 
+# the 2-rank tests' engine: one layer, 4 micro-steps an optimizer step
+TINY_MODEL = config.ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
+ACCUMULATING = config.TrainConfig(batch_size=2, gradient_accumulation_steps=4, max_iters=3)
+
+
 def run_two_ranks(target, *args, timeout=240) -> list:
     """`target(rank, *args)` in each of 2 spawned processes joined in one gloo group on 127.0.0.1; what each returned,
     by rank."""
@@ -151,9 +156,9 @@ def test_two_ranks_take_the_step_of_one_rank_accumulating():
     assert max(mismatch.values()) > 1, mismatch
 
 
-def _count_allreduces(rank: int) -> tuple[bool, list]:
-    """3 optimizer steps of 4 micro-steps through a compiled, DDP-wrapped engine, counting the gradient all-reduces
-    DDP launches."""
+def _count_allreduces(rank: int) -> tuple[bool, list[list[int]]]:
+    """3 optimizer steps of 4 micro-steps through a compiled, DDP-wrapped engine: whether it compiled, and the
+    buckets DDP all-reduced in each step."""
     import functools
 
     import torch.distributed as dist
@@ -163,9 +168,7 @@ def _count_allreduces(rank: int) -> tuple[bool, list]:
 
     # the same dynamo tracing as inductor, without its minute of C++ compilation on 2 cores
     torch.compile = functools.partial(torch.compile, backend="aot_eager")
-    engine = Engine.build(config.ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16),
-                          config.TrainConfig(batch_size=2, gradient_accumulation_steps=4, max_iters=3),
-                          torch.device("cpu"), compile=True)
+    engine = Engine.build(TINY_MODEL, ACCUMULATING, torch.device("cpu"), compile=True)
     calls = []
 
     def counting_hook(state, bucket):
@@ -188,3 +191,45 @@ def test_compiled_ddp_all_reduces_once_per_optimizer_step():
         assert compiled
         for calls in per_step:  # each bucket all-reduced once a step, not once a micro-step (4 here)
             assert calls and len(calls) == len(set(calls)), (rank, per_step)
+
+
+def _gradient_storages(rank: int) -> list[tuple[set[int], list[list[int | None]]]]:
+    """3 optimizer steps of 4 micro-steps through a DDP-wrapped engine. For each step: the storages of the buckets
+    DDP all-reduced, and of every parameter's .grad as micro-steps 1..3 begin (after no_sync backward passes)."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from fwray.core.engine import Engine
+
+    engine = Engine.build(TINY_MODEL, ACCUMULATING, torch.device("cpu"), compile=False)
+    buckets, grads = set(), []
+
+    def recording_hook(state, bucket):
+        buckets.add(bucket.buffer().untyped_storage().data_ptr())
+        return allreduce_hook(dist.group.WORLD, bucket)
+
+    def batch(micro):
+        if micro:
+            grads.append([None if p.grad is None else p.grad.untyped_storage().data_ptr()
+                          for p in engine.raw_model.parameters()])
+        return x[:, :-1], x[:, 1:]
+
+    engine.model.register_comm_hook(None, recording_hook)
+    x = torch.randint(0, 50257, (2, 17))
+    per_step = []
+    for step in range(3):
+        engine.step(step, batch)
+        per_step.append((set(buckets), list(grads)))
+        buckets.clear()
+        grads.clear()
+    return per_step
+
+
+def test_ddp_accumulates_into_its_buckets():
+    """Under DDP every micro-step's gradients are views of the all-reduce buckets, on every optimizer step: no
+    second, full-size copy of them beside the buckets (which the single-process probe's peak would not include)."""
+    for rank, per_step in enumerate(run_two_ranks(_gradient_storages)):
+        for step, (buckets, grads) in enumerate(per_step):
+            assert buckets and len(grads) == ACCUMULATING.gradient_accumulation_steps - 1
+            for storages in grads:
+                assert set(storages) <= buckets, (rank, step, storages, buckets)

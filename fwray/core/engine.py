@@ -1,7 +1,7 @@
 """The training loop: optimizer, schedule, train step, evaluation. Pure torch: no ray or mlflow here.
 
 `train(model_config, train_config, batches, report, ...)` runs the loop and hands metrics and checkpoint states to `report`; the caller
-(Ray Train in fwray.trainer, or a plain script) decides where they go.
+(Ray Train in fwray.train.trainer, or a plain script) decides where they go.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class ValLoss(NamedTuple):
     """Validation losses, nats per target."""
 
     loss: float  # over every target: val_loss
-    text_loss: float  # over the targets that are text (EOT left out): what bits per byte converts (fwray.bpb)
+    text_loss: float  # over the targets that are text (EOT left out): what bits per byte converts (fwray.core.bpb)
     targets: int  # how many targets were read
 
     @classmethod
@@ -74,11 +74,13 @@ def autocast_context(device_type: str, dtype: torch.dtype):
 
 
 def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
-    """train.compile resolved: auto means on where it can run; asked-for but impossible gives one warning."""
-    available, why = hardware.compile_available(device)
-    if train.compile is False:
+    """train.compile resolved: true compiles on any device, auto on CUDA only (on a CPU, Inductor's C++ compile costs
+    more than it saves, and the check below would cost a compile too); either way only where torch.compile can run
+    (hardware.compile_available), else one warning saying what is missing, and training runs uncompiled."""
+    if train.compile is False or (train.compile == "auto" and device.type != "cuda"):
         return False
-    if not available and device.type == "cuda":  # on CPU, off is simply the default
+    available, why = hardware.compile_available(device)
+    if not available:
         warnings.warn(f"{why}; training runs uncompiled", stacklevel=2)
     return available
 
@@ -112,7 +114,12 @@ class Engine:
         if _world_size() > 1:
             # DDP outermost (as nanoGPT): torch.compile(DDP(m)) is no DDP instance, and `step` must reach DDP's
             # no_sync to skip the all-reduce on all but the last micro-step. Gradients as views of the all-reduce
-            # buckets: no second copy of them, so a worker's peak is what the single-process probe measured.
+            # buckets: no second copy of them, so a worker's peak is what the single-process probe measured. DDP
+            # aliases only a gradient that exists (at construction, or at an all-reduce) and no_sync micro-steps
+            # accumulate into .grad, so a gradient set to None comes back as a full-size tensor beside the buckets:
+            # gradients exist from the start and `step` zeroes them in place, never drops them.
+            for p in raw.parameters():
+                p.grad = torch.zeros_like(p)
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         return cls(model_config, train, device, raw, model, make_optimizer(raw, train),
@@ -138,9 +145,10 @@ class Engine:
         accum = t.gradient_accumulation_steps
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         for micro in range(accum):
             x, y = (self.to_device(a) for a in get_batch(micro))
-            sync = micro == accum - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+            sync = micro == accum - 1 or not ddp
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
                 loss = self.model(x, y) / accum
             loss.backward()
@@ -151,7 +159,7 @@ class Engine:
         if _world_size() > 1:  # each rank saw its own loss: skip the step on every rank if any saw a bad one
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.optimizer.step(lr_multiplier(step, t), found_inf=bad)
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=not ddp)  # under DDP they stay the buckets' views (see build)
         return loss_sum, bad.bool()
 
     @torch.no_grad()
@@ -170,7 +178,7 @@ class Engine:
 
     def state(self, step: int, extra: dict) -> dict:
         """A checkpoint: uncompiled weights, optimizer, the step reached (batches derive from it), the random
-        generators (dropout draws from them). Tensors stay on the device (fwray.checkpoint saves CPU copies)."""
+        generators (dropout draws from them). Tensors stay on the device (fwray.core.checkpoint saves CPU copies)."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -200,7 +208,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
           val_text: tuple[int, int] | None = None) -> dict:
     """Run train_config.max_iters optimizer steps (resolved: not None); returns a summary of the run.
     `world_size` workers each run this loop; `peak_tflops` overrides the peak-FLOPs table for MFU; `val_text`, the
-    validation split's (text tokens, UTF-8 bytes) (fwray.bpb.text_counts), adds val_bpb to every evaluation.
+    validation split's (text tokens, UTF-8 bytes) (fwray.core.bpb.text_counts), adds val_bpb to every evaluation.
 
     Evaluation (and a checkpoint) happens every eval_interval steps and after the last step; metrics every
     log_interval steps. Only log steps and evaluations read values back from the device.
@@ -277,7 +285,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
             loss_acc.zero_(), bad_acc.zero_(), worst_streak.zero_()
             interval_start, interval_steps = time.perf_counter(), 0
 
-    summary.update(steps=t.max_iters, nonfinite_skipped=nonfinite_total,
+    summary.update(steps=t.max_iters, nonfinite_skipped=nonfinite_total, device=hardware.device_name(device),
                    seconds=time.perf_counter() - run_start,
                    tokens_per_s=steps_timed * step_tokens / seconds_timed if seconds_timed else None,
                    **hardware.memory_stats(device))

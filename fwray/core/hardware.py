@@ -1,7 +1,11 @@
 """What the machine can do: the device to use, dense bf16 peak FLOPs by GPU name, MFU, memory figures. Pure torch."""
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import sys
+import sysconfig
 import time
 import warnings
 
@@ -41,13 +45,6 @@ GPU_MEMORY_GB: dict[str, float] = {
     "rtx 4090": 24, "rtx 4090 d": 24, "rtx 4080 super": 16, "rtx 4080": 16, "rtx 4070 ti super": 16,
     "rtx 4070 ti": 12, "rtx 4070 super": 12, "rtx 4070": 12, "rtx 4060": 8,
     "rtx 3090 ti": 24, "rtx 3090": 24, "rtx 3080 ti": 12, "rtx 3070 ti": 8, "rtx 3070": 8, "rtx 3060 ti": 8,
-}
-
-# Public training throughput of a known model on a card, from which the time prediction takes that card's MFU
-# (fwray.figures.assumed_mfu): tokens/s, the model as a ModelConfig's keyword arguments, and where it comes from.
-REFERENCE_THROUGHPUT: dict[str, tuple[float, dict, str]] = {
-    "rtx 4070": (56_000, dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
-                 "GPT-2 124M with nanoGPT, bf16, compiled"),  # fwray's DESIGN.md
 }
 
 
@@ -217,14 +214,47 @@ def context_overhead_bytes(device: torch.device) -> int:
 
 
 def compile_available(device: torch.device) -> tuple[bool, str]:
-    """Whether torch.compile can run here, and why not."""
-    if device.type != "cuda":
-        return False, "torch.compile is off on CPU"
+    """Whether torch.compile runs on this device's type, and if not, one line saying why. Importing Triton is not
+    enough: it builds its kernel launchers with a C compiler and Python's headers the first time it runs (Inductor's
+    CPU backend needs a C++ compiler), so one tiny function is compiled and run, once per process and device type."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "Triton is not installed (e.g. on Windows): torch.compile is off"
+    missing = _trial_compile(device.type)
+    return missing is None, missing or ""
+
+
+@functools.cache
+def _trial_compile(device_type: str) -> str | None:
+    """None where a compiled function runs on `device_type`; otherwise what is missing, in one line."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "Triton is not installed (e.g. on Windows): torch.compile is off"
-    return True, ""
+        torch.compile(lambda x: torch.sin(x) * 2 + 1, fullgraph=True)(torch.ones(8, device=device_type))
+        return None
+    except Exception as error:  # whatever the cause, the run goes on uncompiled: say which one
+        return f"torch.compile failed a trial compile on {device_type}: {_what_is_missing(device_type, error)}"
+
+
+def _what_is_missing(device_type: str, error: Exception) -> str:
+    """The toolchain piece a failed compile lacked (the compiler Triton or Inductor looks for, Python.h), else the
+    error's root cause."""
+    if device_type == "cpu":  # Inductor's C++ kernels: $CXX, else g++
+        compiler = os.environ.get("CXX", "g++")
+        if not shutil.which(compiler):
+            return f"no C++ compiler found ({compiler}): install g++ (e.g. build-essential) or set CXX"
+    else:  # Triton's launchers: $CC, else gcc or clang
+        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+        if not (compiler and shutil.which(compiler)):
+            return "no C compiler found: install gcc (e.g. build-essential) or set CC"
+    headers = sysconfig.get_config_var("INCLUDEPY") or ""
+    if not os.path.exists(os.path.join(headers, "Python.h")):
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return f"Python headers are missing (no Python.h in {headers}): install python{version}-dev (or python3-dev)"
+    while error.__cause__ is not None:
+        error = error.__cause__
+    first_line = next(iter(str(error).strip().splitlines()), "")
+    return f"{type(error).__name__}: {first_line}"
 
 
 def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:

@@ -73,10 +73,7 @@ class TokenShards:
 
     def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of the windows `starts`."""
-        w = self.windows(starts)
-        # contiguous inputs and targets: a pinned copy of a strided view would stage through pageable memory and
-        # make the host-to-device copy synchronous
-        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+        return inputs_and_targets(torch.from_numpy(self.windows(starts)))
 
     def epoch_layout(self, align_to_documents: bool) -> np.ndarray:
         """The global indices, ascending, of the windows one epoch reads (the module docstring has both layouts)."""
@@ -94,14 +91,6 @@ class TokenShards:
                                f"{self.block_size + 1} tokens after it: these are not fwray token shards, or "
                                f"data.align_to_documents needs more data")
         return layout
-
-
-def random_batch(batch_size: int, block_size: int, device: torch.device | str | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets of random GPT-2 tokens: what memory and speed are measured on (neither depends on the
-    values)."""
-    x = torch.randint(0, VOCAB_SIZE, (batch_size, block_size + 1), device=device)
-    return x[:, :-1], x[:, 1:]
 
 
 SPLIT_NAMES = {"train": "training", "val": "validation"}
@@ -221,6 +210,19 @@ class Batches:
             rng = np.random.default_rng([self.seed, _EPOCH, epoch])
             self._orders[epoch] = rng.permutation(self.num_windows)
         return self._orders[epoch]
+
+
+def inputs_and_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of (rows, block_size + 1) token windows, each contiguous: a pinned copy of a strided view
+    would stage through pageable memory and make the host-to-device copy synchronous."""
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def random_batch(batch_size: int, block_size: int, device: torch.device | str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random GPT-2 tokens laid out as the loader's: what memory and speed are measured on (neither
+    depends on the values)."""
+    return inputs_and_targets(torch.randint(0, VOCAB_SIZE, (batch_size, block_size + 1), device=device))
 
 
 def val_batch(val: TokenShards, seed: int, i: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

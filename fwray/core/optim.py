@@ -118,9 +118,9 @@ class Optimizers:
         for optimizer in self.optimizers.values():
             optimizer.step()
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         return {name: o.state_dict() for name, o in self.optimizers.items()}

@@ -204,7 +204,8 @@ def learning_rate_scale(exp: Experiment, model: ModelConfig) -> float:
 
 def planned(exp: Experiment, c: Candidate, max_iters: int, intervals: int) -> Experiment:
     """The candidate's experiment for `max_iters` steps: its shape and micro-batch, its learning rate, warmup, decay
-    to the end, `intervals` evaluation intervals, and the speed figures the run predicts its time with."""
+    to the end, `intervals` evaluation intervals, and the speed figures the run predicts its time with (a range
+    unless measured)."""
     lr = learning_rate_scale(exp, c.model)
     train = exp.train
     exp = with_shape(exp, c)
@@ -215,7 +216,8 @@ def planned(exp: Experiment, c: Candidate, max_iters: int, intervals: int) -> Ex
                                   eval_interval=max(1, math.ceil(max_iters / intervals)),
                                   learning_rate=float(f"{train.learning_rate * lr:.3g}"),
                                   min_lr=float(f"{train.min_lr * lr:.3g}")),
-        hardware=dataclasses.replace(exp.hardware, tokens_per_s=c.tokens_per_s, eval_seconds=c.eval_s))
+        hardware=dataclasses.replace(exp.hardware, tokens_per_s=c.tokens_per_s, eval_seconds=c.eval_s,
+                                     tokens_per_s_measured=c.speed_source == "measured"))
 
 
 def schedule(exp: Experiment, c: Candidate, budget_s: float, train_tokens: int) -> Candidate:

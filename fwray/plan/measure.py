@@ -170,6 +170,7 @@ def track(client, plan, text: str, out_dir: Path, written: Path | None, command:
     run_id = tracking.start_run(client, exp, f"plan-{out_dir.name}", {"fwray.kind": "plan",
                                                                       "mlflow.note.content": text})
     chosen = planned_experiment(plan)
+    pred = figures.predicted_speed(chosen, b.flops_per_token, b.tokens, b.params)
     tracking.log_params(client, run_id, {
         "command": command, "hours": plan.budget_s / 3600, "gpu": plan.target.name,
         "memory_gb": plan.target.memory_gb, "limit_gb": plan.target.limit_bytes / GIB,
@@ -179,7 +180,8 @@ def track(client, plan, text: str, out_dir: Path, written: Path | None, command:
         "train.batch_size": b.micro_batch, "train.gradient_accumulation_steps": b.accumulation,
         "train.max_iters": b.max_iters, "train.eval_interval": chosen.train.eval_interval, "tokens": b.tokens,
         "epochs": round(b.epochs, 4), "tokens_per_s": round(b.tokens_per_s), "speed_source": b.speed_source,
-        "predicted_seconds": round(b.seconds, 1), "law_loss": round(plan.law(b), 4),
+        "predicted_seconds": round(b.seconds, 1), "slowest_seconds": round(pred.get("slowest_seconds", b.seconds), 1),
+        "mfu_band": pred.get("mfu_band", "none"), "law_loss": round(plan.law(b), 4),
         "law_form": "small-scale" if plan.small else "published", "why": plan.why})
     for path in [out_dir / "plan_table.txt", out_dir / "plan.json"] + ([written] if written else []):
         client.log_artifact(run_id, str(path))

@@ -67,8 +67,9 @@ def make_plan(exp: Experiment, budget_s: float, data: DataSize, target: Target, 
     fit the card) or the trial's timings: tokens_per_s (of the run, all workers), eval_batch_s, checkpoint_s,
     samples_s."""
     # a plan file fed back in: its figures were for its own shape, not the family's
-    exp = exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
-    speed_exp = speed_exp.with_changes("hardware", tokens_per_s=None, eval_seconds=None)
+    unplanned = dict(tokens_per_s=None, eval_seconds=None, tokens_per_s_measured=False)
+    exp = exp.with_changes("hardware", **unplanned)
+    speed_exp = speed_exp.with_changes("hardware", **unplanned)
     cands = [_speed(speed_exp, c) for c in cand.family(exp.model, depths)]
     if any(c.tokens_per_s is None for c in cands):
         raise PlanError(f"{exp.source}: no speed for {target.name!r}: {figures.throughput(speed_exp, 1.0)[1]}; or "
@@ -215,6 +216,8 @@ def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
 
 def table(plan: Plan) -> str:
     t, b, exp = plan.target, plan.best, plan.exp
+    head_size = cand.HEAD_SIZE[exp.model.recipe]
+    width = f"{cand.ASPECT}d wide" + (f" rounded up to whole heads of {head_size}" if head_size > cand.ASPECT else "")
     head = ("depth", "shape", "params", "MFLOP/tok", "micro x acc", "est. GB", "tokens/s", "steps", "tokens",
             "epochs", "tok/param", "law loss")
     rows = [head] + [_row(c, b, plan.law(c)) for c in plan.shown]
@@ -230,30 +233,35 @@ def table(plan: Plan) -> str:
         f"{exp.probe.margin:.0%} margin)",
         f"data     {plan.data.train_tokens:,} train tokens"
         + (f", {plan.data.documents:,} documents" if plan.data.documents else "") + f" ({plan.data.note})",
-        f"family   depth d: d layers x {cand.ASPECT}d wide, head size "
-        f"{cand.HEAD_SIZE[exp.model.recipe]} ({exp.model.recipe} "
-        f"recipe), block {exp.model.block_size}; every candidate at {exp.tokens_per_step:,} tokens per optimizer "
-        f"step",
+        f"family   depth d: d layers x {width}, head size {head_size} ({exp.model.recipe} recipe), block "
+        f"{exp.model.block_size}; every candidate at {exp.tokens_per_step:,} tokens per optimizer step",
         f"speed    {plan.speed_note}",
-        f"memory   fwray.memory's CPU estimate: {plan.estimates} estimates in {plan.estimate_s:.0f} s (the largest "
+        f"memory   fwray.core.memory's CPU estimate: {plan.estimates} estimates in {plan.estimate_s:.0f} s (the largest "
         f"micro-batch and a small one per shape, the chosen one verified; remembered in .fwray/plan)",
         "", *lines, "",
-        f"tokens/s: peak x MFU = the card's peak at the MFU above; measured = the probe's trial on this machine; "
-        f"scaled = the prediction times the measured / predicted ratio; rough = this CPU's matmul speed at "
-        f"{figures.GENERIC_MFU:.0%}",
+        f"tokens/s: peak x MFU = the card's peak at the top of the MFU band above; measured = the probe's trial on "
+        f"this machine; scaled = the prediction times the measured / predicted ratio; rough = this CPU's matmul "
+        f"speed at {figures.GENERIC_MFU:.0%}",
         "law loss: Muennighoff et al. 2023's data-constrained scaling law (C4 units), used only to rank the "
         "candidates; not the loss the run will reach" + (f"; {hidden} other depths not shown" if hidden else ""),
         *([f"          below the law's fitted range ({scaling.FITTED_MIN_TOKENS / 1e6:.0f}M tokens) its small-scale "
            f"form ranks: the same law of non-embedding parameters (fwray/scaling.py says why)"] if plan.small else []),
-        f"time: steps at the speed shown plus {pred['evaluations']} evaluations (~{b.eval_s:.1f} s each, checkpoint "
-        f"included) within the budget; preparing the data and starting Ray come on top",
+        *([f"          {_flops(b.flops_per_token * b.tokens)} FLOPs is below the law's smallest fitted compute "
+           f"({_flops(scaling.FITTED_MIN_FLOPS)}): an extrapolation"] if b.flops_per_token * b.tokens
+          < scaling.FITTED_MIN_FLOPS else []),
+        f"time: steps at the speed shown (the band's top) plus {pred['evaluations']} evaluations (~{b.eval_s:.1f} s "
+        f"each, checkpoint included) within the budget; preparing the data and starting Ray come on top",
         "",
         f"recommended: {b.describe()}, micro-batch {b.micro_batch} x {b.accumulation} accumulation, {b.max_iters:,} "
         f"steps = {_tokens(b.tokens)} tokens = {b.epochs:.2f} epochs, {b.tokens_per_param:.3g} tokens per parameter, "
-        f"~{figures.duration(pred['predicted_seconds'])} of training",
+        f"{figures.predicted_time(pred)} of training",
         f"why: {plan.why}",
         *([f"note: {_exhausted(b)}"] if b.epochs > scaling.R_D_STAR else []),
     ])
+
+
+def _flops(n: float) -> str:
+    return f"{n:.1e}".replace("e+", "e")
 
 
 def _exhausted(c: Candidate) -> str:
@@ -295,8 +303,8 @@ def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str
         f"budget: {plan.budget_s / 3600:g} h => {c.max_iters:,} steps = {c.tokens:,} tokens = {c.epochs:.2f} epochs, "
         f"{c.tokens_per_param:.3g} tokens per parameter; law loss {plan.law(c):.3f} (ranking only"
         f"{', small-scale form' if plan.small else ''})",
-        f"predicted: {c.tokens_per_s:,.0f} tokens/s ({c.speed_source}); "
-        f"{figures.duration(pred['predicted_seconds'])} of training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
+        f"predicted: {figures.predicted_tokens_per_s(pred)} tokens/s ({c.speed_source}); "
+        f"{figures.predicted_time(pred)} of training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
         f"why: {plan.why}" if c.depth == plan.best.depth else
         f"a neighbour of the recommendation, {plan.best.describe()}",
         "hardware.tokens_per_s and hardware.eval_seconds are the plan's figures: the run compares its time with them "

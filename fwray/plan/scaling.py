@@ -1,13 +1,18 @@
 """The data-constrained scaling law fwray.plan ranks candidates with. Pure arithmetic.
 
-Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv:2305.16264), eq. 5 with their fit on C4
-(GPT-2 tokenizer), the constants as published in the paper's repository (huggingface/datablations, README, "Parametric
-Fit"). Chinchilla's L = E + A / N^alpha + B / D^beta with N and D replaced by their effective values:
+Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv:2305.16264), eq. 5, the constants as
+published in the paper's repository (huggingface/datablations, README, "Parametric Fit"). Chinchilla's
+L = E + A / N^alpha + B / D^beta, its base constants (E, A, B, alpha, beta) from Chinchilla-form curves on C4, with N
+and D replaced by their effective values, whose constants (R*_D, R*_N) alone come from the paper's repeated-data runs
+with the GPT-2 tokenizer:
 - repeated tokens are worth less: D' = U + U R*_D (1 - exp(-R_D / R*_D)), R_D = D / U - 1 repetitions of the U unique
   tokens (a 2nd-4th epoch is worth almost as much as fresh data, a 40th little);
 - parameters beyond the compute-optimal size for U unique tokens are worth less the same way (R*_N).
 The predicted loss is in the paper's units (C4 validation loss): fwray compares candidates with it and shows it as
 "law", never as the loss the run will reach.
+
+Compute. The fit's smallest runs spend ~1e19 FLOPs (FITTED_MIN_FLOPS); a 12-hour budget on a 4070 is ~2e18: there the
+law extrapolates, which fwray.plan says beside its ranking.
 
 Small scale. The fit comes from runs of 100M to 900B tokens. Minutes on a CPU give ~1e5-1e6 tokens, where the
 published form, counting every parameter, ranks wrongly: U_N, the compute-optimal size for so few tokens, is ~1e4
@@ -63,6 +68,7 @@ def effective_params(params: float, tokens: float, unique: float) -> float:
 
 
 FITTED_MIN_TOKENS = 100e6  # the fit's smallest runs: below this fwray.plan ranks with small_scale_loss
+FITTED_MIN_FLOPS = 1e19  # the fit's smallest compute: below it the law extrapolates
 
 
 def small_scale_loss(non_embedding_params: float, tokens: float, unique: float) -> float:

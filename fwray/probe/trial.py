@@ -6,11 +6,11 @@ fresh process), so an OOM dies with it and leaves nothing behind for the next ca
 
 The cap is what PyTorch may reserve on the target card: probe.gpu_memory_gb less what that card loses outside the
 allocator (CUDA context, cuBLAS, a display: probe.context_overhead_gb, else measured on the card the trial runs on).
-Probe and training run the same allocator configuration (fwray.hardware.ALLOC_CONF); a trial records the allocator's
+Probe and training run the same allocator configuration (fwray.core.hardware.ALLOC_CONF); a trial records the allocator's
 effective setting and the attention kernel its model runs (on a smaller card emulated, that card's choice).
 - On CUDA the allocator is capped there (set_per_process_memory_fraction), so a big GPU emulates the target card;
   the trial measures peak reserved (and allocated) memory and tokens/s ("cuda").
-- Without a GPU the trial predicts the CUDA peak with fwray.memory under FakeTensorMode ("cpu-estimate": allocated
+- Without a GPU the trial predicts the CUDA peak with fwray.core.memory under FakeTensorMode ("cpu-estimate": allocated
   bytes plus the allocator's slack, to compare reserved with reserved) and, when the step is small enough, times it
   on the CPU (tokens/s for information only: the CPU says nothing of GPU speed).
 
@@ -85,12 +85,13 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
     """Peak memory and tokens/s of one candidate; an OOM comes back as fits=False with where it happened.
 
     peak_gb is reserved memory on both sides of the comparison: measured on a GPU (under a cap set to the target
-    card's usable memory), estimated without one (fwray.memory's allocated bytes, plus the allocator's slack)."""
+    card's usable memory), estimated without one (fwray.core.memory's allocated bytes, plus the allocator's slack)."""
     exp, steps = job.exp, job.exp.probe.steps
     accum = probe_accumulation(exp, batch_size)
     eval_bs = exp.train.eval_batch_size or batch_size
     run = exp.with_changes("train", batch_size=batch_size, gradient_accumulation_steps=accum,
-                           max_iters=exp.train.max_iters or steps)
+                           max_iters=exp.train.max_iters or steps,
+                           **({} if compile is None else {"compile": compile}))
     out = {"batch_size": batch_size, "activation_checkpointing": activation_checkpointing, "compile": compile,
            "eval_batch_size": eval_bs, "probe_accumulation": accum, "status": "ok", "reason": "",
            "tokens_per_s": None}
@@ -122,7 +123,8 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
     engine = batches = None
     try:
         engine = Engine.build(run.model, run.train, device, activation_checkpointing=activation_checkpointing,
-                              compile=compile if device.type == "cuda" else False)
+                              # resolved as training resolves it: where compilation fails, one line and eager
+                              compile=None if device.type == "cuda" else False)
         batches = _batches(job, run, batch_size, eval_bs)
         out.update(allocator=hardware.allocator_settings(device), sdpa_backend=_sdpa_backend(engine, batches))
 
@@ -183,7 +185,7 @@ def _sdpa_backend(engine: Engine, batches) -> str:
 
 def _evaluation_extras(engine: Engine, exp: Experiment) -> dict:
     """Seconds of what a run does at an evaluation besides its forward passes: the training state written as a
-    checkpoint (Ray then copies it into its storage), and the sample generations (fwray.artifacts)."""
+    checkpoint (Ray then copies it into its storage), and the sample generations (fwray.train.artifacts)."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         checkpoint.save_state(tmp, engine.state(0, {}), exp)

@@ -1,0 +1,79 @@
+"""One function run in a fresh spawned process under a time limit, killed at the limit. Standard library only.
+
+The GPU check runs each section this way: a crash (or an OOM, or a CUDA error that poisons the context) costs that
+section alone, and a section that hangs is killed at its limit together with what it started (Inductor's compile
+workers), so its GPU memory is free again before the next section starts. A fresh process also measures its own
+CUDA context only: the caller never initialises CUDA.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+
+GRACE_S = 5  # after SIGTERM, before SIGKILL
+
+
+def run_in_child(fn, args: tuple, limit_s: float) -> dict:
+    """fn(*args) in a fresh spawned process; its dict result, or {"error": ...} when it raised or died, or
+    {"killed": ...} when it ran past `limit_s` (it and its process group are then killed and reaped). Every result
+    carries the child's "pid" and "seconds"."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, args))  # not daemonic: it may start processes of its own
+    start = time.monotonic()
+    proc.start()
+    send.close()  # the child holds the only sending end: its death reads as end-of-file here
+    try:
+        result = _receive(receive, proc, max(0.0, limit_s - (time.monotonic() - start)))
+    finally:  # on an interrupt too: a section never outlives this call
+        kill(proc)
+        receive.close()
+    if result is None:
+        result = {"killed": f"ran past its {limit_s:.0f} s limit: killed"}
+    return {**result, "pid": proc.pid, "seconds": round(time.monotonic() - start, 1)}
+
+
+def _receive(receive, proc, timeout_s: float) -> dict | None:
+    """The child's result, an error if it died first, or None if the time ran out."""
+    try:
+        if not receive.poll(timeout_s):
+            return None
+        result = receive.recv()
+    except EOFError:
+        proc.join(GRACE_S)
+        return {"error": f"the process died (exit code {proc.exitcode}) before returning a result"}
+    proc.join(GRACE_S)  # it exits after sending
+    return result
+
+
+def kill(proc) -> None:
+    """End `proc` (SIGTERM, then SIGKILL) and reap it, then whatever is left of its process group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not proc.is_alive():
+            break
+        _signal(proc.pid, sig)
+        proc.join(GRACE_S)
+    _signal(proc.pid, signal.SIGKILL, group_only=True)  # what it started and left behind (compile workers)
+
+
+def _signal(pid: int, sig: int, group_only: bool = False) -> None:
+    try:
+        os.killpg(pid, sig)  # the child leads its own group (see _child)
+    except ProcessLookupError:  # no such group: it had not reached setpgid, or the group is gone
+        if not group_only:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _child(send, fn, args) -> None:
+    os.setpgid(0, 0)  # a group of its own: killing it reaches the processes it starts, not the caller's
+    try:
+        result = fn(*args)
+    except BaseException as e:  # a section that raised is a finding: its message goes back
+        result = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+    send.send(result)
