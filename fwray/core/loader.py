@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,10 +52,13 @@ class TokenShards:
     window fits in its shard.
     """
 
-    def __init__(self, files: list[str | os.PathLike], block_size: int):
+    def __init__(self, files: list[str | os.PathLike], block_size: int,
+                 read: Callable[[str | os.PathLike], np.ndarray] | None = None):
+        """`read` maps a file to its tokens (default: an fwray shard, memory-mapped); fwray.core.yardstick reads
+        llm.c's token files through it."""
         self.block_size = block_size
         self.names = ", ".join(Path(f).name for f in files) or "no files"
-        self.shards = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in files if os.path.getsize(f) > 0]
+        self.shards = [s for s in map(read or read_shard, files) if len(s) > 0]
         windows = [max(0, len(s) - block_size) for s in self.shards]
         self.cum_windows = np.cumsum(windows)
         self.num_tokens = sum(len(s) for s in self.shards)
@@ -91,6 +95,13 @@ class TokenShards:
                                f"{self.block_size + 1} tokens after it: these are not fwray token shards, or "
                                f"data.align_to_documents needs more data")
         return layout
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """An fwray shard's tokens, memory-mapped (an empty file, which memmap refuses, as no tokens)."""
+    if os.path.getsize(path) == 0:
+        return np.empty(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
 SPLIT_NAMES = {"train": "training", "val": "validation"}
