@@ -194,6 +194,31 @@ class DataConfig:
         _check(self.sampling in SAMPLINGS, "data.sampling", self.sampling, f"must be {' or '.join(SAMPLINGS)}")
 
 
+YARDSTICK_SUFFIXES = (".bin", ".parquet")  # llm.c's token files; documents fwray tokenizes (fwray.core.yardstick)
+
+
+@dataclass(frozen=True)
+class YardstickConfig:
+    """An extra validation set from a local file, evaluated beside val_loss (fwray.core.yardstick)."""
+
+    path: str | None = None  # an llm.c token file (.bin) or a parquet of documents; None: no yardstick
+    name: str | None = None  # None => the file's name without its suffix
+    tokens: int | None = 10_485_760  # targets read from the start (llm.c's figure); None: the whole file
+
+    SECTION: typing.ClassVar[str] = "yardstick"
+
+    def __post_init__(self):
+        _at_least(self, 1, "tokens")
+        if self.path is None:
+            return
+        _check(Path(self.path).suffix in YARDSTICK_SUFFIXES, "yardstick.path", self.path,
+               "must be an llm.c token file (.bin) or a parquet of documents (.parquet)")
+        _check(os.path.isfile(self.path), "yardstick.path", self.path,
+               "no such file: the README's Yardstick section says where fineweb_val_000000.bin comes from")
+        if self.name is None:
+            object.__setattr__(self, "name", Path(self.path).stem)  # frozen dataclass
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
     num_workers: int = 1
@@ -278,6 +303,7 @@ class Experiment:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    yardstick: YardstickConfig = field(default_factory=YardstickConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -326,6 +352,7 @@ def load(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Exper
         raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
     # data.paths in the file are relative to the file, so experiments can bundle their data
     _resolve_data_paths(raw, path.parent)
+    _resolve_yardstick_path(raw, path.parent)
     given = {}  # (section, key) -> the override that set it, to say where a bad key came from
     for item in overrides:
         given[_apply_override(raw, item, where)] = item
@@ -371,6 +398,13 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
         data["paths"] = [_under(base, p) if isinstance(p, str) else p for p in paths]
 
 
+def _resolve_yardstick_path(raw: dict, base: Path) -> None:
+    """Absolute, so the run's config.yaml and the training workers find it from anywhere."""
+    section = raw.get("yardstick")
+    if isinstance(section, dict) and isinstance(section.get("path"), str):
+        section["path"] = os.path.abspath(_under(base, section["path"]))
+
+
 def _under(base: Path, p: str) -> str:
     p = os.path.expanduser(p)
     return p if os.path.isabs(p) or "://" in p else str(base / p)
@@ -389,6 +423,8 @@ def _apply_override(raw: dict, item: str, where: str) -> tuple[str, str]:
         value = [value] if isinstance(value, str) else value
         if isinstance(value, list):
             value = [os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) else p for p in value]
+    if (section, name) == ("yardstick", "path") and isinstance(value, str):
+        value = os.path.abspath(os.path.expanduser(value))
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"{where}: override {item!r}: {section} is not a section")

@@ -21,6 +21,7 @@ from .loader import Batches
 from .model import GPT, flops_per_token
 from .optim import Optimizers, lr_multiplier, make_optimizer
 from .tokens import EOT
+from .yardstick import YardstickBatches
 
 
 class NonFiniteLoss(FwrayError):
@@ -205,10 +206,11 @@ def _world_size() -> int:
 def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches, report: Report, *,
           device: torch.device, resume: dict | None = None, world_size: int = 1,
           engine: Engine | None = None, peak_tflops: float | None = None,
-          val_text: tuple[int, int] | None = None) -> dict:
+          val_text: tuple[int, int] | None = None, yardstick: YardstickBatches | None = None) -> dict:
     """Run train_config.max_iters optimizer steps (resolved: not None); returns a summary of the run.
     `world_size` workers each run this loop; `peak_tflops` overrides the peak-FLOPs table for MFU; `val_text`, the
-    validation split's (text tokens, UTF-8 bytes) (fwray.core.bpb.text_counts), adds val_bpb to every evaluation.
+    validation split's (text tokens, UTF-8 bytes) (fwray.core.bpb.text_counts), adds val_bpb to every evaluation;
+    `yardstick` (fwray.core.yardstick) adds yardstick_val_loss: the loss on its windows, shared out between the ranks.
 
     Evaluation (and a checkpoint) happens every eval_interval steps and after the last step; metrics every
     log_interval steps. Only log steps and evaluations read values back from the device.
@@ -244,6 +246,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, batches: Batches
             metrics = {"val_loss": val.loss, "tokens_seen": step * step_tokens}
             if val_text:
                 metrics["val_bpb"] = bpb.bits_per_byte(val.text_loss, *val_text)
+            if yardstick is not None:
+                metrics["yardstick_val_loss"] = engine.evaluate(yardstick.batch, yardstick.num_batches).loss
+                summary["final_yardstick_val_loss"] = metrics["yardstick_val_loss"]
             report(step, metrics, ckpt)
             interval_start += time.perf_counter() - eval_start  # evaluation is not training throughput
         if last:
