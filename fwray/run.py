@@ -44,6 +44,7 @@ def run(exp, resume: bool = False) -> int:
     from .core import bpb, loader
     from .core.tokens import get_tokenizer, split_files
     from .data import prepare
+    from .data import yardstick as yardsticks
     from .plan import figures
     from .probe import sweep as probe
     from .probe.verdict import apply_verdict
@@ -78,6 +79,10 @@ def run(exp, resume: bool = False) -> int:
         train_files, val_files = (tuple(map(str, split_files(cache_dir, manifest, s))) for s in ("train", "val"))
         for split in ("train", "val"):  # too small for one window: one line here, not in a Ray worker or a trial
             loader.split_shards(cache_dir, manifest, split, exp.model.block_size, exp.source)
+        yardstick = yardsticks.find(exp)  # a bad file, or one too short for a window: one line here, not in a worker
+        yardstick_line = yardstick.describe(exp.model.block_size) if yardstick else None
+        if yardstick_line:
+            print(f"yardstick: {yardstick_line}", flush=True)
         verdict = None
         if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
             # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
@@ -93,6 +98,8 @@ def run(exp, resume: bool = False) -> int:
             print(f"resuming MLflow run {run_id} (Ray run {ray_name}) from its latest checkpoint")
         else:
             tracker.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan_text})
+            if yardstick_line:
+                tracker.tags({"fwray.yardstick": yardstick_line})
             tracker.params(config.flatten(exp))
             tracker.params({f"plan.{k}": v for k, v in fig.items()})
             (run_dir / "config.yaml").write_text(config.to_yaml(exp))
@@ -105,7 +112,8 @@ def run(exp, resume: bool = False) -> int:
             _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
                                                      "run_dir": str(run_dir), "tracking_uri": tracker.uri}))
         job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files, tracking_uri=tracker.uri,
-                               run_id=run_id, run_dir=str(run_dir), val_text=bpb.text_counts(manifest))
+                               run_id=run_id, run_dir=str(run_dir), val_text=bpb.text_counts(manifest),
+                               yardstick=yardstick)
         result = trainer.fit(job, ray_name)
         ok = True
         outcome = figures.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"),
@@ -119,7 +127,8 @@ def run(exp, resume: bool = False) -> int:
         outcome_tags = {f"fwray.outcome.{k}": v if isinstance(v, str) else f"{v:.4g}" for k, v in outcome.items()}
         tracker.finish(ok, tags=outcome_tags)
     print(f"\ndone: validation loss {result['first_val_loss']:.3f} -> {result['final_val_loss']:.3f} "
-          f"after {exp.train.max_iters} steps")
+          f"after {exp.train.max_iters} steps" + (f"; yardstick {exp.yardstick.name} "
+                                                   f"{result['final_yardstick_val_loss']:.3f}" if yardstick else ""))
     if outcome:
         print(figures.describe_outcome(outcome))
     print(f"MLflow run {run_id} in experiment {exp.tracking.experiment or exp.name!r} at {tracker.uri}")

@@ -38,13 +38,23 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(ray_session, tmp_path_factory, cache) -> dict:
-    """The tiny smoke run, 1 worker x 2 micro-steps, 24 steps: the reference of the fault-tolerance and the
-    two-worker tests. Its figures are read now; a test that resumes it later changes only the files."""
+def yardstick_file(tmp_path_factory, corpus) -> Path:
+    """A small yardstick in llm.c's format: 4,000 real tokens of documents the smoke experiment never trains on."""
+    from llmc import corpus_tokens, write_llmc
+
+    return write_llmc(tmp_path_factory.mktemp("yardstick") / "python_docs_val.bin", corpus_tokens(corpus, 5)[:4000])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tmp_path_factory, cache, yardstick_file) -> dict:
+    """The tiny smoke run, 1 worker x 2 micro-steps, 24 steps, with a yardstick: the reference of the
+    fault-tolerance and the two-worker tests. Its figures are read now; a test that resumes it later changes only
+    the files."""
     from pipeline import ONE_WORKER, TINY, history, run_smoke, top_run
 
     folder = tmp_path_factory.mktemp("tiny-run")
-    exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER])
+    exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER, f"yardstick.path={yardstick_file}"])
     run = top_run(client)
     return {"folder": folder, "exp": exp, "client": client, "run": run,
-            "val": history(client, run.info.run_id, "val_loss")}
+            "val": history(client, run.info.run_id, "val_loss"),
+            "yardstick": history(client, run.info.run_id, "yardstick_val_loss")}

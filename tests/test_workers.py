@@ -43,11 +43,12 @@ def test_global_batch_does_not_depend_on_the_split(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_workers(ray_session, tmp_path_factory, cache) -> dict:
+def two_workers(ray_session, tmp_path_factory, cache, yardstick_file) -> dict:
     folder = tmp_path_factory.mktemp("two-workers")
-    _, client = run_smoke(folder, cache, [*TINY, *TWO_WORKERS])
+    _, client = run_smoke(folder, cache, [*TINY, *TWO_WORKERS, f"yardstick.path={yardstick_file}"])
     run = top_run(client)
-    return {"run": run, "val": history(client, run.info.run_id, "val_loss")}
+    return {"run": run, "val": history(client, run.info.run_id, "val_loss"),
+            "yardstick": history(client, run.info.run_id, "yardstick_val_loss")}
 
 
 def test_two_workers_match_one_worker_with_accumulation(two_workers, tiny_run):
@@ -62,6 +63,21 @@ def test_two_workers_match_one_worker_with_accumulation(two_workers, tiny_run):
     # all-reduce they are >= 0.14 apart at every evaluation
     for step in (8, 16, 24):
         assert abs(two["val"][step] - one["val"][step]) <= 1e-2, (two["val"], one["val"])
+
+
+def test_two_workers_share_the_yardstick_and_report_it_at_every_evaluation(two_workers, tiny_run, yardstick_file):
+    """The yardstick file reaches the Ray workers; its windows, shared out between the ranks, add up to the same
+    figure as one worker's (the same tolerance as val_loss: only the trained weights differ in summation order)."""
+    two, one = two_workers, tiny_run
+    assert sorted(two["yardstick"]) == sorted(one["yardstick"]) == [0, 8, 16, 24]
+    assert two["yardstick"][0] == pytest.approx(one["yardstick"][0], abs=1e-5)  # the same initial weights
+    for step in (8, 16, 24):
+        assert abs(two["yardstick"][step] - one["yardstick"][step]) <= 1e-2, (two["yardstick"], one["yardstick"])
+    assert one["yardstick"][24] < one["yardstick"][0] - 0.1  # python documentation the smoke run never read
+    assert one["yardstick"] != one["val"]
+    assert one["run"].data.tags["fwray.yardstick"] == (
+        f"python_docs_val: 62 windows x 64 = 3,968 targets from the start of {yardstick_file} (llm.c token file)")
+    assert one["run"].data.params["yardstick.path"] == str(yardstick_file)
 
 
 # the 2-rank tests' engine: one layer, 4 micro-steps an optimizer step

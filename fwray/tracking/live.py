@@ -23,6 +23,8 @@ METRICS = {
     "train_loss": "mean training loss over the last log_interval steps (non-finite steps left out)",
     "val_loss": "validation loss, mean of eval_iters batches, at every eval_interval steps and after the last",
     "val_bpb": "the same evaluation in bits per UTF-8 byte of validation text (EOT targets left out: fwray.core.bpb)",
+    "yardstick_val_loss": "loss on the yardstick file's first yardstick.tokens targets, at every evaluation: on "
+                          "FineWeb's fineweb_val_000000.bin, GPT-2 small reaches 3.28 (llm.c; the README's Yardstick)",
     "lr": "learning rate of the step just taken",
     "tokens_per_s": "training throughput over the last log_interval steps, all workers (evaluation time excluded)",
     "mfu": "model FLOPs utilisation, 0..1, per worker against the GPU's dense bf16 peak (absent on CPU)",
@@ -35,6 +37,7 @@ METRICS = {
     # logged by `python -m fwray.eval --run-id`, at the evaluated model's step
     "eval_val_loss": "fwray.eval: validation loss of the final model (the training's windows, or --all-val's)",
     "eval_val_bpb": "fwray.eval: the same in bits per UTF-8 byte (fwray.core.bpb)",
+    "eval_yardstick_val_loss": "fwray.eval: yardstick_val_loss of the final model (or of --yardstick FILE)",
     "hellaswag_acc": "fwray.eval: HellaSwag accuracy, the ending with the lowest summed loss",
     "hellaswag_acc_norm": "fwray.eval: HellaSwag accuracy, the ending with the lowest loss per token",
     **health.METRICS,  # the machine at each log interval, as MLflow names system metrics

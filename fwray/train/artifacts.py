@@ -16,7 +16,8 @@ from ..core import tokens
 from ..core.model import DEFAULT_SEED, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GPT, generate_text
 
 LOSS_CURVE = "loss_curve.png"
-CURVES = ("train_loss", "val_loss", "val_bpb")  # the metrics the curve draws (a restarted worker reads them back)
+# the metrics the curve draws (a restarted worker reads them back)
+CURVES = ("train_loss", "val_loss", "yardstick_val_loss", "val_bpb")
 SAMPLES_DIR = "samples"
 # Fixed prompts: the same ones at every evaluation, so the samples show the model learning.
 PROMPTS = ("The", "In this article, we will", "The most important thing about")
@@ -35,7 +36,8 @@ def loss_curve_png(history: dict[str, dict[int, float]], tokens_per_step: int, t
     axes = fig.subplots(2 if with_bpb else 1, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
     styles = {"train_loss": dict(label="train", color="tab:blue", lw=1.2),
-              "val_loss": dict(label="validation", color="tab:orange", lw=1.8, marker="o", ms=3)}
+              "val_loss": dict(label="validation", color="tab:orange", lw=1.8, marker="o", ms=3),
+              "yardstick_val_loss": dict(label="yardstick", color="tab:red", lw=1.8, marker="s", ms=3)}
     for name, style in styles.items():
         _plot(ax, history.get(name), tokens_per_step, **style)
     ax.set_ylabel("loss (nats/token)")

@@ -23,6 +23,7 @@ from ..config import Experiment
 from ..core import checkpoint, engine, hardware
 from ..core.health import HealthSampler
 from ..core.loader import Batches
+from ..core.yardstick import Yardstick
 from ..errors import FwrayError, last_line
 from ..tracking.live import RunLogger, metric_history
 from .artifacts import CURVES, EvalArtifacts
@@ -52,6 +53,7 @@ class TrainJob:
     run_id: str
     run_dir: str  # local folder of this run: final model, unlogged metrics
     val_text: tuple[int, int] | None = None  # validation (text tokens, UTF-8 bytes) for val_bpb: fwray.core.bpb
+    yardstick: Yardstick | None = None  # the extra validation set (absolute paths, as the cache's files)
 
 
 def fit(job: TrainJob, ray_run_name: str) -> dict:
@@ -154,8 +156,10 @@ def _worker(config: dict) -> dict | None:
                                      seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
                                      align_to_documents=exp.data.align_to_documents,
                                      accumulation=exp.train.gradient_accumulation_steps)
+        yardstick = (job.yardstick.open(exp.model.block_size, exp.train.eval_batch_size or exp.train.batch_size)
+                     if job.yardstick else None)
         summary = engine.train(exp.model, exp.train, batches, report, device=device, resume=resume, world_size=world,
-                               peak_tflops=exp.hardware.peak_tflops, val_text=job.val_text)
+                               peak_tflops=exp.hardware.peak_tflops, val_text=job.val_text, yardstick=yardstick)
     except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
         summary = {"stopped": {"message": str(e), "exit_code": e.exit_code}}
     if rank != 0:
@@ -173,6 +177,8 @@ def progress_line(step: int, max_iters: int, m: dict) -> str:
         parts.append(f"val loss {m['val_loss']:.4f}")
         if "val_bpb" in m:
             parts.append(f"bpb {m['val_bpb']:.4f}")
+        if "yardstick_val_loss" in m:
+            parts.append(f"yardstick {m['yardstick_val_loss']:.4f}")
         return " | ".join(parts)
     parts += [f"loss {m['train_loss']:.4f}", f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
     if "mfu" in m:
