@@ -5,13 +5,17 @@ Validation reads the split the run trained beside: the token cache its MLflow ru
 checkpoint the cache its run folder's config.yaml maps to, or --data. By default it reads the very windows the
 training's evaluations read (eval_iters batches of eval_batch_size, drawn from the run's seed), so eval_val_loss is
 the run's last val_loss for its final model; --all-val reads every validation token once instead (windows at stride
-block_size). bpb follows fwray.core.bpb. With --run-id the results are logged to that run at the model's step (metrics
-eval_val_loss, eval_val_bpb, hellaswag_acc, hellaswag_acc_norm; tags fwray.eval.*) and printed; else printed.
+block_size). bpb follows fwray.core.bpb. The yardstick (the run's `yardstick` section, or --yardstick FILE) is read as
+training reads it (fwray.core.yardstick). With --run-id the results are logged to that run at the model's step
+(metrics eval_val_loss, eval_val_bpb, eval_yardstick_val_loss, hellaswag_acc, hellaswag_acc_norm; tags fwray.eval.*)
+and printed; else printed.
 No ray import; mlflow only for --run-id.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +23,7 @@ from pathlib import Path
 from . import config
 from .config import TrainConfig
 from .core import bpb, checkpoint, engine, hardware, hellaswag, loader, tokens
+from .core.yardstick import Yardstick
 from .errors import FwrayError, command
 from .tracking.trained import add_model_source, load
 
@@ -39,7 +44,9 @@ def parse_args(argv):
                    help="every validation token once, instead of the windows the training's evaluations read")
     p.add_argument("--data", metavar="FOLDER", help="a prepared token cache entry (its manifest.json) to validate on "
                    "instead of the run's")
-    p.add_argument("--no-val", action="store_true", help="skip the validation loss (HellaSwag only)")
+    p.add_argument("--yardstick", metavar="FILE", help="an llm.c token file (.bin) or a parquet of documents to "
+                   "report the yardstick loss on, instead of the run's yardstick (the README's Yardstick section)")
+    p.add_argument("--no-val", action="store_true", help="skip the validation and yardstick losses (HellaSwag only)")
     return p.parse_args(argv)
 
 
@@ -111,6 +118,35 @@ def validation(model, folder: Path, manifest: dict, train: TrainConfig, args, dt
     tags.update({"fwray.eval.val_data": str(folder), "fwray.eval.val_windows": f"{windows} ({what})"})
 
 
+def yardstick_source(args, exp) -> Yardstick | None:
+    """--yardstick FILE, else the run's yardstick (None without one); a parquet must be tokenized already."""
+    from .data.yardstick import yardstick_of  # pyarrow: only with a yardstick
+
+    wanted = exp.yardstick if exp is not None else config.YardstickConfig()
+    if args.yardstick:
+        wanted = dataclasses.replace(wanted, path=os.path.abspath(args.yardstick), name=None)
+    if wanted.path is None:
+        return None
+    return yardstick_of(wanted, exp.data if exp is not None else config.DataConfig(),
+                        exp.source if exp is not None else "--yardstick", training=False)
+
+
+def yardstick_validation(model, yardstick: Yardstick, train: TrainConfig, args, dtype, metrics: dict,
+                         tags: dict) -> None:
+    """The yardstick's loss, read as the training's evaluations read it (--limit caps its windows too)."""
+    block = model.config.block_size
+    if args.limit is not None:
+        cap = args.limit * block
+        yardstick = dataclasses.replace(yardstick, targets=min(cap, yardstick.targets or cap))
+    batches = yardstick.open(block, train.eval_batch_size or train.batch_size)
+    device_type = next(model.parameters()).device.type
+    with engine.autocast_context(device_type, dtype):
+        loss = engine.ValLoss.of(engine.loss_sums(model, map(batches.batch, range(batches.num_batches)))).loss
+    metrics["eval_yardstick_val_loss"] = loss
+    tags["fwray.eval.yardstick"] = yardstick.describe(block)
+    print(f"yardstick: {tags['fwray.eval.yardstick']}: loss {loss:.4f}", flush=True)
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -130,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             exp = checkpoint.experiment_near(args.checkpoint)
     val = None if args.no_val else val_data(args, run, exp)  # every input found before any work
+    yardstick = None if args.no_val else yardstick_source(args, exp)
     enc = tokens.get_tokenizer(meta.get("tokenizer", "gpt2")) if examples else None
     train = exp.train if exp else TrainConfig()
     dtype = engine.autocast_dtype(train, device.type)  # as the training evaluated
@@ -137,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: step {meta.get('step')}, {model.num_params():,} parameters ({meta.get('recipe', 'gpt2')})")
     if val is not None:
         validation(model, *val, train, args, dtype, metrics, tags)
+    if yardstick is not None:
+        yardstick_validation(model, yardstick, train, args, dtype, metrics, tags)
     if examples:
         with engine.autocast_context(device.type, dtype):
             hs = hellaswag.accuracy(model, enc, examples, device)

@@ -5,6 +5,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,8 @@ def test_progress_line_and_loss_curve_show_bpb():
 
     line = progress_line(40, 40, {"val_loss": 3.21012, "val_bpb": 1.05123})
     assert line == "step 40/40 | val loss 3.2101 | bpb 1.0512"
+    line = progress_line(40, 40, {"val_loss": 3.21012, "yardstick_val_loss": 3.40001})
+    assert line == "step 40/40 | val loss 3.2101 | yardstick 3.4000"
     assert progress_line(40, 40, {"val_loss": 3.21012}) == "step 40/40 | val loss 3.2101"  # no bytes in the cache
 
     def height(png: bytes) -> int:  # the IHDR chunk: width, height
@@ -176,6 +179,30 @@ def test_default_validation_reads_the_training_windows(tmp_path, split):
     assert got == want and got.targets == 6 * TINY.block_size
 
 
+@pytest.mark.parametrize("mode", [[], ["--limit", "3"]])
+def test_the_yardstick_of_a_model_that_knows_nothing_is_ln_vocab(tmp_path, split, capsys, mode):
+    """--yardstick FILE (llm.c's format) beside the run's validation: every target of its windows costs ln(50304)."""
+    from llmc import write_llmc
+
+    folder, _ = split
+    ids, _ = tokens.encode_documents(tokens.get_tokenizer(), list(HAND) * 20)
+    path = write_llmc(tmp_path / "fineweb_val_000000.bin", ids)
+    rc, out, err = run_cli(fw_eval.main, capsys, "--checkpoint", save(tmp_path / "model", zero_model()), "--data",
+                           folder, "--device", "cpu", "--yardstick", path, *mode)
+    assert rc == 0, err
+    windows = 3 if mode else (len(ids) - 1) // TINY.block_size  # the whole file: under the default budget
+    line = re.search(r"yardstick: (.*): loss (\S+)\n", out)
+    assert line.group(1) == (f"fineweb_val_000000: {windows} windows x 16 = {windows * 16} targets from the start "
+                             f"of {path} (llm.c token file)")
+    assert float(line.group(2)) == pytest.approx(math.log(50304), abs=1e-4)
+
+
+def test_a_missing_yardstick_file_is_one_line(tmp_path, split, capsys):
+    rc, out, err = run_cli(fw_eval.main, capsys, "--checkpoint", save(tmp_path / "model", zero_model()), "--data",
+                           split[0], "--device", "cpu", "--yardstick", tmp_path / "fineweb_val_000000.bin")
+    assert rc == 2 and len(fwray_lines(err)) == 1 and "fineweb_val_000000.bin': no such file" in err
+
+
 # ---------------------------------------------------------------- HellaSwag
 
 
@@ -267,11 +294,17 @@ def test_unknown_run_and_run_without_model_are_one_line_exit_2(store, capsys):
 
 
 def test_run_id_logs_the_results_to_the_run_at_the_model_step(store, tmp_path, split, capsys):
-    """What fwray.run leaves: model/ and config.yaml artifacts, the cache in the tag fwray.cache."""
+    """What fwray.run leaves: model/ and config.yaml artifacts, the cache in the tag fwray.cache; the yardstick in
+    the run's config.yaml."""
+    from llmc import write_llmc
+
     uri, client, exp_id = store
-    folder, _ = split
+    folder, manifest = split
+    val_tokens = np.fromfile(tokens.split_files(folder, manifest, "val")[0], dtype=tokens.TOKEN_DTYPE)
+    yardstick = write_llmc(tmp_path / "val.bin", val_tokens)
     exp = config.from_dict({"model": dataclasses.asdict(repeat_model().config), "data": {"paths": ["x.parquet"]},
-                            "train": {"max_iters": 9, "eval_iters": 2, "eval_batch_size": 3}})
+                            "train": {"max_iters": 9, "eval_iters": 2, "eval_batch_size": 3},
+                            "yardstick": {"path": str(yardstick), "name": "val_again"}})
     run_id = client.create_run(exp_id, tags={"fwray.cache": str(folder)}).info.run_id
     client.log_artifacts(run_id, str(save(tmp_path / "model", repeat_model(), exp=exp, step=9)), "model")
     (tmp_path / "config.yaml").write_text(config.to_yaml(exp))
@@ -282,7 +315,13 @@ def test_run_id_logs_the_results_to_the_run_at_the_model_step(store, tmp_path, s
     assert rc == 0, err
     assert "validation: 6 windows" in out  # the run's eval_iters x eval_batch_size, from its config.yaml
     run = client.get_run(run_id)
-    assert set(run.data.metrics) == {"eval_val_loss", "eval_val_bpb", "hellaswag_acc", "hellaswag_acc_norm"}
+    assert set(run.data.metrics) == {"eval_val_loss", "eval_val_bpb", "eval_yardstick_val_loss", "hellaswag_acc",
+                                     "hellaswag_acc_norm"}
+    windows = (len(val_tokens) - 1) // 32  # the validation split's tokens again, whole: under the default budget
+    assert f"yardstick: val_again: {windows} windows x 32 = {windows * 32} targets from the start of {yardstick}" \
+        in out
+    assert run.data.tags["fwray.eval.yardstick"].startswith(f"val_again: {windows} windows")
+    assert [m.step for m in client.get_metric_history(run_id, "eval_yardstick_val_loss")] == [9]
     assert run.data.metrics["hellaswag_acc"] == 1.0
     assert [m.step for m in client.get_metric_history(run_id, "eval_val_bpb")] == [9]
     assert run.data.tags["fwray.eval.val_data"] == str(folder) and "3 examples" in run.data.tags["fwray.eval.hellaswag"]
