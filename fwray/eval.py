@@ -23,7 +23,7 @@ from pathlib import Path
 from . import config
 from .config import TrainConfig
 from .core import bpb, checkpoint, engine, hardware, hellaswag, loader, tokens
-from .core.yardstick import Yardstick
+from .core.yardstick import WHERE_FROM, Yardstick
 from .errors import FwrayError, command
 from .tracking.trained import add_model_source, load
 
@@ -124,6 +124,8 @@ def yardstick_source(args, exp) -> Yardstick | None:
 
     wanted = exp.yardstick if exp is not None else config.YardstickConfig()
     if args.yardstick:
+        if not os.path.isfile(args.yardstick):  # said as the option given, not as the experiment's key
+            raise EvalError(f"--yardstick {args.yardstick}: no such file; {WHERE_FROM}")
         wanted = dataclasses.replace(wanted, path=os.path.abspath(args.yardstick), name=None)
     if wanted.path is None:
         return None

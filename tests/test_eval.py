@@ -200,7 +200,8 @@ def test_the_yardstick_of_a_model_that_knows_nothing_is_ln_vocab(tmp_path, split
 def test_a_missing_yardstick_file_is_one_line(tmp_path, split, capsys):
     rc, out, err = run_cli(fw_eval.main, capsys, "--checkpoint", save(tmp_path / "model", zero_model()), "--data",
                            split[0], "--device", "cpu", "--yardstick", tmp_path / "fineweb_val_000000.bin")
-    assert rc == 2 and len(fwray_lines(err)) == 1 and "fineweb_val_000000.bin': no such file" in err
+    assert rc == 2 and len(fwray_lines(err)) == 1 and "fineweb_val_000000.bin: no such file; the README's" in err
+    assert "--yardstick " in err
 
 
 # ---------------------------------------------------------------- HellaSwag
