@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -86,37 +85,55 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
 
     peak_gb is reserved memory on both sides of the comparison: measured on a GPU (under a cap set to the target
     card's usable memory), estimated without one (fwray.core.memory's allocated bytes, plus the allocator's slack)."""
-    exp, steps = job.exp, job.exp.probe.steps
+    exp = job.exp
     accum = probe_accumulation(exp, batch_size)
     eval_bs = exp.train.eval_batch_size or batch_size
     run = exp.with_changes("train", batch_size=batch_size, gradient_accumulation_steps=accum,
-                           max_iters=exp.train.max_iters or steps,
+                           max_iters=exp.train.max_iters or exp.probe.steps,
                            **({} if compile is None else {"compile": compile}))
     out = {"batch_size": batch_size, "activation_checkpointing": activation_checkpointing, "compile": compile,
            "eval_batch_size": eval_bs, "probe_accumulation": accum, "status": "ok", "reason": "",
            "tokens_per_s": None}
     est = memory.estimate_peak_bytes(exp.model, exp.train, batch_size, activation_checkpointing, eval_bs, accum)
     out.update(predicted_gb=est["reserved"] / GIB, predicted_alloc_gb=est["peak"] / GIB)
-    if not job.use_gpu:
+    if job.use_gpu:
+        device = _cap_the_card(exp, out)
+    else:
         device = torch.device("cpu")
         out.update(method="cpu-estimate", peak_gb=est["reserved"] / GIB, cap_gb=usable_bytes(exp) / GIB)
-        flops = _flops(run, batch_size * accum * steps + eval_bs)
+        flops = _flops(run, batch_size * accum * exp.probe.steps + eval_bs)
         if flops > job.cpu_timing_max_flops:
             out["reason"] = f"tokens/s not timed: {flops / 1e12:.0f} TFLOP is too much for a CPU"
             return out
-    else:
-        hardware.configure_allocator()  # before CUDA starts in this fresh process: the allocator training uses
-        device = hardware.cuda_device()
-        overhead = hardware.context_overhead_bytes(device)
-        free, total = torch.cuda.mem_get_info(device)
-        cap = usable_bytes(exp, total, free + torch.cuda.memory_reserved(device), overhead)
-        out.update(method="cuda", device=torch.cuda.get_device_name(device), cap_gb=cap / GIB,
-                   measured_context_gb=overhead / GIB)
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
-        torch.cuda.reset_peak_memory_stats(device)
-        if exp.probe.gpu_memory_gb is not None and exp.probe.gpu_memory_gb * GIB < total:
-            hardware.attend_as_consumer_cards()  # emulating a smaller card: its attention kernel, not this card's
+    _run_the_step(job, run, device, activation_checkpointing, out)
+    if device.type == "cuda":
+        stats = hardware.memory_stats(device)
+        out.update(peak_alloc_gb=stats["peak_alloc_gb"], peak_reserved_gb=stats["peak_reserved_gb"],
+                   peak_gb=stats["peak_reserved_gb"])
+    return out
 
+
+def _cap_the_card(exp: Experiment, out: dict) -> torch.device:
+    """The CUDA device, its allocator capped at the target card's usable memory; the cap and card go into `out`."""
+    hardware.configure_allocator()  # before CUDA starts in this fresh process: the allocator training uses
+    device = hardware.cuda_device()
+    overhead = hardware.context_overhead_bytes(device)
+    free, total = torch.cuda.mem_get_info(device)
+    cap = usable_bytes(exp, total, free + torch.cuda.memory_reserved(device), overhead)
+    out.update(method="cuda", device=torch.cuda.get_device_name(device), cap_gb=cap / GIB,
+               measured_context_gb=overhead / GIB)
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    torch.cuda.reset_peak_memory_stats(device)
+    if exp.probe.gpu_memory_gb is not None and exp.probe.gpu_memory_gb * GIB < total:
+        hardware.attend_as_consumer_cards()  # emulating a smaller card: its attention kernel, not this card's
+    return device
+
+
+def _run_the_step(job: ProbeJob, run: Experiment, device: torch.device, activation_checkpointing: bool,
+                  out: dict) -> None:
+    """probe.steps real steps (timed after the warm-up) and one evaluation, into `out`; an OOM is recorded with the
+    stage it reached, and everything the trial allocated is released before the peak is read."""
+    batch_size, eval_bs = out["batch_size"], out["eval_batch_size"]
     hooks = dict(item.partition(":")[::2] for item in job.inject.split(",") if item)  # "2,8:eval" -> {2: "", 8: eval}
     inject, inject_where = str(batch_size) in hooks, hooks.get(str(batch_size), "")
     stage = ["building the model"]
@@ -130,48 +147,50 @@ def measure(job: ProbeJob, batch_size: int, activation_checkpointing: bool, comp
 
         def train_batch(step):
             def get(micro):
-                stage[0] = f"step {step}"
+                stage[0] = f"step {step} loading the batch"
                 if inject and inject_where != "eval" and step == 1:
                     raise torch.OutOfMemoryError(f"injected by {INJECT_ENV}")
-                return batches.train_batch(step, micro)
+                batch = batches.train_batch(step, micro)
+                stage[0] = f"step {step}"  # forward, backward or the optimizer step
+                return batch
             return get
-
-        start = None
-        warmup = min(job.warmup_steps, steps - 1)
-        for step in range(steps):
-            if step == warmup:
-                _sync(device)
-                start = time.perf_counter()
-            engine.step(step, train_batch(step))
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        stage[0] = "eval"
 
         def val_batch(i):
             if inject and inject_where == "eval":
                 raise torch.OutOfMemoryError(f"injected by {INJECT_ENV}")
             return batches.val_batch(i)
 
+        elapsed, timed_steps = _timed_steps(engine, train_batch, job.exp.probe.steps, job.warmup_steps, device)
+        stage[0] = "eval"
         engine.evaluate(val_batch, 1)
-        out["tokens_per_s"] = (steps - warmup) * accum * batch_size * exp.model.block_size / elapsed
+        out["tokens_per_s"] = timed_steps * out["probe_accumulation"] * batch_size * run.model.block_size / elapsed
         if job.time_evaluation:  # warm now: two more batches, timed
             start = time.perf_counter()
             engine.evaluate(val_batch, 2)  # .item() inside: waits for the device
             out["eval_batch_s"] = (time.perf_counter() - start) / 2
             out.update(_evaluation_extras(engine, run))
     except torch.OutOfMemoryError as e:
-        where = "during eval" if stage[0] == "eval" else f"at {stage[0]}{_phase(e)}"
+        where = "during eval" if stage[0] == "eval" else f"at {stage[0]}"
         out.update(status="oom", reason=f"OOM {where}" + (f" ({e})" if inject else ""))
     finally:
         del engine, batches
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if device.type == "cuda":
-        stats = hardware.memory_stats(device)
-        out.update(peak_alloc_gb=stats["peak_alloc_gb"], peak_reserved_gb=stats["peak_reserved_gb"],
-                   peak_gb=stats["peak_reserved_gb"])
-    return out
+
+
+def _timed_steps(engine: Engine, train_batch, steps: int, warmup_steps: int, device: torch.device
+                 ) -> tuple[float, int]:
+    """Seconds taken by the steps after the untimed warm-up ones, and how many they were."""
+    warmup = min(warmup_steps, steps - 1)
+    start = None
+    for step in range(steps):
+        if step == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        engine.step(step, train_batch(step))
+    _sync(device)
+    return time.perf_counter() - start, steps - warmup
 
 
 def _sdpa_backend(engine: Engine, batches) -> str:
@@ -219,15 +238,3 @@ def _batches(job: ProbeJob, run: Experiment, batch_size: int, eval_bs: int):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _phase(e: BaseException) -> str:
-    """' forward' / ' backward' / ' optimizer step' ...: read from the deepest engine.py line of the traceback."""
-    lines = [f.line or "" for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith("engine.py")]
-    line = lines[-1] if lines else ""
-    for needle, phase in (("get_batch", " loading the batch"), (".backward(", " backward"),
-                          ("clip_grad", " gradient clipping"), ("optimizer", " optimizer step"),
-                          ("model(", " forward"), ("Engine.build", " building the model")):
-        if needle in line:
-            return phase
-    return ""
