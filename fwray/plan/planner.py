@@ -70,91 +70,130 @@ def make_plan(exp: Experiment, budget_s: float, data: DataSize, target: Target, 
     unplanned = dict(tokens_per_s=None, eval_seconds=None, tokens_per_s_measured=False)
     exp = exp.with_changes("hardware", **unplanned)
     speed_exp = speed_exp.with_changes("hardware", **unplanned)
-    cands = [_speed(speed_exp, c) for c in cand.family(exp.model, depths)]
-    if any(c.tokens_per_s is None for c in cands):
-        raise PlanError(f"{exp.source}: no speed for {target.name!r}: {figures.throughput(speed_exp, 1.0)[1]}; or "
-                        f"run with --measure on that card")
-    cands = [cand.schedule(exp, c, budget_s, data.train_tokens) for c in cands]
-    stats = {"estimates": 0, "seconds": 0.0}
+    search = _Search(exp, speed_exp, target, estimate, budget_s, data.train_tokens)
+    cands = search.scheduled_family(depths)
+    cands, best = search.first_best(cands, can_measure=measure is not None)
+    scale = 1.0
+    if measure is not None:
+        cands, best, scale = search.measured_around(cands, best, measure)
+    shown = {c.depth for c in cand.window(cands, best)}
+    cands = [search.fitted(c) if c.depth in shown else c for c in cands]
+    best = next(c for c in cands if c.depth == best.depth)
+    smaller, larger = cand.neighbours(cands, best)
+    return Plan(exp, target, budget_s, data, cands, best, smaller, larger, cand.why(best, smaller, larger),
+                _speed_note(speed_exp, cands, best, scale), search.estimates, search.estimate_s)
 
-    def fitted(c: Candidate) -> Candidate:
+
+@dataclass
+class _Search:
+    """One plan's search through the family: the experiment, where speeds come from, the card and the budget, and
+    how many memory estimates it made (and their seconds)."""
+
+    exp: Experiment
+    speed_exp: Experiment
+    target: Target
+    estimate: Callable
+    budget_s: float
+    train_tokens: int
+    estimates: int = 0
+    estimate_s: float = 0.0
+
+    def scheduled_family(self, depths) -> list[Candidate]:
+        """Every shape with its predicted speed and the steps that fit the budget."""
+        cands = [_speed(self.speed_exp, c) for c in cand.family(self.exp.model, depths)]
+        if any(c.tokens_per_s is None for c in cands):
+            raise PlanError(f"{self.exp.source}: no speed for {self.target.name!r}: "
+                            f"{figures.throughput(self.speed_exp, 1.0)[1]}; or run with --measure on that card")
+        return [cand.schedule(self.exp, c, self.budget_s, self.train_tokens) for c in cands]
+
+    def fitted(self, c: Candidate) -> Candidate:
+        """The candidate with the micro-batch that fits the card (estimated once), rescheduled at it."""
         if c.fits is not None:
             return c
         start = time.perf_counter()
-        c, n = cand.fit_memory(exp, c, target, estimate)
-        stats["estimates"] += n
-        stats["seconds"] += time.perf_counter() - start
+        c, n = cand.fit_memory(self.exp, c, self.target, self.estimate)
+        self.estimates += n
+        self.estimate_s += time.perf_counter() - start
         # the evaluation's cost follows the micro-batch: time again with it
-        return cand.schedule(exp, _speed(speed_exp, c), budget_s, data.train_tokens) if c.fits else c
+        return cand.schedule(self.exp, _speed(self.speed_exp, c), self.budget_s, self.train_tokens) if c.fits else c
 
-    def best_of(cands: list[Candidate]) -> tuple[list[Candidate], Candidate]:
+    def best_of(self, cands: list[Candidate]) -> tuple[list[Candidate], Candidate | None]:
+        """The best-ranked candidate that fits and gets enough steps (None if none), fitting them in rank order."""
         cands = list(cands)
         for c in cand.ranked(cands):
             if c.max_iters < cand.MIN_STEPS:
                 break
             i = cands.index(c)
-            cands[i] = fitted(c)
+            cands[i] = self.fitted(c)
             if cands[i].feasible:
                 return cands, cands[i]
         return cands, None
 
-    def too_little(cands: list[Candidate], measured: str = "") -> PlanError:
+    def too_little(self, cands: list[Candidate], measured: str = "") -> PlanError:
         fastest = max(cands, key=lambda c: c.max_iters)
-        return PlanError(f"{budget_s / 3600:g} h is too little for any candidate{measured}: the fastest, "
+        return PlanError(f"{self.budget_s / 3600:g} h is too little for any candidate{measured}: the fastest, "
                          f"{fastest.describe()}, gets {fastest.max_iters} of the {cand.MIN_STEPS} optimizer steps of "
-                         f"{exp.tokens_per_step:,} tokens a plan needs; give more --hours or fewer tokens per step "
-                         f"(train.batch_size x gradient_accumulation_steps)")
+                         f"{self.exp.tokens_per_step:,} tokens a plan needs; give more --hours or fewer tokens per "
+                         f"step (train.batch_size x gradient_accumulation_steps)")
 
-    cands, best = best_of(cands)
-    if best is None and measure is not None and all(c.max_iters < cand.MIN_STEPS for c in cands):
-        # a rough figure only picks what to time: time the fastest shapes, then decide
-        best = fitted(min(cands, key=lambda c: c.depth))
-        cands = [best if c.depth == best.depth else c for c in cands]
-    if best is None and all(c.max_iters < cand.MIN_STEPS for c in cands):
-        raise too_little(cands)
-    if best is None:
-        smallest = next(c for c in cands if c.fits is False)
-        raise PlanError(f"no candidate fits {target.name} ({target.limit_bytes / 2**30:.2f} GB usable with the "
-                        f"probe's margin): {smallest.describe()}: {smallest.memory_note}; shorten model.block_size "
-                        f"or plan for a bigger card")
-    measured: set[int] = set()
-    scale = 1.0
-    for _ in range(2):  # time the best and its neighbours; once more if that moves the best
-        if measure is None:
-            break
-        smaller, larger = cand.neighbours(cands, best)
-        todo = [fitted(c) for c in (smaller, best, larger) if c is not None and c.depth not in measured]
-        todo = [c for c in todo if c.fits]
-        if not todo:
-            break
-        for c in todo:
-            cands[[x.depth for x in cands].index(c.depth)] = c
-        # each with its predicted speed: a CPU trial sizes its timed steps by it
-        shaped = [cand.with_shape(exp, c).with_changes("hardware", tokens_per_s=c.tokens_per_s) for c in todo]
-        results = measure(shaped)
-        timed = {c.depth: (m["tokens_per_s"], cand.measured_eval_seconds(e, m, budget_s))
-                 for c, e, m in zip(todo, shaped, results) if m and "oom" not in m}
-        for c, m in zip(todo, results):  # the card said no: the estimate was wrong for this one
-            if m and "oom" in m:
-                cands[[x.depth for x in cands].index(c.depth)] = dataclasses.replace(
-                    c, fits=False, memory_note=f"{m['oom']} at micro-batch {c.micro_batch} in the probe's trial")
-        measured |= {c.depth for c in todo}
-        cands, scale = _with_measurements(exp, speed_exp, cands, timed, budget_s, data.train_tokens)
-        cands, best = best_of(cands)
+    def first_best(self, cands: list[Candidate], can_measure: bool) -> tuple[list[Candidate], Candidate]:
+        """The best at predicted speeds; or, when none gets enough steps but a measurement may say otherwise, the
+        fastest shape to time. Nothing feasible: one line saying why."""
+        cands, best = self.best_of(cands)
+        if best is None and can_measure and all(c.max_iters < cand.MIN_STEPS for c in cands):
+            # a rough figure only picks what to time: time the fastest shapes, then decide
+            best = self.fitted(min(cands, key=lambda c: c.depth))
+            cands = [best if c.depth == best.depth else c for c in cands]
+        if best is None and all(c.max_iters < cand.MIN_STEPS for c in cands):
+            raise self.too_little(cands)
         if best is None:
-            raise too_little(cands, f" at the speeds measured on {target.name}")
-    shown = {c.depth for c in cand.window(cands, best)}
-    cands = [fitted(c) if c.depth in shown else c for c in cands]
-    best = next(c for c in cands if c.depth == best.depth)
-    smaller, larger = cand.neighbours(cands, best)
+            smallest = next(c for c in cands if c.fits is False)
+            raise PlanError(f"no candidate fits {self.target.name} ({self.target.limit_bytes / 2**30:.2f} GB usable "
+                            f"with the probe's margin): {smallest.describe()}: {smallest.memory_note}; shorten "
+                            f"model.block_size or plan for a bigger card")
+        return cands, best
+
+    def measured_around(self, cands: list[Candidate], best: Candidate, measure: Callable
+                        ) -> tuple[list[Candidate], Candidate, float]:
+        """Time the best and its neighbours on the card; once more if that moves the best. Returns the candidates at
+        the measured speeds (the others scaled by what the measurements said), the new best, and that scale."""
+        measured: set[int] = set()
+        scale = 1.0
+        for _ in range(2):
+            smaller, larger = cand.neighbours(cands, best)
+            todo = [self.fitted(c) for c in (smaller, best, larger) if c is not None and c.depth not in measured]
+            todo = [c for c in todo if c.fits]
+            if not todo:
+                break
+            for c in todo:
+                cands[[x.depth for x in cands].index(c.depth)] = c
+            # each with its predicted speed: a CPU trial sizes its timed steps by it
+            shaped = [cand.with_shape(self.exp, c).with_changes("hardware", tokens_per_s=c.tokens_per_s)
+                      for c in todo]
+            results = measure(shaped)
+            timed = {c.depth: (m["tokens_per_s"], cand.measured_eval_seconds(e, m, self.budget_s))
+                     for c, e, m in zip(todo, shaped, results) if m and "oom" not in m}
+            for c, m in zip(todo, results):  # the card said no: the estimate was wrong for this one
+                if m and "oom" in m:
+                    cands[[x.depth for x in cands].index(c.depth)] = dataclasses.replace(
+                        c, fits=False, memory_note=f"{m['oom']} at micro-batch {c.micro_batch} in the probe's trial")
+            measured |= {c.depth for c in todo}
+            cands, scale = _with_measurements(self.exp, self.speed_exp, cands, timed, self.budget_s,
+                                              self.train_tokens)
+            cands, best = self.best_of(cands)
+            if best is None:
+                raise self.too_little(cands, f" at the speeds measured on {self.target.name}")
+        return cands, best, scale
+
+
+def _speed_note(speed_exp: Experiment, cands: list[Candidate], best: Candidate, scale: float) -> str:
+    """Where the plan's speeds come from: the measured depths and the scale applied to the rest, or the prediction."""
     predicted = (f"this CPU's fp32 matmul speed, {speed_exp.hardware.peak_tflops:.3g} TFLOPS, x "
                  f"{figures.GENERIC_MFU:.0%} (rough)" if speed_exp.hardware.gpu == "cpu" else
                  figures.throughput(cand.with_shape(speed_exp, best), best.flops_per_token)[1])
     timed = sorted(c.depth for c in cands if c.speed_source == "measured")
-    note = (f"measured on this machine by the probe's trials (depth {', '.join(map(str, timed))}); the other shapes "
+    return (f"measured on this machine by the probe's trials (depth {', '.join(map(str, timed))}); the other shapes "
             f"at {scale:.2f}x the prediction from {predicted}" if timed else predicted)
-    return Plan(exp, target, budget_s, data, cands, best, smaller, larger, cand.why(best, smaller, larger), note,
-                stats["estimates"], stats["seconds"])
 
 
 def _predicted(speed_exp: Experiment, c: Candidate) -> float | None:
