@@ -64,7 +64,7 @@ def write_hf(folder: Path, state: dict, meta: dict) -> None:
     except ConfigError as e:
         raise ExportError(f"{e}; transformers has no architecture for this model: --format safetensors writes "
                           "model.safetensors + model_config.json (any recipe; fwray.core.checkpoint.load_model loads it)")
-    bpe = tokens.gpt2_bpe_files()  # before transformers' import (~5 s): a missing cache fails at once
+    bpe = tokens.gpt2_bpe_files()  # before transformers' slow import: a missing cache fails at once
     try:
         import transformers
     except ImportError:

@@ -201,7 +201,7 @@ def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
 
 def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -> list[dict]:
     """Run the tasks with Ray Data, print progress as they finish, and return their results in task order."""
-    # Ray Data here, not at the top: a cache hit, --help and an input error answer without importing it (~0.8 s)
+    # Ray Data here, not at the top: a cache hit, --help and an input error answer without importing it
     import ray
     import ray.data  # configures its loggers on import: quiet them after
 

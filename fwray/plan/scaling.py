@@ -22,15 +22,7 @@ ranks with `small_scale_loss`: the same form and constants with one change, the 
 2020 count them, without the token table, an untied output head and a learned position table (they are most of a
 small model and buy it little capacity: each token reads one row). No constant is refitted.
 
-What bench/plan_bench.py measured (python-docs, 2 CPU cores, the gpt2 recipe; validation loss):
-- 3 min (a busy machine; depth 1/2/3 read 67K/45K/22K tokens): 5.998 / 5.969 / 6.226. This form ranks 1, 2, 3: it
-  picks depth 1, 0.029 behind depth 2.
-- 6 min, one learning rate for every width (889K/730K/519K/367K tokens for depth 1-4; depth 1 not trained): depth
-  2/3/4 4.371 / 4.751 / 5.015. This form ranks 2, 3, 1, 4.
-- 6 min, the rate scaled with width (1.0M/742K/495K tokens): depth 1/2/3 4.522 / 4.393 / 4.545. This form ranks 2,
-  3, 1, depth 2 ahead by 2.6 law units. An earlier small-scale form that also dropped the excess-parameter discount
-  where no data repeats had depth 3 level with depth 2 here (20.08 vs 20.06), and ahead of it in the run before,
-  where depth 3 was 0.38 worse in validation loss.
+Why this form: bench/plan_bench.py's CPU runs, in the README ("What should I train?", Small-scale ranking).
 """
 from __future__ import annotations
 

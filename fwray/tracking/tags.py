@@ -28,7 +28,7 @@ def git_commit(folder: str | os.PathLike | None = None) -> tuple[str, bool] | No
     return (commit, bool(status)) if commit else None
 
 def version_tags() -> dict[str, str]:
-    # torch and ray here, not at the top: `python -m fwray.tracking replay` and `metrics` need neither (~1.5 s)
+    # torch and ray here, not at the top: `python -m fwray.tracking replay` and `metrics` need neither
     import ray
     import torch
 

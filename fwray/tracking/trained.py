@@ -25,7 +25,7 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, dst: str | os.PathLike, device: torch.device, with_config: bool = False):
     """(model, its config, the MLflow run it came from or None) for --run-id (downloaded into `dst`; mlflow is
-    imported only then: ~1.4 s) or --checkpoint."""
+    imported only then) or --checkpoint."""
     if args.run_id:
         from .store import default_uri
 

@@ -63,8 +63,8 @@ def _plot(ax, points: dict[int, float] | None, tokens_per_step: int, **style) ->
 
 
 def _figure_class():
-    """matplotlib's Figure (no pyplot: no global state, nothing to close), imported here: its import costs ~0.4 s
-    (measured warm), paid only by the process that draws a curve.
+    """matplotlib's Figure (no pyplot: no global state, nothing to close), imported here: only the process that draws
+    a curve pays for its import.
 
     In a fresh environment that import builds matplotlib's font cache and says so on the user's terminal ("Matplotlib
     is building the font cache; this may take a moment", "generated new fontManager"): its font_manager logger is
