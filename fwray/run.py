@@ -41,14 +41,9 @@ def _latest_path(exp) -> Path:
 
 def run(exp, resume: bool = False) -> int:
     # here, not at the top: --help and a bad experiment file answer at once, not after ~3 s of torch, Ray and MLflow
-    from .core import bpb, loader
-    from .core.tokens import get_tokenizer, split_files
-    from .data import prepare
-    from .data import yardstick as yardsticks
+    from .core import bpb
+    from .core.tokens import get_tokenizer
     from .plan import figures
-    from .probe import sweep as probe
-    from .probe.verdict import apply_verdict
-    from .tracking.store import is_server
     from .tracking.tracker import Tracker
     from .train import trainer
 
@@ -58,57 +53,19 @@ def run(exp, resume: bool = False) -> int:
 
     ray_session.start()  # a private Ray, or the cluster $RAY_ADDRESS names
     gpu = ray_session.use_gpu(exp.resources.use_gpu)  # stops now, not after the data, if use_gpu: true finds none
-
-    # the parent run first, so the data preparation (and the probe) can nest under it; from here on an MLflow outage
-    # warns and never stops the run
-    if previous:
-        ray_name, run_dir = previous["ray_run_name"], Path(previous["run_dir"])
-        run_id = tracker.reuse(previous["mlflow_run_id"], run_dir)
-    else:
-        ray_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = (Path(exp.resources.storage_path) / ray_name).resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_id = tracker.start(ray_name, run_dir, ray_session.device_label(gpu))
+    ray_name, run_dir, run_id = _open_parent_run(exp, tracker, previous, gpu)
     ok, outcome, registered = False, {}, None
     try:
-        prepare_start = time.perf_counter()
-        cache_dir, manifest = prepare.prepare(exp)
-        prepare_s = time.perf_counter() - prepare_start
-        if not previous:
-            tracker.log_prepare(cache_dir, manifest, prepare_s)
-        train_files, val_files = (tuple(map(str, split_files(cache_dir, manifest, s))) for s in ("train", "val"))
-        for split in ("train", "val"):  # too small for one window: one line here, not in a Ray worker or a trial
-            loader.split_shards(cache_dir, manifest, split, exp.model.block_size, exp.source)
-        yardstick = yardsticks.find(exp)  # a bad file, or one too short for a window: one line here, not in a worker
-        yardstick_line = yardstick.describe(exp.model.block_size) if yardstick else None
-        if yardstick_line:
-            print(f"yardstick: {yardstick_line}", flush=True)
-        verdict = None
-        if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
-            # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
-            verdict = probe.run_probe(exp, cache_dir, manifest, client=tracker.client, parent_run_id=run_id,
-                                      out_dir=run_dir / "probe", reuse=bool(previous))
-            exp = apply_verdict(exp, verdict)
-        exp = config.resolve(exp, manifest["splits"]["train"]["tokens"])
+        cache_dir, manifest, train_files, val_files = _prepare_data(exp, tracker, log=not previous)
+        yardstick, yardstick_line = _find_yardstick(exp)
+        exp, verdict = _probe_and_resolve(exp, cache_dir, manifest, tracker, run_id, run_dir, reuse=bool(previous))
         fig = figures.figures(exp, manifest)
         plan_text = figures.describe(exp, fig)
         print(plan_text, flush=True)
-
         if previous:
             print(f"resuming MLflow run {run_id} (Ray run {ray_name}) from its latest checkpoint")
         else:
-            tracker.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan_text})
-            if yardstick_line:
-                tracker.tags({"fwray.yardstick": yardstick_line})
-            tracker.params(config.flatten(exp))
-            tracker.params({f"plan.{k}": v for k, v in fig.items()})
-            (run_dir / "config.yaml").write_text(config.to_yaml(exp))
-            (run_dir / "plan.txt").write_text(plan_text + "\n")
-            tracker.artifact(run_dir / "config.yaml")
-            tracker.artifact(run_dir / "plan.txt")
-            tracker.artifact(Path(cache_dir) / "manifest.json", "data")
-            tracker.artifact(run_dir / DATA_REPORT, "data")
-            tracker.dataset(manifest)
+            _record_plan(exp, tracker, run_dir, cache_dir, manifest, fig, plan_text, yardstick_line)
             _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
                                                      "run_dir": str(run_dir), "tracking_uri": tracker.uri}))
         job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files, tracking_uri=tracker.uri,
@@ -126,6 +83,92 @@ def run(exp, resume: bool = False) -> int:
         # never raises: an outage warns and waits for replay; tags, not params: a resume may update them
         outcome_tags = {f"fwray.outcome.{k}": v if isinstance(v, str) else f"{v:.4g}" for k, v in outcome.items()}
         tracker.finish(ok, tags=outcome_tags)
+    _print_summary(exp, tracker, result, outcome, yardstick, run_id, run_dir, registered)
+    return 0
+
+
+def _open_parent_run(exp, tracker, previous: dict | None, gpu: bool) -> tuple[str, Path, str]:
+    """The Ray run's name, its folder and the MLflow parent run: the resumed run's, or new ones. The parent run comes
+    first so the data preparation (and the probe) can nest under it; from here on an MLflow outage warns and never
+    stops the run."""
+    if previous:
+        ray_name, run_dir = previous["ray_run_name"], Path(previous["run_dir"])
+        return ray_name, run_dir, tracker.reuse(previous["mlflow_run_id"], run_dir)
+    ray_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(exp.resources.storage_path) / ray_name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return ray_name, run_dir, tracker.start(ray_name, run_dir, ray_session.device_label(gpu))
+
+
+def _prepare_data(exp, tracker, log: bool):
+    """The token cache (prepared once, logged on a new run), its manifest and each split's files, every split checked
+    to hold a window: one line here, not in a Ray worker or a trial."""
+    from .core import loader
+    from .core.tokens import split_files
+    from .data import prepare
+
+    prepare_start = time.perf_counter()
+    cache_dir, manifest = prepare.prepare(exp)
+    prepare_s = time.perf_counter() - prepare_start
+    if log:
+        tracker.log_prepare(cache_dir, manifest, prepare_s)
+    train_files, val_files = (tuple(map(str, split_files(cache_dir, manifest, s))) for s in ("train", "val"))
+    for split in ("train", "val"):
+        loader.split_shards(cache_dir, manifest, split, exp.model.block_size, exp.source)
+    return cache_dir, manifest, train_files, val_files
+
+
+def _find_yardstick(exp):
+    """The yardstick and its one-line description (printed), or (None, None); a bad file, or one too short for a
+    window, stops here in one line, not in a worker."""
+    from .data import yardstick as yardsticks
+
+    yardstick = yardsticks.find(exp)
+    line = yardstick.describe(exp.model.block_size) if yardstick else None
+    if line:
+        print(f"yardstick: {line}", flush=True)
+    return yardstick, line
+
+
+def _probe_and_resolve(exp, cache_dir, manifest, tracker, run_id: str, run_dir: Path, reuse: bool):
+    """The experiment with the probe's chosen batch applied (when probe.enabled), then resolved against the train
+    split; and the probe's verdict (None without a probe)."""
+    from .probe import sweep as probe
+    from .probe.verdict import apply_verdict
+
+    verdict = None
+    if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
+        # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
+        verdict = probe.run_probe(exp, cache_dir, manifest, client=tracker.client, parent_run_id=run_id,
+                                  out_dir=run_dir / "probe", reuse=reuse)
+        exp = apply_verdict(exp, verdict)
+    return config.resolve(exp, manifest["splits"]["train"]["tokens"]), verdict
+
+
+def _record_plan(exp, tracker, run_dir: Path, cache_dir, manifest, fig: dict, plan_text: str,
+                 yardstick_line: str | None) -> None:
+    """A new run's decisions, written down and logged: tags, the resolved config and plan as params and files, the
+    data manifest, report and dataset."""
+    tracker.tags({"fwray.cache": str(cache_dir), "mlflow.note.content": plan_text})
+    if yardstick_line:
+        tracker.tags({"fwray.yardstick": yardstick_line})
+    tracker.params(config.flatten(exp))
+    tracker.params({f"plan.{k}": v for k, v in fig.items()})
+    (run_dir / "config.yaml").write_text(config.to_yaml(exp))
+    (run_dir / "plan.txt").write_text(plan_text + "\n")
+    tracker.artifact(run_dir / "config.yaml")
+    tracker.artifact(run_dir / "plan.txt")
+    tracker.artifact(Path(cache_dir) / "manifest.json", "data")
+    tracker.artifact(run_dir / DATA_REPORT, "data")
+    tracker.dataset(manifest)
+
+
+def _print_summary(exp, tracker, result: dict, outcome: dict, yardstick, run_id: str, run_dir: Path,
+                   registered: str | None) -> None:
+    """The losses, the outcome against the plan, and where to find the run, its model and its UI."""
+    from .plan import figures
+    from .tracking.store import is_server
+
     print(f"\ndone: validation loss {result['first_val_loss']:.3f} -> {result['final_val_loss']:.3f} "
           f"after {exp.train.max_iters} steps" + (f"; yardstick {exp.yardstick.name} "
                                                    f"{result['final_yardstick_val_loss']:.3f}" if yardstick else ""))
@@ -140,7 +183,6 @@ def run(exp, resume: bool = False) -> int:
     if registered:
         print(f"serve it:    MLFLOW_TRACKING_URI={tracker.uri} mlflow models serve -m {registered} --env-manager local "
               "--host 127.0.0.1 --port 5001")
-    return 0
 
 
 def _previous_run(exp) -> dict:
