@@ -40,7 +40,7 @@ def _latest_path(exp) -> Path:
 
 
 def run(exp, resume: bool = False) -> int:
-    # here, not at the top: --help and a bad experiment file answer at once, not after ~3 s of torch, Ray and MLflow
+    # here, not at the top: --help and a bad experiment file answer before torch, Ray and MLflow load (fwray/__init__)
     from .core import bpb
     from .core.tokens import get_tokenizer
     from .plan import figures
