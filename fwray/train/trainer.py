@@ -106,7 +106,6 @@ def _innermost_line(e: BaseException) -> str:
 def _worker(config: dict) -> dict | None:
     """One Ray Train worker: the engine's loop, reports and checkpoints; rank 0 returns the run's summary."""
     job: TrainJob = config["job"]
-    exp = job.exp
     # Ray Train logs every report at INFO ("Reporting training result N: ..."); fwray prints its own progress lines
     logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
@@ -115,22 +114,45 @@ def _worker(config: dict) -> dict | None:
     logger = RunLogger(job.tracking_uri, job.run_id, job.run_dir) if rank == 0 else None
     if logger and device.type == "cuda":  # the driver tagged what the cluster offers; this is the card that trains
         logger.tags({"fwray.device": hardware.device_name(device)})
+    resume = _latest_state(logger)
+    final: dict = {}
+    report = _reporter(job, rank, device, logger, resume, final)
+    try:
+        summary = _train(job, rank, world, device, report, resume)
+    except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
+        summary = {"stopped": {"message": str(e), "exit_code": e.exit_code}}
+    if rank != 0:
+        return None
+    if "stopped" not in summary:
+        model_dir = Path(job.run_dir) / checkpoint.MODEL_DIR  # the last evaluation's state is the end of training
+        checkpoint.save_model(model_dir, job.exp, final["state"]["model"], final["step"], final.get("val_loss"))
+        logger.artifact(model_dir, checkpoint.MODEL_DIR)
+    return summary  # Ray hands rank 0's return value to the driver: Result.return_value
 
-    resume = None
+
+def _latest_state(logger: RunLogger | None) -> dict | None:
+    """The training state of Ray's latest checkpoint (a restarted worker resumes from it), or None on a fresh start."""
     latest = ray.train.get_checkpoint()
-    if latest is not None:
-        with latest.as_directory() as d:
-            resume = checkpoint.load_state(d)
-        if logger:
-            logger.tags({"fwray.resumed_from_step": resume["step"]})
-    evals = None  # rank 0: loss curve and samples at each evaluation; a restarted worker rebuilds the history
+    if latest is None:
+        return None
+    with latest.as_directory() as d:
+        resume = checkpoint.load_state(d)
     if logger:
+        logger.tags({"fwray.resumed_from_step": resume["step"]})
+    return resume
+
+
+def _reporter(job: TrainJob, rank: int, device, logger: RunLogger | None, resume: dict | None, final: dict):
+    """The engine's report callback: on rank 0, metrics (with the machine's figures at each log interval), the progress
+    line, the loss curve and samples; on every rank, each checkpoint reported to Ray (rank 0's state kept in `final`).
+    """
+    exp = job.exp
+    evals = health = None
+    if logger:  # rank 0: loss curve and samples at each evaluation; a restarted worker rebuilds the history
         history = (metric_history(job.tracking_uri, job.run_id, CURVES, fallback=logger.fallback,
                                   max_step=resume["step"]) if resume else None)
         evals = EvalArtifacts(exp, job.run_dir, logger, history)
-    health = HealthSampler(device) if logger else None  # rank 0's node: the machine its GPU (or CPU) is in
-
-    final: dict = {}
+        health = HealthSampler(device)  # rank 0's node: the machine its GPU (or CPU) is in
 
     def report(step: int, metrics: dict, state: dict | None) -> None:
         if logger:
@@ -150,25 +172,21 @@ def _worker(config: dict) -> dict | None:
             ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
 
-    try:
-        batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
-                                     batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
-                                     seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
-                                     align_to_documents=exp.data.align_to_documents,
-                                     accumulation=exp.train.gradient_accumulation_steps)
-        yardstick = (job.yardstick.open(exp.model.block_size, exp.train.eval_batch_size or exp.train.batch_size)
-                     if job.yardstick else None)
-        summary = engine.train(exp.model, exp.train, batches, report, device=device, resume=resume, world_size=world,
-                               peak_tflops=exp.hardware.peak_tflops, val_text=job.val_text, yardstick=yardstick)
-    except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
-        summary = {"stopped": {"message": str(e), "exit_code": e.exit_code}}
-    if rank != 0:
-        return None
-    if "stopped" not in summary:
-        model_dir = Path(job.run_dir) / checkpoint.MODEL_DIR  # the last evaluation's state is the end of training
-        checkpoint.save_model(model_dir, exp, final["state"]["model"], final["step"], final.get("val_loss"))
-        logger.artifact(model_dir, checkpoint.MODEL_DIR)
-    return summary  # Ray hands rank 0's return value to the driver: Result.return_value
+    return report
+
+
+def _train(job: TrainJob, rank: int, world: int, device, report, resume: dict | None) -> dict:
+    """This rank's share of the batches (and the yardstick's), through the engine's loop; its summary."""
+    exp = job.exp
+    batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
+                                 batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
+                                 seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
+                                 align_to_documents=exp.data.align_to_documents,
+                                 accumulation=exp.train.gradient_accumulation_steps)
+    yardstick = (job.yardstick.open(exp.model.block_size, exp.train.eval_batch_size or exp.train.batch_size)
+                 if job.yardstick else None)
+    return engine.train(exp.model, exp.train, batches, report, device=device, resume=resume, world_size=world,
+                        peak_tflops=exp.hardware.peak_tflops, val_text=job.val_text, yardstick=yardstick)
 
 
 def progress_line(step: int, max_iters: int, m: dict) -> str:
