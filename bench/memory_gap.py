@@ -1,0 +1,53 @@
+"""experiments/4070.yaml's model at micro-batch 20 x 2 micro-steps: the CUDA peak of two training steps and of one
+evaluation forward against fwray.core.memory's CPU estimate of the same, for the model as written and one variant
+per suspect piece (no soft-cap, smaller loss chunks, AdamW), with GPT-2 124M as the baseline the estimate was tuned on.
+GPU, torch only:  python bench/memory_gap.py   (about 40 s on an H200; JSON in $OUT or .)"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import torch
+from fwray import config
+from fwray.core import hardware, memory
+from fwray.core.engine import Engine
+from fwray.core.loader import random_batch
+
+hardware.configure_allocator()
+exp = config.load(ROOT / "experiments" / "4070.yaml")
+B, ACC = 20, 2
+GIB = 2**30
+variants = {"default": ({}, {}), "softcap0": ({"logit_softcap": 0.0}, {}), "chunk1024": ({}, {"loss_chunk_size": 1024}),
+            "adamw": ({}, {"optimizer": "adamw"}), "gpt2-124m": ("gpt2", {"optimizer": "adamw"})}
+out = {}
+dev = torch.device("cuda", 0)
+torch.zeros(1, device=dev)  # CUDA initialised before its memory statistics are read
+for name, (mchg, tchg) in variants.items():
+    if mchg == "gpt2":
+        model = config.ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    else:
+        model = dataclasses.replace(exp.model, **mchg)
+    train = dataclasses.replace(exp.train, batch_size=B, gradient_accumulation_steps=ACC, compile=False, **tchg)
+    t0 = time.time()
+    est = memory.estimate_peak_bytes(model, train, B, accumulation=ACC)
+    t_est = time.time() - t0
+    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
+    eng = Engine.build(model, train, dev, compile=False)
+    x, y = random_batch(B, model.block_size)
+    for s in range(2):
+        eng.step(s, lambda m: (x, y))
+    torch.cuda.synchronize()
+    train_peak = torch.cuda.max_memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    eng.evaluate(lambda i: (x, y), 1)
+    eval_peak = torch.cuda.max_memory_allocated(dev)
+    params = sum(p.numel() * p.element_size() for p in eng.raw_model.parameters())
+    out[name] = {"est_train_gb": est["train_peak"] / GIB, "est_eval_gb": est["eval_peak"] / GIB, "est_params_gb": est["params"] / GIB,
+                 "cuda_train_gb": train_peak / GIB, "cuda_eval_gb": eval_peak / GIB, "params_gb": params / GIB,
+                 "train_err": est["train_peak"] / train_peak - 1, "est_s": t_est}
+    print(name, json.dumps({k: round(v, 3) for k, v in out[name].items()}), flush=True)
+    del eng; torch.cuda.empty_cache()
+Path(os.environ.get("OUT", "."), "memory_gap.json").write_text(json.dumps(out, indent=1))
