@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("FWRAY_SHARED", ROOT.parent / "shared"))  # a checkout elsewhere names it
 CORPUS = SHARED / "corpus" / "python-docs.parquet"
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 
