@@ -42,19 +42,27 @@ def _at_least(section, minimum: int, *keys: str) -> None:
 RECIPES = {
     # nanoGPT's GPT-2: learned positions, LayerNorm, GELU, tied embeddings, GPT-2's scaled init of the projections
     "gpt2": dict(positions="learned", norm="layernorm", qk_norm=False, mlp="gelu", tie_embeddings=True,
-                 zero_init_proj=False, zero_init_head=False, logit_softcap=0.0),
+                 zero_init_proj=False, zero_init_head=False, logit_softcap=0.0, embed_norm=False),
     # nanochat / modded-nanogpt: rotary positions, RMSNorm without a gain, RMSNorm on queries and keys, ReLU^2,
     # untied head, zero-init residual projections, logits soft-capped at 15 (both projects' value). Not (yet) their
     # zero-init head: they pair it with a head learning rate ~50x below the embedding's; under fwray's one AdamW rate
     # it cost 0.53 nats of validation loss after 300 steps of a 4 x 128 model (5.38 vs 4.85 with a normal-init head)
     "modern": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
-                   zero_init_proj=True, zero_init_head=False, logit_softcap=15.0),
+                   zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=False),
+    # modern plus what modded-nanogpt's records and nanochat add on top (bench/recipe_ablation.py measures each piece
+    # against modern). A recipe of its own rather than a new modern: a checkpoint saved before a switch existed
+    # resolves it to its recipe's default, so changing modern's defaults would silently change the model and the
+    # optimizer of every modern checkpoint and experiment already written.
+    "speedrun": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
+                     zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=True),
 }
 # ... and what it defaults in the other sections of an experiment file (a key the file sets wins): the modern recipe
 # trains with Muon and a warmup-stable-decay schedule, and reads every window once per epoch
 RECIPE_TRAINING = {
     "gpt2": {},
     "modern": {"train": {"optimizer": "muon", "schedule": "wsd"}, "data": {"sampling": "epoch"}},
+    "speedrun": {"train": {"optimizer": "muon", "schedule": "wsd", "muon_split_qkv": True, "muon_momentum_warmup": 300},
+                 "data": {"sampling": "epoch"}},
 }
 
 
@@ -67,7 +75,7 @@ class ModelConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
     bias: bool = False  # biases in the linear layers and LayerNorms (the modern recipe has none)
     dropout: float = 0.0
-    recipe: str = "gpt2"  # gpt2 | modern: the defaults of the switches below
+    recipe: str = "gpt2"  # gpt2 | modern | speedrun: the defaults of the switches below
     # None => the recipe's value, resolved on construction (so the resolved value is what is logged and saved)
     positions: str | None = None  # learned (wpe) | rotary
     norm: str | None = None  # layernorm | rmsnorm (no learnable gain)
@@ -77,6 +85,7 @@ class ModelConfig:
     zero_init_proj: bool | None = None  # the residual projections (attn and mlp c_proj) start at zero
     zero_init_head: bool | None = None  # the (untied) output head starts at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); 0 = off
+    embed_norm: bool | None = None  # the first block reads norm(embeddings), as nanochat's and modded-nanogpt's
 
     SECTION: typing.ClassVar[str] = "model"
 
@@ -100,8 +109,8 @@ class ModelConfig:
         _check(self.positions != "rotary" or (self.n_embd // self.n_head) % 2 == 0, "model.n_embd", self.n_embd,
                f"rotary positions rotate pairs of channels: n_embd / n_head = {self.n_embd // self.n_head} "
                "must be even")
-        _check(not (self.recipe == "modern" and self.bias), "model.bias", self.bias,
-               "the modern recipe has no biases (set model.bias=false)")
+        _check(not (self.recipe != "gpt2" and self.bias), "model.bias", self.bias,
+               f"the {self.recipe} recipe has no biases (set model.bias=false)")
         _check(not (self.zero_init_head and self.tie_embeddings), "model.zero_init_head", self.zero_init_head,
                "a tied head is the input embedding and cannot start at zero (set model.tie_embeddings=false)")
 
@@ -114,6 +123,9 @@ class TrainConfig:
     learning_rate: float = 6e-4  # AdamW's rate: every group under adamw; norms, biases and scalars under muon
     muon_lr: float | None = None  # None => fwray.core.optim's default (shape-scaled: no retuning when n_embd changes)
     muon_momentum: float = 0.95
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum (fwray.optim)
+    muon_split_qkv: bool = False  # Muon orthogonalises the attention's query, key and value matrices one by one
+    muon_weight_decay: float | None = None  # decoupled, on Muon's matrices; None => weight_decay
     embedding_lr: float | None = None  # None => learning_rate (adamw), a width-scaled default (muon)
     head_lr: float | None = None  # the output layer (and the embedding tied to it); None as embedding_lr
     max_iters: int | None = None  # optimizer steps; None => derived from `epochs`
@@ -146,7 +158,7 @@ class TrainConfig:
                   "log_interval", "loss_chunk_size", "keep_checkpoints", "max_nonfinite_steps", "max_iters",
                   "eval_batch_size")
         _check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
-        _at_least(self, 0, "warmup_iters")
+        _at_least(self, 0, "warmup_iters", "muon_momentum_warmup")
         _check(self.optimizer in ("adamw", "muon"), "train.optimizer", self.optimizer, "must be adamw or muon")
         for key in ("learning_rate", "muon_lr", "embedding_lr", "head_lr"):
             value = getattr(self, key)
@@ -158,7 +170,9 @@ class TrainConfig:
                "must be in [0, train.learning_rate]")
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be 0 (off) or positive")
+        for key in ("weight_decay", "muon_weight_decay"):
+            value = getattr(self, key)
+            _check(value is None or value >= 0, f"train.{key}", value, "must be 0 (off) or positive")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be 0 (off) or positive")
         _check(self.compile in (True, False, "auto"), "train.compile", self.compile, "must be true, false or auto")
         _check(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype", self.dtype,

@@ -84,16 +84,22 @@ def test_loss_falls_on_real_tokens(token_files):
     assert sorted(rec.states) == [8, 16, 24]  # a checkpoint at every evaluation after the start
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_reproduces_uninterrupted_run(token_files, optimizer):
-    t = train_section(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2, optimizer=optimizer)
+# the speedrun recipe's pieces: Muon's momentum still warming up at the resume, Q/K/V split, the embedding's norm
+SPEEDRUN = (ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, recipe="speedrun"),
+            dict(optimizer="muon", muon_split_qkv=True, muon_momentum_warmup=6, schedule="wsd", decay_fraction=0.5))
+
+
+@pytest.mark.parametrize("model, changes", [(MODEL, dict(optimizer="adamw")), (MODEL, dict(optimizer="muon")),
+                                            SPEEDRUN], ids=["adamw", "muon", "speedrun"])
+def test_resume_reproduces_uninterrupted_run(token_files, model, changes):
+    t = train_section(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2, **changes)
     full = Recorder()
-    train(MODEL, t, batches_for(t, token_files), full, device=CPU)
+    train(model, t, batches_for(t, token_files), full, device=CPU)
     first = Recorder()
-    train(MODEL, dataclasses.replace(t, max_iters=4), batches_for(t, token_files), first, device=CPU)
+    train(model, dataclasses.replace(t, max_iters=4), batches_for(t, token_files), first, device=CPU)
     # resume from step 4's checkpoint in a fresh loader (no loader state) with the full budget
     resumed = Recorder()
-    summary = train(MODEL, t, batches_for(t, token_files), resumed, device=CPU,
+    summary = train(model, t, batches_for(t, token_files), resumed, device=CPU,
                     resume=first.states[4])
     assert summary["resumed_from"] == 4
     # exact, on any CPU: both runs are this process, with the same kernels on the same shapes in the same order

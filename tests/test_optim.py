@@ -11,7 +11,8 @@ from fwray.config import ConfigError, ModelConfig, TrainConfig
 from fwray.core import memory
 from fwray.core.engine import Engine
 from fwray.core.model import GPT
-from fwray.core.optim import EMBEDDING_LR, HEAD_LR, MUON_LR, make_optimizer, param_groups
+from fwray.core.optim import (EMBEDDING_LR, HEAD_LR, MUON_ADJUST_LR, MUON_LR, MUON_MOMENTUM_START, make_optimizer,
+                              muon_momentum, param_groups)
 from fwray.errors import FwrayError
 
 CPU = torch.device("cpu")
@@ -91,6 +92,71 @@ def test_muon_settings():
     assert group["momentum"] == 0.9 and group["weight_decay"] == 0.05 and group["adjust_lr_fn"] == "original"
 
 
+def test_muon_weight_decay_has_its_own_key():
+    def decays(**train):
+        return {g["name"]: g["weight_decay"] for g in param_groups(gpt2(bias=True), TrainConfig(**train))}
+
+    assert decays(optimizer="muon", weight_decay=0.1) == {"scalars": 0.0, "head": 0.1, "embedding": 0.1,
+                                                          "matrices": 0.1}  # unset: weight_decay, as before
+    assert decays(optimizer="muon", weight_decay=0.1, muon_weight_decay=0.0) == {
+        "scalars": 0.0, "head": 0.1, "embedding": 0.1, "matrices": 0.0}
+    assert decays(weight_decay=0.1, muon_weight_decay=0.0)["matrices"] == 0.1  # adamw: no Muon, no Muon key
+
+
+def one_muon_step(model: GPT, train: TrainConfig, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    opt = make_optimizer(model, train)
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone()
+    opt.step(1.0, found_inf=torch.zeros(()))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_split_qkv_orthogonalises_query_key_and_value_one_by_one():
+    torch.manual_seed(0)
+    start = gpt2().state_dict()
+    grads = {n: torch.randn_like(p) for n, p in gpt2().named_parameters()}
+    t = TrainConfig(optimizer="muon", weight_decay=0.1)
+
+    def fresh():
+        model = gpt2()
+        model.load_state_dict(start)
+        return model
+
+    fused = one_muon_step(fresh(), t, grads)
+    split = one_muon_step(fresh(), dataclasses.replace(t, muon_split_qkv=True), grads)
+    for i in range(2):
+        name = f"transformer.h.{i}.attn.c_attn.weight"
+        # torch's own Muon on the query, key and value matrices as three parameters of their own
+        parts = [torch.nn.Parameter(w.clone()) for w in start[name].chunk(3)]
+        for p, g in zip(parts, grads[name].chunk(3)):
+            p.grad = g.clone()
+        torch.optim.Muon(parts, lr=MUON_LR, weight_decay=0.1, adjust_lr_fn=MUON_ADJUST_LR).step()
+        torch.testing.assert_close(split[name], torch.cat([p.detach() for p in parts]), rtol=0, atol=0)
+        assert not torch.allclose(split[name], fused[name])  # one 3C x C matrix is another update
+        # the fused run is torch's Muon on the fused matrix
+        whole = torch.nn.Parameter(start[name].clone())
+        whole.grad = grads[name].clone()
+        torch.optim.Muon([whole], lr=MUON_LR, weight_decay=0.1, adjust_lr_fn=MUON_ADJUST_LR).step()
+        torch.testing.assert_close(fused[name], whole.detach(), rtol=0, atol=0)
+    other = "transformer.h.0.mlp.c_fc.weight"  # every other matrix: one matrix, either way
+    torch.testing.assert_close(split[other], fused[other], rtol=0, atol=0)
+
+
+def test_muon_momentum_warms_up_with_the_step_only():
+    t = TrainConfig(optimizer="muon", muon_momentum=0.95, muon_momentum_warmup=300)
+    assert muon_momentum(0, t) == MUON_MOMENTUM_START == 0.85
+    assert muon_momentum(150, t) == pytest.approx(0.90)
+    assert muon_momentum(300, t) == muon_momentum(5000, t) == 0.95
+    rising = [muon_momentum(s, t) for s in range(302)]
+    assert rising == sorted(rising)
+    assert muon_momentum(0, TrainConfig(optimizer="muon")) == 0.95  # no warmup: the configured momentum throughout
+    opt = make_optimizer(gpt2(), t)
+    for p in opt.optimizers["muon"].param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step(1.0, found_inf=torch.zeros(()), muon_momentum=muon_momentum(30, t))
+    assert opt.optimizers["muon"].param_groups[0]["momentum"] == pytest.approx(0.86)
+
+
 def test_a_checkpoint_from_the_other_optimizer_is_refused():
     t = TrainConfig(batch_size=2, max_iters=2, compile=False)
     state = Engine.build(gpt2().config, t, CPU).state(0, {})
@@ -110,6 +176,8 @@ def test_a_checkpoint_from_the_other_optimizer_is_refused():
     ("embedding_lr", 0.0, "must be positive"),
     ("muon_momentum", 1.0, r"must be in \[0, 1\)"),
     ("weight_decay", -0.1, "must be 0"),
+    ("muon_weight_decay", -0.1, "must be 0"),
+    ("muon_momentum_warmup", -1, "must be at least 0"),
 ])
 def test_train_section_checks_the_new_keys(key, value, why):
     with pytest.raises(ConfigError, match=f"train.{key} = .*: {why}"):

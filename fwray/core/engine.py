@@ -19,7 +19,7 @@ from ..errors import FwrayError
 from . import bpb, hardware
 from .loader import Batches
 from .model import GPT, flops_per_token
-from .optim import Optimizers, lr_multiplier, make_optimizer
+from .optim import Optimizers, lr_multiplier, make_optimizer, muon_momentum
 from .tokens import EOT
 from .yardstick import YardstickBatches
 
@@ -159,7 +159,7 @@ class Engine:
         bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         if _world_size() > 1:  # each rank saw its own loss: skip the step on every rank if any saw a bad one
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.optimizer.step(lr_multiplier(step, t), found_inf=bad)
+        self.optimizer.step(lr_multiplier(step, t), found_inf=bad, muon_momentum=muon_momentum(step, t))
         self.optimizer.zero_grad(set_to_none=not ddp)  # under DDP they stay the buckets' views (see build)
         return loss_sum, bad.bool()
 

@@ -1,5 +1,5 @@
 """The GPT of nanoGPT (pre-norm blocks, causal scaled-dot-product attention) and its recipes: gpt2 (learned positions,
-LayerNorm, GELU, tied embeddings) or modern (config.RECIPES; the blocks are in fwray.core.layers).
+LayerNorm, GELU, tied embeddings), modern or speedrun (config.RECIPES; the blocks are in fwray.core.layers).
 
 The loss is computed in chunks of tokens with its gradients taken in the same pass, so the full (batch x block x
 vocab) logits never exist and nothing is recomputed: evaluation at the training micro-batch costs no more than
@@ -28,6 +28,8 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
         if cfg.positions == "learned":
             modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.embed_norm:
+            modules["ln_e"] = make_norm(cfg, cfg.n_embd)
         self.transformer = nn.ModuleDict(dict(
             **modules,
             drop=nn.Dropout(cfg.dropout),
@@ -78,6 +80,8 @@ class GPT(nn.Module):
         rotary = self.rotary(T) if self.rotary is not None else None  # positions rotate queries and keys...
         if rotary is None:  # ...or are added to the input
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        if self.config.embed_norm:  # the residual stream starts at unit RMS, whatever scale the embedding has grown to
+            x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training:
@@ -205,7 +209,8 @@ def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
     C, L = cfg.n_embd, cfg.n_layer
     lookups = ((cfg.block_size * C if cfg.positions == "learned" else 0)
                + (0 if cfg.tie_embeddings else cfg.vocab_size * C))
-    norm_params = (2 * L + 1) * C * (2 if cfg.bias else 1) if cfg.norm == "layernorm" else 0  # rmsnorm has none
+    norms = 2 * L + 1 + (1 if cfg.embed_norm else 0)
+    norm_params = norms * C * (2 if cfg.bias else 1) if cfg.norm == "layernorm" else 0  # rmsnorm has none
     biases = L * (3 * C + C + 4 * C + C) if cfg.bias else 0  # c_attn, attn.c_proj, c_fc, mlp.c_proj
     matmul_params = n_params - lookups - norm_params - biases
     return 6 * matmul_params + 12 * L * cfg.n_head * (C // cfg.n_head) * cfg.block_size

@@ -12,9 +12,11 @@ from collections import ChainMap
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.optim._muon import muon as muon_update  # torch's functional Muon step (torch.optim.Muon.step calls it)
 
 from ..config import TrainConfig
 from ..errors import FwrayError
+from .layers import CausalSelfAttention
 
 # Muon's rate. Muon's step is an orthogonalised matrix; with adjust_lr_fn "original" (Keller Jordan's) it is scaled
 # by sqrt(max(1, rows / cols)), so its spectral norm is lr times the matrix's aspect ratio, whatever the width: a
@@ -30,6 +32,7 @@ MUON_LR = 0.02  # nanochat's matrix_lr
 EMBEDDING_LR = 0.004
 HEAD_LR = 0.004
 REFERENCE_WIDTH = 768
+MUON_MOMENTUM_START = 0.85  # modded-nanogpt's: less momentum while the first gradients are large and change fast
 
 
 def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
@@ -44,6 +47,8 @@ def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
              "head": _given(t.head_lr, HEAD_LR * width_scale if muon else t.learning_rate),
              "embedding": _given(t.embedding_lr, EMBEDDING_LR * width_scale if muon else t.learning_rate),
              "matrices": _given(t.muon_lr, MUON_LR) if muon else t.learning_rate}
+    decays = {"head": t.weight_decay, "embedding": t.weight_decay,
+              "matrices": _given(t.muon_weight_decay, t.weight_decay) if muon else t.weight_decay}
     head = {id(p) for p in model.lm_head.parameters()}
     params = {name: [] for name in rates}
     seen = set()
@@ -62,7 +67,7 @@ def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
                 name = "matrices"
             params[name].append(p)
     return [{"name": name, "params": params[name], "lr": lr,
-             "weight_decay": 0.0 if name == "scalars" else t.weight_decay}
+             "weight_decay": 0.0 if name == "scalars" else decays[name]}
             for name, lr in rates.items() if params[name]]
 
 
@@ -80,9 +85,41 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> "Optimizers":
 
     if train.optimizer == "adamw":
         return Optimizers(adamw=adamw(groups))
+    # the fused query, key and value projection (3C x C) as three C x C matrices: each orthogonalised on its own
+    row_blocks = ({id(m.c_attn.weight): 3 for m in model.modules() if isinstance(m, CausalSelfAttention)}
+                  if train.muon_split_qkv else {})
     return Optimizers(adamw=adamw([g for g in groups if g["name"] != "matrices"]),
-                      muon=torch.optim.Muon([g for g in groups if g["name"] == "matrices"],
-                                            momentum=train.muon_momentum, adjust_lr_fn=MUON_ADJUST_LR))
+                      muon=Muon([g for g in groups if g["name"] == "matrices"], row_blocks,
+                                momentum=train.muon_momentum, adjust_lr_fn=MUON_ADJUST_LR))
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon, where a matrix listed in `row_blocks` (id -> count) is updated as that many stacked matrices of
+    equal rows: momentum, orthogonalisation, the shape's rate adjustment and decay on each (modded-nanogpt's (3, C, C)
+    view of the attention's fused query, key and value weight). The parameters and their state keep their shapes, so
+    checkpoints do not depend on it. Muon's authors, nanochat's and Moonlight's all found separate matrices train
+    better: as one 3C x C matrix, a step's singular directions mix queries, keys and values."""
+
+    def __init__(self, params, row_blocks: dict[int, int], **kwargs):
+        super().__init__(params, **kwargs)
+        self.row_blocks = row_blocks
+
+    @torch.no_grad()
+    def step(self) -> None:  # no closure: fwray's loop computes the loss before the step
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                blocks = self.row_blocks.get(id(p), 1)
+                # row blocks of a contiguous matrix are views: the update lands in the parameter and its momentum
+                muon_update(list(p.chunk(blocks)), list(p.grad.chunk(blocks)),
+                            list(state["momentum_buffer"].chunk(blocks)), lr=group["lr"],
+                            weight_decay=group["weight_decay"], momentum=group["momentum"],
+                            nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"], eps=group["eps"],
+                            ns_steps=group["ns_steps"], adjust_lr_fn=group["adjust_lr_fn"], has_complex=False)
 
 
 class Optimizers:
@@ -105,11 +142,14 @@ class Optimizers:
         """parameter -> its optimizer state, whichever optimizer holds it."""
         return ChainMap(*(o.state for o in self.optimizers.values()))
 
-    def step(self, lr_multiplier: float, found_inf: torch.Tensor) -> None:
-        """Every group at its base rate x `lr_multiplier`; nothing changes (weights, moments, momentum) where
-        `found_inf` (a device scalar) is 1."""
+    def step(self, lr_multiplier: float, found_inf: torch.Tensor, muon_momentum: float | None = None) -> None:
+        """Every group at its base rate x `lr_multiplier` (and Muon's at `muon_momentum`, when given); nothing
+        changes (weights, moments, momentum) where `found_inf` (a device scalar) is 1."""
         for group, base in zip(self.param_groups, self.base_lrs):
             group["lr"] = base * lr_multiplier
+        if "muon" in self.optimizers and muon_momentum is not None:
+            for group in self.optimizers["muon"].param_groups:
+                group["momentum"] = muon_momentum
         # Muon has no found_inf: the flag is read back, the one host sync of a Muon step. A fake tensor (the memory
         # estimate's) has no value: it takes the step, the larger case.
         if "muon" in self.optimizers and not is_fake(found_inf) and found_inf.item():
@@ -151,3 +191,14 @@ def lr_multiplier(step: int, train: TrainConfig) -> float:
     else:
         decayed = 0.5 * (1.0 - math.cos(math.pi * (step - t.warmup_iters) / max(1, end - t.warmup_iters)))
     return 1.0 - decayed * (1.0 - floor)
+
+
+def muon_momentum(step: int, train: TrainConfig) -> float:
+    """Muon's momentum at `step`: from MUON_MOMENTUM_START linearly up to train.muon_momentum over the first
+    train.muon_momentum_warmup steps (modded-nanogpt: 0.85 -> 0.95 over 300), then constant. A function of the step
+    only, as lr_multiplier: a resumed run continues it exactly."""
+    t = train
+    if step >= t.muon_momentum_warmup:
+        return t.muon_momentum
+    done = step / t.muon_momentum_warmup
+    return (1 - done) * MUON_MOMENTUM_START + done * t.muon_momentum

@@ -21,7 +21,7 @@ from ..probe.verdict import probe_accumulation
 from . import figures, scaling
 
 ASPECT = 64  # width per layer
-HEAD_SIZE = {"gpt2": 64, "modern": 128}
+HEAD_SIZE = {"gpt2": 64, "modern": 128, "speedrun": 128}
 DEPTHS = tuple(range(1, 33))  # the family; the table shows the recommendation and WINDOW shapes on each side
 WINDOW = 3
 MAX_MICRO_BATCH = 64  # larger micro-batches buy a GPU little speed
