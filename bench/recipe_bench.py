@@ -34,6 +34,7 @@ CORPUS = ROOT.parent / "shared" / "corpus" / "python-docs.parquet"
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from fwray import config, ray_session, run  # noqa: E402
+from recipe_ablation import tokens_to_reach  # noqa: E402  (bench/, the script's folder, is on the path)
 
 PRESETS = {
     "cpu": {"model": {"n_layer": 6, "n_head": 4, "n_embd": 256, "block_size": 128},
@@ -75,14 +76,6 @@ def val_curve(exp: config.Experiment) -> tuple[list[tuple[int, float]], float]:
     history = client.get_metric_history(found[0].info.run_id, "val_loss")
     speed = float(found[0].data.tags.get("fwray.outcome.measured_tokens_per_s", "nan"))  # none below 2 log intervals
     return sorted((m.step * exp.tokens_per_step, m.value) for m in history), speed
-
-
-def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """Tokens at which the curve first reaches `target` (interpolated between evaluations); None if it never does."""
-    for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
-        if v1 <= target:
-            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1) if v0 > target else t0
-    return None
 
 
 def main() -> int:
