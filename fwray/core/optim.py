@@ -7,12 +7,17 @@ resumed run continues it exactly.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import ChainMap
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.optim._muon import muon as muon_update  # torch's functional Muon step (torch.optim.Muon.step calls it)
+
+# the group settings the functional step takes, read from its signature: torch versions add some (use_addmm)
+MUON_SETTINGS = [k for k in inspect.signature(muon_update).parameters
+                 if k not in ("params", "grads", "muon_momentum_bufs", "foreach", "has_complex")]
 
 from ..config import TrainConfig
 from ..errors import FwrayError
@@ -97,7 +102,7 @@ class Muon(torch.optim.Muon):
     """torch's Muon, where a matrix listed in `row_blocks` (id -> count) is updated as that many stacked matrices of
     equal rows: momentum, orthogonalisation, the shape's rate adjustment and decay on each (modded-nanogpt's (3, C, C)
     view of the attention's fused query, key and value weight). The parameters and their state keep their shapes, so
-    checkpoints do not depend on it. Muon's authors, nanochat's and Moonlight's all found separate matrices train
+    checkpoints do not depend on it. Muon's author, nanochat and Moonlight report that separate matrices train
     better: as one 3C x C matrix, a step's singular directions mix queries, keys and values."""
 
     def __init__(self, params, row_blocks: dict[int, int], **kwargs):
@@ -116,10 +121,8 @@ class Muon(torch.optim.Muon):
                 blocks = self.row_blocks.get(id(p), 1)
                 # row blocks of a contiguous matrix are views: the update lands in the parameter and its momentum
                 muon_update(list(p.chunk(blocks)), list(p.grad.chunk(blocks)),
-                            list(state["momentum_buffer"].chunk(blocks)), lr=group["lr"],
-                            weight_decay=group["weight_decay"], momentum=group["momentum"],
-                            nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"], eps=group["eps"],
-                            ns_steps=group["ns_steps"], adjust_lr_fn=group["adjust_lr_fn"], has_complex=False)
+                            list(state["momentum_buffer"].chunk(blocks)), has_complex=False,
+                            **{k: group[k] for k in MUON_SETTINGS})
 
 
 class Optimizers:
