@@ -130,6 +130,8 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
 def share_of_gpt2(runs: dict[str, dict[int, dict]], arm: str, seed: int) -> tuple[float, float] | None:
     """(tokens, seconds) the arm needs to reach the gpt2 recipe's final validation loss of the same seed, as shares of
     gpt2's own; None if it never gets there."""
+    if "gpt2" not in runs:  # the yardstick was not run
+        return None
     gpt2_tokens, gpt2_final = runs["gpt2"][seed]["curve"][-1]
     needed = tokens_to_reach(runs[arm][seed]["curve"], gpt2_final)
     if needed is None:
@@ -175,7 +177,8 @@ def main() -> int:
     p.add_argument("--data", type=Path, nargs="+", help="parquet files in FineWeb's schema (default: the preset's)")
     p.add_argument("--tokens", type=Path, help="folder of train.bin / val.bin, made here when absent "
                                                "(default: a temporary one)")
-    p.add_argument("--arms", help=f"comma-separated, of {', '.join(ARMS)} (default: the preset's)")
+    p.add_argument("--arms", help=f"comma-separated, of {', '.join(ARMS)} (default: the preset's; without gpt2, "
+                                  "no shares of gpt2's tokens)")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the preset's")
     p.add_argument("--steps", type=int, help="optimizer steps per arm (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -188,8 +191,6 @@ def main() -> int:
     if unknown:
         print(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}", file=sys.stderr)
         return 2
-    if "gpt2" not in arms:
-        arms.insert(0, "gpt2")  # the yardstick every arm is measured against
     seeds = tuple(args.seeds or preset["seeds"])
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +207,7 @@ def main() -> int:
                 r = runs[arm][seed]
                 print(f"{arm:>17} seed {seed}: {r['tokens_per_s']:,.0f} tok/s, {r['wall_s']:.0f} s, load average "
                       f"{os.getloadavg()[0]:.1f}; val loss {' '.join(f'{v:.4f}' for _, v in r['curve'])}", flush=True)
-    m, t = configs(preset, "gpt2", seeds[0])
+    m, t = configs(preset, arms[0], seeds[0])
     print(f"\nrecipe_ablation --preset {args.preset}: {m.n_layer} layers x {m.n_embd} wide, block {m.block_size}, "
           f"{t.batch_size * m.block_size:,} tokens a step, {t.max_iters} steps, seeds {', '.join(map(str, seeds))}; "
           f"{time.perf_counter() - start:.0f} s in all")
