@@ -49,8 +49,8 @@ RECIPES = {
     # it cost 0.53 nats of validation loss after 300 steps of a 4 x 128 model (5.38 vs 4.85 with a normal-init head)
     "modern": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
                    zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=False),
-    # modern plus what modded-nanogpt's records and nanochat add on top (bench/recipe_ablation.py measures each piece
-    # against modern). A recipe of its own rather than a new modern: a checkpoint saved before a switch existed
+    # modern plus what modded-nanogpt's records and nanochat add on top, each piece a default where
+    # bench/recipe_ablation.py found it no worse than modern in both seeds (the README's table). A recipe of its own rather than a new modern: a checkpoint saved before a switch existed
     # resolves it to its recipe's default, so changing modern's defaults would silently change the model and the
     # optimizer of every modern checkpoint and experiment already written.
     "speedrun": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
