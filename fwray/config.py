@@ -125,7 +125,7 @@ class TrainConfig:
     learning_rate: float = 6e-4  # AdamW's rate: every group under adamw; norms, biases and scalars under muon
     muon_lr: float | None = None  # None => fwray.core.optim's default (shape-scaled: no retuning when n_embd changes)
     muon_momentum: float = 0.95
-    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum (fwray.optim)
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum (fwray.core.optim)
     muon_split_qkv: bool = False  # Muon orthogonalises the attention's query, key and value matrices one by one
     muon_weight_decay: float | None = None  # decoupled, on Muon's matrices; None => weight_decay
     embedding_lr: float | None = None  # None => learning_rate (adamw), a width-scaled default (muon)
