@@ -135,7 +135,8 @@ def test_eval_artifacts_write_curve_and_samples_and_hand_them_to_the_logger(tmp_
     evals.on_eval(10, model.state_dict())
     assert logged == [("loss_curve.png", None), ("loss_curve.png", None), ("samples/step_000010.txt", "samples")]
     assert (tmp_path / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
-    assert evals.history == {"train_loss": {5: 10.5, 10: 9.5}, "val_loss": {0: 10.9, 10: 9.7}, "val_bpb": {}}
+    assert evals.history == {"train_loss": {5: 10.5, 10: 9.5}, "val_loss": {0: 10.9, 10: 9.7}, "val_bpb": {},
+                             "yardstick_val_loss": {}}
     text = (tmp_path / "samples" / "step_000010.txt").read_text()
     assert text.startswith("step 10:") and all(repr(p) in text for p in artifacts.PROMPTS)
     assert not evals.broken
