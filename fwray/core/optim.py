@@ -15,13 +15,13 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.optim._muon import muon as muon_update  # torch's functional Muon step (torch.optim.Muon.step calls it)
 
-# the group settings the functional step takes, read from its signature: torch versions add some (use_addmm)
-MUON_SETTINGS = [k for k in inspect.signature(muon_update).parameters
-                 if k not in ("params", "grads", "muon_momentum_bufs", "foreach", "has_complex")]
-
 from ..config import TrainConfig
 from ..errors import FwrayError
 from .layers import CausalSelfAttention
+
+# the group settings the functional step takes, read from its signature: torch versions add some (use_addmm)
+MUON_SETTINGS = [k for k in inspect.signature(muon_update).parameters
+                 if k not in ("params", "grads", "muon_momentum_bufs", "foreach", "has_complex")]
 
 # Muon's rate. Muon's step is an orthogonalised matrix; with adjust_lr_fn "original" (Keller Jordan's) it is scaled
 # by sqrt(max(1, rows / cols)), so its spectral norm is lr times the matrix's aspect ratio, whatever the width: a
@@ -150,12 +150,13 @@ class Optimizers:
         changes (weights, moments, momentum) where `found_inf` (a device scalar) is 1."""
         for group, base in zip(self.param_groups, self.base_lrs):
             group["lr"] = base * lr_multiplier
-        if "muon" in self.optimizers and muon_momentum is not None:
-            for group in self.optimizers["muon"].param_groups:
+        muon = self.optimizers.get("muon")
+        if muon is not None and muon_momentum is not None:
+            for group in muon.param_groups:
                 group["momentum"] = muon_momentum
         # Muon has no found_inf: the flag is read back, the one host sync of a Muon step. A fake tensor (the memory
         # estimate's) has no value: it takes the step, the larger case.
-        if "muon" in self.optimizers and not is_fake(found_inf) and found_inf.item():
+        if muon is not None and not is_fake(found_inf) and found_inf.item():
             return
         self.optimizers["adamw"].found_inf = found_inf  # fused AdamW skips on the device where found_inf is 1
         for optimizer in self.optimizers.values():
