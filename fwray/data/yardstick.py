@@ -8,6 +8,7 @@ Both of the entry's splits are read (train shards, then val): the split rule mea
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..config import DataConfig, Experiment, YardstickConfig
@@ -34,7 +35,7 @@ def yardstick_of(ys: YardstickConfig, data: DataConfig, source: str, training: b
     if training and path in {p.resolve() for p in resolve_paths(data.paths)}:
         raise YardstickError(f"{source}: yardstick.path = {path} is also in data.paths: the model trains on its "
                              "documents; give another shard")
-    own = DataConfig(**{**data.__dict__, "paths": (str(path),)})
+    own = dataclasses.replace(data, paths=(str(path),))
     hit = prepare.cached(own, [inspect_file(path, own)])
     if hit is None and not training:
         raise YardstickError(f"{path}: the yardstick parquet is not tokenized under {own.cache_dir}: run `python -m "
