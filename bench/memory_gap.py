@@ -1,6 +1,8 @@
 """experiments/4070.yaml's model at micro-batch 20 x 2 micro-steps: the CUDA peak of two training steps and of one
-evaluation forward against fwray.core.memory's CPU estimate of the same, for the model as written and one variant
-per suspect piece (no soft-cap, smaller loss chunks, AdamW), with GPT-2 124M as the baseline the estimate was tuned on.
+evaluation forward against fwray.core.memory's CPU estimate of the same, for the model as written and variants of the
+ops whose dtype CUDA autocast and CPU autocast choose differently (CUDA runs pow/square and rms_norm in fp32, CPU in
+bf16): ReLU^2 as fwray writes it (r * r, bf16 under either) and as square() (fp32 on CUDA only), the queries' and
+keys' RMSNorm in bf16 outside autocast; GPT-2 124M is the baseline the estimate was tuned on.
 GPU, torch only:  python bench/memory_gap.py   (about 40 s on an H200; JSON in $OUT or .)"""
 import dataclasses
 import json
@@ -14,18 +16,37 @@ import torch
 from fwray import config
 from fwray.core import hardware, memory
 from fwray.core.engine import Engine
+from fwray.core import layers
 from fwray.core.loader import random_batch
+import torch.nn.functional as F
 
 hardware.configure_allocator()
 exp = config.load(ROOT / "experiments" / "4070.yaml")
 B, ACC = 20, 2
 GIB = 2**30
-variants = {"default": ({}, {}), "softcap0": ({"logit_softcap": 0.0}, {}), "chunk1024": ({}, {"loss_chunk_size": 1024}),
-            "adamw": ({}, {"optimizer": "adamw"}), "gpt2-124m": ("gpt2", {"optimizer": "adamw"})}
+variants = {"default": ({}, {}), "square": ({}, {}), "qk_bf16": ({}, {}), "gpt2-124m": ("gpt2", {"optimizer": "adamw"})}
+relu_forward, rms_forward = layers.ReLUSquared.forward, torch.nn.RMSNorm.forward
+
+
+def square(self, x):
+    return F.relu(x).square()
+
+
+def rms_bf16(self, x):
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, self.normalized_shape, None, self.eps)
+
+
+def patch(name):
+    layers.ReLUSquared.forward = square if name == "square" else relu_forward
+    torch.nn.RMSNorm.forward = rms_bf16 if name == "qk_bf16" else rms_forward
+
+
 out = {}
 dev = torch.device("cuda", 0)
 torch.zeros(1, device=dev)  # CUDA initialised before its memory statistics are read
 for name, (mchg, tchg) in variants.items():
+    patch(name)
     if mchg == "gpt2":
         model = config.ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)
     else:
