@@ -2,6 +2,7 @@
 
   python bench/gpu_check.py                 # on a GPU machine: every figure within 6 minutes on an H100/H200
   python bench/gpu_check.py --cpu-smoke     # tiny shapes on the CPU; CUDA-only figures are None and say so
+  python bench/gpu_check.py --only throughput_4070,reference_4070   # those sections alone (names as in the table)
 
 Each section runs in a fresh process of its own (bench/child.py) under its own time limit, so a crash or a hang
 costs that section alone; this process never initialises CUDA, so each section's card memory is its own. Sections
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on a GPU, 3 on the CPU)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for all sections (default {GPU_BUDGET_S} on a GPU, {CPU_BUDGET_S} on the CPU)")
+    p.add_argument("--only", default=None, help="comma-separated section names: run those alone")
     args = p.parse_args(argv)
     hardware.configure_allocator()  # before any section starts: they inherit the allocator the probe and training use
     cuda = not args.cpu_smoke
@@ -172,7 +174,16 @@ def main(argv=None) -> int:
         report.data["skipped"] = ("CUDA only: probe trials under a CUDA cap (the CPU estimate runs instead), "
                                   "compilation (cold and warm), MFU, host-sync counting, attention kernels and the "
                                   "pinned-copy profile, the compiled probe trial")
-    for section in plan(cuda, steps):
+    sections_run = plan(cuda, steps)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {s.name for s in sections_run})
+        if unknown:
+            print(f"gpu_check: no section {', '.join(unknown)} here; sections: "
+                  f"{', '.join(s.name for s in sections_run)}", file=sys.stderr)
+            return 2
+        sections_run = [s for s in sections_run if s.name in wanted]
+    for section in sections_run:
         limit = budget.limit(section.limit_s)
         if limit is None:
             result = budget.skipped()

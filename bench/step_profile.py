@@ -1,11 +1,11 @@
-"""Where a step of experiments/4070.yaml's model goes on a GPU: forward + backward, the optimizer, Muon's host sync,
-the loss, against nanoGPT's plain step. GPU, torch only:  python bench/step_profile.py  (about 90 s on an H200;
-JSON in $OUT or .)
+"""Where a step of experiments/4070.yaml's model goes on a GPU: forward + backward, the loss, the optimizers, each
+against its baseline in the same run. GPU, torch only:  python bench/step_profile.py  (about 90 s on an H200; JSON in
+$OUT or .)
 
   step_*          fwray's Engine.step (compiled, bf16), micro-batch 20, at 1 and 4 micro-steps per step
-  no_sync         the same engine, Muon's skip flag not read back (what the sync costs)
-  fwd_bwd         forward + backward alone (fwray's chunked loss) / plain (full logits, one cross-entropy)
-  optimizer_*     Muon + AdamW step alone, eager, its GPU time; AdamW alone for every parameter
+  fwd_bwd         forward + backward alone: fwray's chunked loss / plain (full logits, one cross-entropy)
+  optimizer_*     fwray's Muon + AdamW step; fwray's Muon alone / torch.optim.Muon on the same matrices; AdamW alone
+                  for every parameter
   kernels         the profile of one fwray step: CUDA time by kernel, largest first
 """
 import dataclasses
@@ -65,10 +65,6 @@ one()
 torch.cuda.synchronize()
 out["compile_s"] = time.perf_counter() - t0
 record("step_accum1", timed(one), B * 1024)
-real_is_fake = optim.is_fake
-optim.is_fake = lambda t: True  # the flag is not read back: the step is always taken
-record("no_sync_accum1", timed(one), B * 1024)
-optim.is_fake = real_is_fake
 eng.train = dataclasses.replace(train, gradient_accumulation_steps=4)
 record("step_accum4", timed(one, 6), 4 * B * 1024)
 eng.train = train
@@ -107,6 +103,12 @@ adamw = optim.make_optimizer(raw, dataclasses.replace(train, optimizer="adamw"))
 record("optimizer_adamw_all", timed(lambda: adamw.step(1.0, flag)), B * 1024)
 muon = eng.optimizer.optimizers["muon"]
 record("optimizer_muon_only", timed(lambda: muon.step()), B * 1024)
+torch_muon = torch.optim.Muon(muon.param_groups[0]["params"], lr=optim.MUON_LR, adjust_lr_fn=optim.MUON_ADJUST_LR)
+record("optimizer_torch_muon", timed(lambda: torch_muon.step()), B * 1024)
+out["muon_speedup_over_torch"] = out["optimizer_torch_muon"]["ms"] / out["optimizer_muon_only"]["ms"]
+out["fwd_bwd_fwray_over_plain"] = out["fwd_bwd_plain"]["ms"] / out["fwd_bwd_fwray"]["ms"]
+print("muon speed-up over torch's", round(out["muon_speedup_over_torch"], 2),
+      "fwray fwd+bwd speed / plain", round(out["fwd_bwd_fwray_over_plain"], 3), flush=True)
 del adamw
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402

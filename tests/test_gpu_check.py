@@ -42,7 +42,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     # experiments/4070.yaml's recipe, read from the file: Muon under the modern recipe
     modern = sections["throughput_4070-tiny"]
     assert modern["optimizer"] == "muon" and modern["model"]["recipe"] == "modern" and modern["tokens_per_s"] > 0
-    assert modern["expected_host_syncs"] == 3 and modern["host_syncs"] is None  # counted on CUDA only
+    assert modern["expected_host_syncs"] == 0 and modern["host_syncs"] is None  # counted on CUDA only
     assert sections["throughput_tiny"]["expected_host_syncs"] == 0
     assert sections["reference_tiny"]["fwray_over_reference"] > 0
     for optimizer in ("adamw", "muon"):
@@ -61,6 +61,15 @@ def test_a_spent_budget_skips_sections_and_says_so(tmp_path):
     assert report["sections"] and all("budget was spent" in s["skipped"] for s in report["sections"].values())
     last = proc.stdout.strip().splitlines()
     assert last[-1].startswith("resume_muon") and last[-1].split()[-1] == "skipped"
+
+
+def test_only_the_named_sections_run(tmp_path):
+    proc, report = _gpu_check(tmp_path, "--only", "nonfinite_adamw")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(report["sections"]) == ["nonfinite_adamw"]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--only", "nonsense"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "no section nonsense here; sections: probe_tiny_b2" in proc.stderr
 
 
 def test_budget_gives_each_section_what_is_left_and_none_under_the_minimum():

@@ -111,6 +111,13 @@ def one_muon_step(model: GPT, train: TrainConfig, grads: dict[str, torch.Tensor]
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def assert_same_muon_update(after: torch.Tensor, reference: torch.Tensor, before: torch.Tensor) -> None:
+    """fwray's Muon step against torch's on the same matrix: the same update to float32 rounding (fwray's skip factor
+    and batched Newton-Schulz round in another order; one bfloat16 ulp, 2^-7, would be a different step)."""
+    ours, theirs = after - before, reference - before
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-5
+
+
 def test_split_qkv_orthogonalises_query_key_and_value_one_by_one():
     torch.manual_seed(0)
     start = gpt2().state_dict()
@@ -131,15 +138,46 @@ def test_split_qkv_orthogonalises_query_key_and_value_one_by_one():
         for p, g in zip(parts, grads[name].chunk(3)):
             p.grad = g.clone()
         torch.optim.Muon(parts, lr=MUON_LR, weight_decay=0.1, adjust_lr_fn=MUON_ADJUST_LR).step()
-        torch.testing.assert_close(split[name], torch.cat([p.detach() for p in parts]), rtol=0, atol=0)
+        assert_same_muon_update(split[name], torch.cat([p.detach() for p in parts]), start[name])
         assert not torch.allclose(split[name], fused[name])  # one 3C x C matrix is another update
         # the fused run is torch's Muon on the fused matrix
         whole = torch.nn.Parameter(start[name].clone())
         whole.grad = grads[name].clone()
         torch.optim.Muon([whole], lr=MUON_LR, weight_decay=0.1, adjust_lr_fn=MUON_ADJUST_LR).step()
-        torch.testing.assert_close(fused[name], whole.detach(), rtol=0, atol=0)
+        assert_same_muon_update(fused[name], whole.detach(), start[name])
     other = "transformer.h.0.mlp.c_fc.weight"  # every other matrix: one matrix, either way
     torch.testing.assert_close(split[other], fused[other], rtol=0, atol=0)
+
+
+def test_muon_takes_torchs_steps_batched_and_skips_on_the_device():
+    """Four steps of fwray's Muon (matrices stacked by shape, the skip flag a device tensor) against torch.optim.Muon
+    on the same gradients, momentum carried from step to step; the third step's flag is 1: fwray leaves weights and
+    momentum as they were, and torch's run simply does not take that step."""
+    torch.manual_seed(0)
+    model = gpt2()
+    ours = make_optimizer(model, TrainConfig(optimizer="muon", weight_decay=0.1)).optimizers["muon"]
+    matrices = ours.param_groups[0]["params"]
+    theirs_params = [torch.nn.Parameter(p.detach().clone()) for p in matrices]
+    theirs = torch.optim.Muon(theirs_params, lr=MUON_LR, weight_decay=0.1, adjust_lr_fn=MUON_ADJUST_LR)
+    assert len({p.shape for p in matrices}) > 1  # several shape groups
+    for step in range(4):
+        skipped = step == 2
+        grads = [torch.randn_like(p) * (float("nan") if skipped else 1.0) for p in matrices]
+        before = [p.detach().clone() for p in matrices]
+        momentum = [ours.state[p]["momentum_buffer"].clone() for p in matrices if p in ours.state]
+        for p, g in zip(matrices, grads):
+            p.grad = g
+        ours.found_inf = torch.tensor(float(skipped))
+        ours.step()
+        if skipped:
+            assert all(torch.equal(p, b) for p, b in zip(matrices, before))
+            assert all(torch.equal(ours.state[p]["momentum_buffer"], m) for p, m in zip(matrices, momentum))
+            continue
+        for p, g in zip(theirs_params, grads):
+            p.grad = g.clone()
+        theirs.step()
+        for p, b, q in zip(matrices, before, theirs_params):
+            assert_same_muon_update(p.detach(), q.detach(), b)
 
 
 def test_muon_momentum_warms_up_with_the_step_only():

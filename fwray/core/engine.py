@@ -136,8 +136,8 @@ class Engine:
 
     def step(self, step: int, get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[
             torch.Tensor, torch.Tensor]:
-        """One optimizer step over gradient_accumulation_steps micro-batches, with no host sync under adamw (one
-        under muon, see Optimizers.step).
+        """One optimizer step over gradient_accumulation_steps micro-batches, with no host sync (both optimizers skip
+        a non-finite step on the device, see Optimizers.step).
 
         Returns (mean loss, non-finite flag) as device tensors. A non-finite step is skipped: weights and optimizer
         state stay as they were.

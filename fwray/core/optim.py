@@ -7,21 +7,14 @@ resumed run continues it exactly.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections import ChainMap
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
-from torch.optim._muon import muon as muon_update  # torch's functional Muon step (torch.optim.Muon.step calls it)
 
 from ..config import TrainConfig
 from ..errors import FwrayError
 from .layers import CausalSelfAttention
-
-# the group settings the functional step takes, read from its signature: torch versions add some (use_addmm)
-MUON_SETTINGS = [k for k in inspect.signature(muon_update).parameters
-                 if k not in ("params", "grads", "muon_momentum_bufs", "foreach", "has_complex")]
 
 # Muon's rate. Muon's step is an orthogonalised matrix; with adjust_lr_fn "original" (Keller Jordan's) it is scaled
 # by sqrt(max(1, rows / cols)), so its spectral norm is lr times the matrix's aspect ratio, whatever the width: a
@@ -99,19 +92,30 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> "Optimizers":
 
 
 class Muon(torch.optim.Muon):
-    """torch's Muon, where a matrix listed in `row_blocks` (id -> count) is updated as that many stacked matrices of
-    equal rows: momentum, orthogonalisation, the shape's rate adjustment and decay on each (modded-nanogpt's (3, C, C)
-    view of the attention's fused query, key and value weight). The parameters and their state keep their shapes, so
-    checkpoints do not depend on it. Muon's author, nanochat and Moonlight report that separate matrices train
-    better: as one 3C x C matrix, a step's singular directions mix queries, keys and values."""
+    """torch.optim.Muon's update (its settings, state and checkpoints), taken for many matrices at once and skipped on
+    the device:
+
+    - Batched: the matrices of one shape are stacked and orthogonalised together (Newton-Schulz as batched matmuls),
+      a few dozen kernels a step instead of torch's ~30 per matrix. torch's step is bound by launching those: ~20 ms
+      a step for experiments/4070.yaml's 54 matrices on an H200 (bench/step_profile.py), as long as a micro-step.
+    - Skipped on the device: where `found_inf` (set as on fused AdamW) is 1, weights and momentum stay as they were,
+      with no read-back (torch's Muon has no found_inf: the flag would cost a host sync, and a GPU idle while the
+      step is launched).
+    - Row blocks: a matrix listed in `row_blocks` (id -> count) is updated as that many stacked matrices of equal rows
+      (modded-nanogpt's (3, C, C) view of the attention's fused query, key and value weight); parameters and state
+      keep their shapes. Muon's author, nanochat and Moonlight report that separate matrices train better: as one
+      3C x C matrix, a step's singular directions mix queries, keys and values.
+    """
 
     def __init__(self, params, row_blocks: dict[int, int], **kwargs):
         super().__init__(params, **kwargs)
         self.row_blocks = row_blocks
+        self.found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self) -> None:  # no closure: fwray's loop computes the loss before the step
         for group in self.param_groups:
+            by_shape: dict[torch.Size, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -119,10 +123,48 @@ class Muon(torch.optim.Muon):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 blocks = self.row_blocks.get(id(p), 1)
-                # row blocks of a contiguous matrix are views: the update lands in the parameter and its momentum
-                muon_update(list(p.chunk(blocks)), list(p.grad.chunk(blocks)),
-                            list(state["momentum_buffer"].chunk(blocks)), has_complex=False,
-                            **{k: group[k] for k in MUON_SETTINGS})
+                # row blocks of a contiguous matrix are views: updates land in the parameter and its momentum
+                for view in zip(p.chunk(blocks), p.grad.chunk(blocks), state["momentum_buffer"].chunk(blocks)):
+                    by_shape.setdefault(view[0].shape, []).append(view)
+            for shape, views in by_shape.items():
+                self._update(group, shape, *map(list, zip(*views)))
+
+    def _update(self, group: dict, shape: torch.Size, params: list, grads: list, bufs: list) -> None:
+        """torch's Muon step (torch/optim/_muon.py, _single_tensor_muon) on same-shape matrices, stacked."""
+        momentum = group["momentum"]
+        g, buf = torch.stack(grads), torch.stack(bufs)
+        keep = None
+        if self.found_inf is not None:
+            keep = 1.0 - self.found_inf.float()
+            g = torch.where(keep.bool(), g, buf)  # a skipped step: the momentum is lerped toward itself
+        buf.lerp_(g, 1 - momentum)
+        torch._foreach_copy_(bufs, list(buf.unbind(0)))
+        update = g.lerp_(buf, momentum) if group["nesterov"] else buf
+        update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        lr, decay = group["lr"], group["lr"] * group["weight_decay"]
+        step = -lr * math.sqrt(max(1, shape[0] / shape[1])) if group["adjust_lr_fn"] in (None, "original") else \
+            -lr * 0.2 * math.sqrt(max(shape))  # match_rms_adamw (Moonshot)
+        if keep is None:
+            torch._foreach_mul_(params, 1 - decay)
+            torch._foreach_add_(params, list(update.unbind(0)), alpha=step)
+        else:  # factors of 1 (no change) where the step is skipped
+            torch._foreach_mul_(params, 1 - decay * keep)
+            torch._foreach_add_(params, list((update.float() * (step * keep)).unbind(0)))
+
+
+def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """Newton-Schulz on a stack of matrices (n, rows, cols) in bfloat16, as torch's _zeropower_via_newtonschulz does
+    for one: each brought to spectral norm <= 1, then `steps` quintic iterations toward U V^T."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Optimizers:
@@ -154,12 +196,8 @@ class Optimizers:
         if muon is not None and muon_momentum is not None:
             for group in muon.param_groups:
                 group["momentum"] = muon_momentum
-        # Muon has no found_inf: the flag is read back, the one host sync of a Muon step. A fake tensor (the memory
-        # estimate's) has no value: it takes the step, the larger case.
-        if muon is not None and not is_fake(found_inf) and found_inf.item():
-            return
-        self.optimizers["adamw"].found_inf = found_inf  # fused AdamW skips on the device where found_inf is 1
         for optimizer in self.optimizers.values():
+            optimizer.found_inf = found_inf  # fused AdamW and fwray's Muon skip on the device where it is 1: no sync
             optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
