@@ -15,7 +15,7 @@ rewritten atomically after every section; a short table (section, figure, goal, 
                   in the timed steps, no recompile after an evaluation, attention kernels and pinned copies
   reference_*     a plain loop over the same model and optimizer with nanoGPT's loss: fwray's tokens/s / its
   nonfinite_*, resume_*   AdamW and Muon: a non-finite step skipped on the device; a resumed run's losses exact
-  probe_4070_b20_compiled the probe trial compiled (last: it costs a compile)
+  probe_4070_b*_compiled  the probe trial compiled (last: it costs a compile)
 """
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def plan(cuda: bool, steps: int) -> list[Section]:
     """The sections, most valuable first: probe verdicts and peaks; throughput and its reference ratio for the 124M
     preset and experiments/4070.yaml's model; the non-finite and resume checks under AdamW and Muon; the rest."""
     if cuda:
-        probes, shapes = [("124m", 16, "fits"), ("124m", 32, "oom"), ("4070", 20, "fits")], [("124m", 12), ("4070", 20)]
+        b4070 = sections.BATCH_4070
+        probes = [("124m", 16, "fits"), ("124m", 32, "oom"), ("4070", b4070, "fits")]
+        shapes = [("124m", 12), ("4070", b4070)]
     else:
         probes, shapes = [("tiny", 2, "fits"), ("4070-tiny", 2, "fits")], [("tiny", 4), ("4070-tiny", 4)]
 
@@ -72,7 +74,8 @@ def plan(cuda: bool, steps: int) -> list[Section]:
     for check in (sections.nonfinite, sections.resume):
         out += [Section(f"{check.__name__}_{opt}", check, (opt, cuda), limit("check")) for opt in ("adamw", "muon")]
     if cuda:
-        out.append(Section("probe_4070_b20_compiled", sections.probe_trial, ("4070", 20, True, "fits", cuda),
+        out.append(Section(f"probe_4070_b{sections.BATCH_4070}_compiled", sections.probe_trial,
+                           ("4070", sections.BATCH_4070, True, "fits", cuda),
                            limit("probe_compiled")))
     return out
 

@@ -28,6 +28,7 @@ from fwray.core.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT_4070 = ROOT / "experiments" / "4070.yaml"  # the recommended run: its model and train section
+BATCH_4070 = config.load(EXPERIMENT_4070).train.batch_size  # its micro-batch, the one its probe expects to fit
 GPT2_SHAPES = {
     "124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),

@@ -1,4 +1,4 @@
-"""experiments/4070.yaml's model at micro-batch 20 x 2 micro-steps: the CUDA peak of two training steps and of one
+"""experiments/4070.yaml's model at its micro-batch x 2 micro-steps: the CUDA peak of two training steps and of one
 evaluation forward against fwray.core.memory's CPU estimate of the same, for the model as written and variants of the
 ops whose dtype CUDA autocast and CPU autocast choose differently (CUDA runs pow/square and rms_norm in fp32, CPU in
 bf16): ReLU^2 as fwray writes it (r * r, bf16 under either) and as square() (fp32 on CUDA only), the queries' and
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 hardware.configure_allocator()
 exp = config.load(ROOT / "experiments" / "4070.yaml")
-B, ACC = 20, 2
+B, ACC = exp.train.batch_size, 2
 GIB = 2**30
 variants = {"default": ({}, {}), "square": ({}, {}), "qk_bf16": ({}, {}), "gpt2-124m": ("gpt2", {"optimizer": "adamw"})}
 relu_forward, rms_forward = layers.ReLUSquared.forward, torch.nn.RMSNorm.forward

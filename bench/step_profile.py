@@ -2,7 +2,7 @@
 against its baseline in the same run. GPU, torch only:  python bench/step_profile.py  (about 90 s on an H200; JSON in
 $OUT or .)
 
-  step_*          fwray's Engine.step (compiled, bf16), micro-batch 20, at 1 and 4 micro-steps per step
+  step_*          fwray's Engine.step (compiled, bf16), at the file's micro-batch, at 1 and 4 micro-steps per step
   fwd_bwd         forward + backward alone: fwray's chunked loss / plain (full logits, one cross-entropy)
   optimizer_*     fwray's Muon + AdamW step; fwray's Muon alone / torch.optim.Muon on the same matrices; AdamW alone
                   for every parameter
@@ -25,10 +25,11 @@ from fwray.core import hardware, optim  # noqa: E402
 from fwray.core.engine import Engine  # noqa: E402
 from fwray.core.loader import random_batch  # noqa: E402
 
-B, STEPS = 20, 15
+STEPS = 15
 hardware.configure_allocator()
 dev = torch.device("cuda", 0)
 exp = config.load(ROOT / "experiments" / "4070.yaml")
+B = exp.train.batch_size
 out: dict = {}
 x, y = random_batch(B, exp.model.block_size)
 batch = lambda m: (x, y)  # noqa: E731

@@ -52,18 +52,19 @@ def test_epochs_budget_sets_the_steps():
 def test_the_recommended_4070_experiment_is_what_its_comments_say():
     exp = config.resolve(config.load(RECOMMENDED), 700_000_000)
     m, t = exp.model, exp.train
-    assert (m.recipe, t.optimizer, t.schedule, exp.data.sampling) == ("modern", "muon", "wsd", "epoch")
+    assert (m.recipe, t.optimizer, t.schedule, exp.data.sampling) == ("speedrun", "muon", "wsd", "epoch")
+    assert t.muon_split_qkv and m.embed_norm and t.decay_fraction == 0.5  # the recipe's own defaults
     assert exp.probe.enabled and all(480 % b == 0 for b in exp.probe.batch_sizes)  # the step's 480 sequences
     fig = figures.figures(exp, manifest(700_000_000))
-    assert fig["params"] == 108_625_920 and fig["tokens_per_step"] == 491_520
-    assert fig["epochs"] == pytest.approx(5.5, rel=1e-3) and 7_700 < t.max_iters < 7_900
-    assert 11 < fig["predicted_hours"] < 13  # the 12 h the file was planned for, at the top of the MFU band
+    assert fig["params"] == 162_201_600 and fig["tokens_per_step"] == 491_520 and t.max_iters == 2019
+    assert fig["epochs"] == pytest.approx(2019 * 491_520 / 700_000_000, rel=1e-3)
+    assert 4.8 < fig["predicted_hours"] <= 5.0  # the 5 h the file was planned for, at the top of the MFU band
     assert figures.time_span(fig["predicted_seconds"], fig["slowest_seconds"]) in comments(RECOMMENDED)
     assert f"{figures.predicted_tokens_per_s(fig)} tokens/s" in comments(RECOMMENDED)
     # the probe's CPU estimate: the configured micro-batch fits a 12 GB card with the margin, the next one does not
     cap = trial.usable_bytes(exp) * (1 - exp.probe.margin)
-    reserved = {b: memory.estimate_peak_bytes(m, t, b, accumulation=2)["reserved"] for b in (20, 24)}
-    assert reserved[20] < cap < reserved[24]
+    reserved = {b: memory.estimate_peak_bytes(m, t, b, accumulation=2)["reserved"] for b in (12, 15)}
+    assert reserved[12] < cap < reserved[15] and t.batch_size == 12
 
 
 def test_unknown_gpu_predicts_no_time():

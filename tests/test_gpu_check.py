@@ -39,10 +39,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert sections[name]["verdict_as_expected"] and sections[name]["method"] == "cpu-estimate"
         assert sections[name]["cap_gb"] == 11.5
     assert sections["probe_4070-tiny_b2"]["probe_accumulation"] == 2  # experiments/4070.yaml accumulates
-    # experiments/4070.yaml's recipe, read from the file: Muon under the modern recipe
-    modern = sections["throughput_4070-tiny"]
-    assert modern["optimizer"] == "muon" and modern["model"]["recipe"] == "modern" and modern["tokens_per_s"] > 0
-    assert modern["expected_host_syncs"] == 0 and modern["host_syncs"] is None  # counted on CUDA only
+    # experiments/4070.yaml's recipe, read from the file: Muon under the speedrun recipe
+    speedrun = sections["throughput_4070-tiny"]
+    assert speedrun["optimizer"] == "muon" and speedrun["model"]["recipe"] == "speedrun"
+    assert speedrun["tokens_per_s"] > 0
+    assert speedrun["expected_host_syncs"] == 0 and speedrun["host_syncs"] is None  # counted on CUDA only
     assert sections["throughput_tiny"]["expected_host_syncs"] == 0
     assert sections["reference_tiny"]["fwray_over_reference"] > 0
     for optimizer in ("adamw", "muon"):

@@ -103,7 +103,7 @@ def cuda_fp32_ops_given_bf16(model: ModelConfig) -> set[str]:
 def test_the_estimate_sees_cudas_dtypes(recipe, monkeypatch):
     """CPU and CUDA autocast cast linear and attention to bf16 alike, but CUDA runs its fp32 list in fp32: a model
     that hands one of those ops a bf16 tensor keeps a larger activation on a GPU than the CPU estimate counts (ReLU^2
-    written as square(), a pow: +1.75 GB at micro-batch 20 for experiments/4070.yaml, measured on an H200)."""
+    written as square(), a pow: +1.75 GB for the modern 9 x 640 model at micro-batch 20, measured on an H200)."""
     model = ModelConfig(recipe=recipe, n_layer=2, n_head=2, n_embd=64, block_size=32)
     assert cuda_fp32_ops_given_bf16(model) == set()
     if recipe != "gpt2":  # the control: the form that cost 1.75 GB on the GPU is caught

@@ -6,7 +6,7 @@ spent, so a 124M model at micro-batch 14 x 1024 is estimated in seconds on a lap
 run would use (bf16 autocast for train.dtype auto/bfloat16): CPU autocast casts the same ops of this model (linear,
 SDPA) to bf16 as CUDA autocast does, and the model hands none of the ops CUDA autocast runs in fp32 (pow, exp,
 softmax, norms...) a bf16 tensor (tests/test_probe.py holds both), so the saved activations have the CUDA sizes:
-within 0.5% of the measured peak for experiments/4070.yaml's model and 5% for GPT-2 124M on an H200
+within 0.5% of the measured peak for the modern 9 x 640 model and 5% for GPT-2 124M on an H200
 (bench/memory_gap.py).
 
 What it cannot see: the CUDA context, cuBLAS/attention workspaces, allocator fragmentation (reserved > allocated) and

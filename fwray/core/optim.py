@@ -97,7 +97,7 @@ class Muon(torch.optim.Muon):
 
     - Batched: the matrices of one shape are stacked and orthogonalised together (Newton-Schulz as batched matmuls),
       a few dozen kernels a step instead of torch's ~30 per matrix. torch's step is bound by launching those: ~20 ms
-      a step for experiments/4070.yaml's 54 matrices on an H200 (bench/step_profile.py), as long as a micro-step.
+      a step for the modern 9 x 640 model's 54 matrices on an H200 (bench/step_profile.py), as long as a micro-step.
     - Skipped on the device: where `found_inf` (set as on fused AdamW) is 1, weights and momentum stay as they were,
       with no read-back (torch's Muon has no found_inf: the flag would cost a host sync, and a GPU idle while the
       step is launched).

@@ -26,6 +26,11 @@ DEPTHS = tuple(range(1, 33))  # the family; the table shows the recommendation a
 WINDOW = 3
 MAX_MICRO_BATCH = 64  # larger micro-batches buy a GPU little speed
 MIN_STEPS = 20  # fewer optimizer steps leave no room for warmup and decay
+# Law losses this close are a tie: the fit's own scatter is larger (and the 12-hour 4070 ranking once rested on
+# 0.004); a tie goes to the larger model while it repeats the data at most 4 times, where Muennighoff et al. find
+# repeated tokens worth about as much as fresh ones.
+TIE_MARGIN = 0.01
+TIE_MAX_EPOCHS = 4.0
 EVAL_EVERY_S = 900  # an evaluation (and a checkpoint) about every 15 minutes of training ...
 MAX_EVALS = 50  # ... at most this many, and always one at the start and one at the end
 WARMUP_FRACTION, MAX_WARMUP = 0.05, 2000  # linear warmup over 5% of the steps (nanoGPT's 2,000 at most)
@@ -66,8 +71,11 @@ class Candidate:
     seconds: float = 0.0  # predicted training time (steps and evaluations)
     tokens: int = 0
     epochs: float = 0.0
-    law: float = math.inf  # the published law (scaling.loss)
-    law_small: float = math.inf  # its small-scale form (scaling.small_scale_loss), what ranks below its fitted range
+    law: float = math.inf  # the law's loss (scaling.loss) of the non-embedding parameters
+
+    @property
+    def non_embedding_params(self) -> int:
+        return self.params - embedding_params(self.model)
 
     @property
     def tokens_per_param(self) -> float:
@@ -80,7 +88,8 @@ class Candidate:
     def describe(self) -> str:
         m = self.model
         heads = f"{m.n_head} head{'s' if m.n_head > 1 else ''}"
-        return f"depth {self.depth} ({m.n_layer} x {m.n_embd}, {heads}, {self.params / 1e6:.1f}M parameters)"
+        return (f"depth {self.depth} ({m.n_layer} x {m.n_embd}, {heads}, {self.params / 1e6:.1f}M parameters, "
+                f"{self.non_embedding_params / 1e6:.1f}M non-embedding)")
 
 
 # ---------------------------------------------------------------- the family
@@ -233,14 +242,11 @@ def schedule(exp: Experiment, c: Candidate, budget_s: float, train_tokens: int) 
             break
         steps -= 1  # an evaluation more than the estimate (rounding): a step or two
     if steps <= 0:
-        return dataclasses.replace(c, max_iters=0, seconds=0.0, tokens=0, epochs=0.0, law=math.inf,
-                                   law_small=math.inf)
+        return dataclasses.replace(c, max_iters=0, seconds=0.0, tokens=0, epochs=0.0, law=math.inf)
     tokens = steps * exp.tokens_per_step
     return dataclasses.replace(c, max_iters=steps, eval_interval=e.train.eval_interval, seconds=seconds,
                                tokens=tokens, epochs=tokens / train_tokens,
-                               law=scaling.loss(c.params, tokens, train_tokens),
-                               law_small=scaling.small_scale_loss(c.params - embedding_params(c.model), tokens,
-                                                                  train_tokens))
+                               law=scaling.loss(c.non_embedding_params, tokens, train_tokens))
 
 
 def embedding_params(model: ModelConfig) -> int:
@@ -281,19 +287,17 @@ def measured_eval_seconds(exp: Experiment, m: dict, budget_s: float) -> float:
 # ---------------------------------------------------------------- the recommendation
 
 
-def small_scale(cands: list[Candidate]) -> bool:
-    """Whether the budget is below the law's fitted range for every shape: then its small-scale form ranks."""
-    return max(c.tokens for c in cands) < scaling.FITTED_MIN_TOKENS
-
-
-def ranking_loss(c: Candidate, small: bool) -> float:
-    return c.law_small if small else c.law
-
-
 def ranked(cands: list[Candidate]) -> list[Candidate]:
-    """Lowest law loss first (the small-scale form below the fitted range); those without enough steps last."""
-    small = small_scale(cands)
-    return sorted(cands, key=lambda c: (c.max_iters < MIN_STEPS, round(ranking_loss(c, small), 4), c.depth))
+    """Lowest law loss first; those without enough steps last."""
+    return sorted(cands, key=lambda c: (c.max_iters < MIN_STEPS, round(c.law, 4), c.depth))
+
+
+def ties_larger(c: Candidate, lead: Candidate) -> bool:
+    """Whether `c` is larger than the law's best, `lead`, within TIE_MARGIN of its loss and repeats the data at most
+    TIE_MAX_EPOCHS times: the law cannot tell them apart, and the larger model is the better bet while it sees each
+    token only a few times."""
+    return (c.depth > lead.depth and c.max_iters >= MIN_STEPS and c.law <= lead.law + TIE_MARGIN
+            and c.epochs <= TIE_MAX_EPOCHS)
 
 
 def neighbours(cands: list[Candidate], best: Candidate) -> tuple[Candidate | None, Candidate | None]:
@@ -307,9 +311,14 @@ def window(cands: list[Candidate], best: Candidate) -> list[Candidate]:
     return cands[max(0, i - WINDOW): i + WINDOW + 1]
 
 
-def why(best: Candidate, smaller: Candidate | None, larger: Candidate | None) -> str:
-    """One line: what goes wrong one size either side."""
+def why(best: Candidate, smaller: Candidate | None, larger: Candidate | None, lead: Candidate | None = None) -> str:
+    """One line: what goes wrong one size either side; first, where the law's best was a smaller shape, the tie."""
     parts = []
+    if lead is not None and lead.depth != best.depth:
+        parts.append(f"the law puts depth {lead.depth} {best.law - lead.law:.3f} ahead, within the {TIE_MARGIN} that "
+                     f"counts as a tie, and a tie goes to the larger model while it repeats the data at most "
+                     f"{TIE_MAX_EPOCHS:g} times ({best.epochs:.2f} epochs here)")
+        smaller = None if smaller is not None and smaller.depth == lead.depth else smaller
     if larger is not None:
         if larger.fits is False:
             parts.append(f"bigger models do not fit the card (depth {larger.depth}: {larger.memory_note})")

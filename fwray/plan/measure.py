@@ -181,8 +181,8 @@ def track(client, plan, text: str, out_dir: Path, written: Path | None, command:
         "train.max_iters": b.max_iters, "train.eval_interval": chosen.train.eval_interval, "tokens": b.tokens,
         "epochs": round(b.epochs, 4), "tokens_per_s": round(b.tokens_per_s), "speed_source": b.speed_source,
         "predicted_seconds": round(b.seconds, 1), "slowest_seconds": round(pred.get("slowest_seconds", b.seconds), 1),
-        "mfu_band": pred.get("mfu_band", "none"), "law_loss": round(plan.law(b), 4),
-        "law_form": "small-scale" if plan.small else "published", "why": plan.why})
+        "mfu_band": pred.get("mfu_band", "none"), "law_loss": round(b.law, 4),
+        "why": plan.why})
     for path in [out_dir / "plan_table.txt", out_dir / "plan.json"] + ([written] if written else []):
         client.log_artifact(run_id, str(path))
     tracking.finish(client, run_id, True)

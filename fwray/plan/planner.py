@@ -45,14 +45,6 @@ class Plan:
     def shown(self) -> list[Candidate]:
         return cand.window(self.cands, self.best)
 
-    @property
-    def small(self) -> bool:
-        """Below the law's fitted range: its small-scale form ranks (fwray.plan.scaling)."""
-        return cand.small_scale(self.cands)
-
-    def law(self, c: Candidate) -> float:
-        return cand.ranking_loss(c, self.small)
-
 
 # ---------------------------------------------------------------- the plan (pure)
 
@@ -80,7 +72,8 @@ def make_plan(exp: Experiment, budget_s: float, data: DataSize, target: Target, 
     cands = [search.fitted(c) if c.depth in shown else c for c in cands]
     best = next(c for c in cands if c.depth == best.depth)
     smaller, larger = cand.neighbours(cands, best)
-    return Plan(exp, target, budget_s, data, cands, best, smaller, larger, cand.why(best, smaller, larger),
+    lead = cand.ranked([c for c in cands if c.feasible])[0]
+    return Plan(exp, target, budget_s, data, cands, best, smaller, larger, cand.why(best, smaller, larger, lead),
                 _speed_note(speed_exp, cands, best, scale), search.estimates, search.estimate_s)
 
 
@@ -118,7 +111,8 @@ class _Search:
         return cand.schedule(self.exp, _speed(self.speed_exp, c), self.budget_s, self.train_tokens) if c.fits else c
 
     def best_of(self, cands: list[Candidate]) -> tuple[list[Candidate], Candidate | None]:
-        """The best-ranked candidate that fits and gets enough steps (None if none), fitting them in rank order."""
+        """The best-ranked candidate that fits and gets enough steps, or the largest that ties with it
+        (cand.ties_larger); None if none. Memory is estimated in rank order, as far as needed."""
         cands = list(cands)
         for c in cand.ranked(cands):
             if c.max_iters < cand.MIN_STEPS:
@@ -126,8 +120,17 @@ class _Search:
             i = cands.index(c)
             cands[i] = self.fitted(c)
             if cands[i].feasible:
-                return cands, cands[i]
+                return self.tie_broken(cands, cands[i])
         return cands, None
+
+    def tie_broken(self, cands: list[Candidate], lead: Candidate) -> tuple[list[Candidate], Candidate]:
+        """The largest shape that ties with the law's best `lead` and fits, else `lead`."""
+        for c in sorted((c for c in cands if cand.ties_larger(c, lead)), key=lambda c: -c.depth):
+            i = cands.index(c)
+            cands[i] = self.fitted(c)
+            if cands[i].feasible and cand.ties_larger(cands[i], lead):  # fitted at its micro-batch: still a tie
+                return cands, cands[i]
+        return cands, lead
 
     def too_little(self, cands: list[Candidate], measured: str = "") -> PlanError:
         fastest = max(cands, key=lambda c: c.max_iters)
@@ -241,7 +244,7 @@ def _tokens(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
+def _row(c: Candidate, best: Candidate) -> tuple[str, ...]:
     m = c.model
     mb = (f"{c.micro_batch} x {c.accumulation}" if c.fits else "no fit" if c.fits is False else "-")
     peak = f"{c.peak_bytes / 2**30:.2f}" if c.peak_bytes else "-"
@@ -250,7 +253,7 @@ def _row(c: Candidate, best: Candidate, law: float) -> tuple[str, ...]:
             f"{c.params / 1e6:.1f}M", f"{c.flops_per_token / 1e6:,.0f}", mb, peak,
             f"{c.tokens_per_s:,.0f} {c.speed_source}", f"{c.max_iters:,}" if steps_ok else f"<{cand.MIN_STEPS}",
             _tokens(c.tokens), f"{c.epochs:.2f}", f"{c.tokens_per_param:.3g}",
-            f"{law:.3f}" if steps_ok else "-")
+            f"{c.law:.3f}" if steps_ok else "-")
 
 
 def table(plan: Plan) -> str:
@@ -259,7 +262,7 @@ def table(plan: Plan) -> str:
     width = f"{cand.ASPECT}d wide" + (f" rounded up to whole heads of {head_size}" if head_size > cand.ASPECT else "")
     head = ("depth", "shape", "params", "MFLOP/tok", "micro x acc", "est. GB", "tokens/s", "steps", "tokens",
             "epochs", "tok/param", "law loss")
-    rows = [head] + [_row(c, b, plan.law(c)) for c in plan.shown]
+    rows = [head] + [_row(c, b) for c in plan.shown]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w) if i not in (1, 6) else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -281,10 +284,11 @@ def table(plan: Plan) -> str:
         f"tokens/s: peak x MFU = the card's peak at the top of the MFU band above; measured = the probe's trial on "
         f"this machine; scaled = the prediction times the measured / predicted ratio; rough = this CPU's matmul "
         f"speed at {figures.GENERIC_MFU:.0%}",
-        "law loss: Muennighoff et al. 2023's data-constrained scaling law (C4 units), used only to rank the "
-        "candidates; not the loss the run will reach" + (f"; {hidden} other depths not shown" if hidden else ""),
-        *([f"          below the law's fitted range ({scaling.FITTED_MIN_TOKENS / 1e6:.0f}M tokens) its small-scale "
-           f"form ranks: the same law of non-embedding parameters (fwray/scaling.py says why)"] if plan.small else []),
+        "law loss: Muennighoff et al. 2023's data-constrained scaling law (C4 units) of the non-embedding parameters, "
+        "used only to rank the candidates; not the loss the run will reach" +
+        (f"; {hidden} other depths not shown" if hidden else ""),
+        f"          within {cand.TIE_MARGIN} of the best is a tie, which goes to the larger model while it repeats the "
+        f"data at most {cand.TIE_MAX_EPOCHS:g} times",
         *([f"          {_flops(b.flops_per_token * b.tokens)} FLOPs is below the law's smallest fitted compute "
            f"({_flops(scaling.FITTED_MIN_FLOPS)}): an extrapolation"] if b.flops_per_token * b.tokens
           < scaling.FITTED_MIN_FLOPS else []),
@@ -340,8 +344,7 @@ def experiment_yaml(plan: Plan, command: str, c: Candidate | None = None) -> str
         f"{exp.tokens_per_step:,} tokens" + (f" (estimated peak {c.peak_bytes / 2**30:.2f} GB of "
                                               f"{plan.target.limit_bytes / 2**30:.2f} GB)" if c.peak_bytes else ""),
         f"budget: {plan.budget_s / 3600:g} h => {c.max_iters:,} steps = {c.tokens:,} tokens = {c.epochs:.2f} epochs, "
-        f"{c.tokens_per_param:.3g} tokens per parameter; law loss {plan.law(c):.3f} (ranking only"
-        f"{', small-scale form' if plan.small else ''})",
+        f"{c.tokens_per_param:.3g} tokens per parameter; law loss {c.law:.3f} (ranking only)",
         f"predicted: {figures.predicted_tokens_per_s(pred)} tokens/s ({c.speed_source}); "
         f"{figures.predicted_time(pred)} of training with {pred['evaluations']} evaluations of ~{c.eval_s:.1f} s",
         f"why: {plan.why}" if c.depth == plan.best.depth else

@@ -11,16 +11,17 @@ with the GPT-2 tokenizer:
 The predicted loss is in the paper's units (C4 validation loss): fwray compares candidates with it and shows it as
 "law", never as the loss the run will reach.
 
+Which parameters. fwray counts them one way at every budget: without the token table, an untied output head and a
+learned position table (Kaplan et al. 2020's non-embedding count). Each token reads one row of a table, so the tables
+buy a model little capacity for their size, and they are most of a small model: 64M of the 4070 family's 109M at
+depth 9, 3M+ of any GPT-2-vocabulary model. Counting them ranks small models as if they were large ones; for the
+models the law was fitted on (up to billions of parameters) they are a few percent and the two counts nearly agree.
+Below ~1e8 tokens (minutes on a CPU) counting every parameter even breaks the ranking: every shape is then far past
+the compute-optimal size, N' saturates and the smallest shape always wins, which bench/plan_bench.py measured wrong.
+No constant is refitted.
+
 Compute. The fit's smallest runs spend ~1e19 FLOPs (FITTED_MIN_FLOPS); a 12-hour budget on a 4070 is ~2e18: there the
 law extrapolates, which fwray.plan says beside its ranking.
-
-Small scale. The fit comes from runs of 100M to 900B tokens. Minutes on a CPU give ~1e5-1e6 tokens, where the
-published form, counting every parameter, ranks wrongly: U_N, the compute-optimal size for so few tokens, is ~1e4
-parameters, a GPT-2-vocabulary model's token table alone is 3M+, so every shape is far past U_N, their N' all saturate
-at ~6.3 U_N and the ranking reduces to "most tokens wins": always the smallest shape. Below FITTED_MIN_TOKENS fwray
-ranks with `small_scale_loss`: the same form and constants with one change, the parameters counted as Kaplan et al.
-2020 count them, without the token table, an untied output head and a learned position table (they are most of a
-small model and buy it little capacity: each token reads one row). No constant is refitted.
 
 Why this form: bench/plan_bench.py's CPU runs, in the README ("What should I train?", Small-scale ranking).
 """
@@ -59,16 +60,10 @@ def effective_params(params: float, tokens: float, unique: float) -> float:
     return useful + useful * R_N_STAR * (1 - math.exp(-excess / R_N_STAR))
 
 
-FITTED_MIN_TOKENS = 100e6  # the fit's smallest runs: below this fwray.plan ranks with small_scale_loss
 FITTED_MIN_FLOPS = 1e19  # the fit's smallest compute: below it the law extrapolates
 
 
-def small_scale_loss(non_embedding_params: float, tokens: float, unique: float) -> float:
-    """The law as fwray ranks with below FITTED_MIN_TOKENS (see above): the published form, of non-embedding
-    parameters."""
-    return loss(non_embedding_params, tokens, unique)
-
-
 def loss(params: float, tokens: float, unique: float) -> float:
-    """The law's loss for `params` parameters trained on `tokens` tokens of which `unique` are distinct."""
+    """The law's loss for `params` (non-embedding) parameters trained on `tokens` tokens of which `unique` are
+    distinct."""
     return E + A / effective_params(params, tokens, unique) ** ALPHA + B / effective_tokens(tokens, unique) ** BETA
