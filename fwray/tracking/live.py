@@ -1,7 +1,8 @@
 """The live path of a run's records into MLflow: `send` logs one record into its run, a `RunLogger` sends each as it
-comes and keeps them in the run's outbox (fwray.tracking.records) once MLflow stops answering, and `metric_history`
-reads a run's metrics back (MLflow's, and those kept). Only rank 0 of a run logs; a Ray worker builds its RunLogger
-from (uri, run_id, run_dir). METRICS lists the parent run's metrics.
+comes (params, metrics, tags, artifacts, a dataset, the final status) and keeps them in the run's outbox
+(fwray.tracking.records) once MLflow stops answering, and `metric_history` reads a run's metrics back (MLflow's, and
+those kept). Only rank 0 of a run logs; a Ray worker builds its RunLogger from (uri, run_id, run_dir). METRICS lists
+the parent run's metrics.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def send(client: MlflowClient, record: dict) -> None:
         client.set_terminated(run_id, record["status"], end_time=record.get("timestamp"))
 
 class RunLogger:
-    """Metrics, params, tags and artifacts into one run from any process.
+    """Metrics, params, tags, artifacts and the final status into one run from any process.
 
     Each is an outbox record, sent to MLflow as it comes. On the first failure it prints one warning and from then on
     keeps every record in `<fallback_dir>/unlogged_metrics.jsonl` (artifacts as their local paths) for
@@ -104,6 +105,25 @@ class RunLogger:
         """A dataset input of the run (`training_dataset`'s fields), with its context ("training")."""
         self._send({"dataset": fields, "context": context})
 
+    def finish(self, ok: bool, tags: dict[str, object] | None = None) -> bool:
+        """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: a status MLflow does not
+        take is one warning and waits in the outbox for replay (after the records before it: once MLflow has stopped
+        answering, silently, as they do). Returns whether MLflow took it."""
+        status = "FINISHED" if ok else "FAILED"
+        record = {"run_id": self.run_id, "uri": self.uri, "status": status, "timestamp": now_ms(),
+                  **({"tags": {k: str(v) for k, v in tags.items()}} if tags else {})}
+        if not self.failed:
+            try:
+                send(self.client, record)
+                return True
+            except Exception as e:
+                self.failed = True
+                print(f"fwray: warning: MLflow at {self.uri} did not take the run's final status {status} "
+                      f"({type(e).__name__}); the status is kept in {self.fallback}: log it with "
+                      f"`python -m fwray.tracking replay {self.fallback}`", file=sys.stderr, flush=True)
+        self._keep(record)
+        return False
+
     def _send(self, record: dict) -> None:
         record = {"run_id": self.run_id, "uri": self.uri, **record}
         if not self.failed:
@@ -112,6 +132,9 @@ class RunLogger:
                 return
             except Exception as e:  # MlflowException, requests' ConnectionError, OSError from a store, ...
                 self._fail(e)
+        self._keep(record)
+
+    def _keep(self, record: dict) -> None:
         try:
             outbox.keep(self.fallback, record)
         except OSError as e:  # a full disk must not stop training either
