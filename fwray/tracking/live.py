@@ -1,8 +1,8 @@
-"""The live path of a run's records into MLflow: `send` logs one record into its run, a `RunLogger` sends each as it
-comes (params, metrics, tags, artifacts, a dataset, the final status) and keeps them in the run's outbox
-(fwray.tracking.records) once MLflow stops answering, and `metric_history` reads a run's metrics back (MLflow's, and
-those kept). Only rank 0 of a run logs; a Ray worker builds its RunLogger from (uri, run_id, run_dir). METRICS lists
-the parent run's metrics.
+"""The live path of a run's records into MLflow, the one way fwray logs metrics: `send` logs one record into its run,
+a `RunLogger` sends each as it comes (params, metrics, tags, artifacts, a dataset, the final status) and keeps them in
+the run's outbox (fwray.tracking.records) once MLflow stops answering, `log_evaluation` sends an evaluation's results
+into the run it evaluated, and `metric_history` reads a run's metrics back (MLflow's, and those kept). Only rank 0 of
+a run logs; a Ray worker builds its RunLogger from (uri, run_id, run_dir). METRICS lists the parent run's metrics.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # the input tag the UI shows beside a dataset
 
 from ..core import health
+from ..errors import first_line
 from . import records as outbox
+from .store import TrackingUnavailable
 
 
 # The parent run's metrics (names are stable: dashboards and the loss curve read them). x = optimizer step.
@@ -145,6 +147,17 @@ class RunLogger:
         print(f"fwray: warning: MLflow at {self.uri} stopped answering ({type(e).__name__}); training goes on and "
               f"metrics are kept in {self.fallback}; log them later with `python -m fwray.tracking replay "
               f"{self.fallback}`", file=sys.stderr, flush=True)
+
+def log_evaluation(run_id: str, uri: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """An evaluation's results into the run it evaluated (at the model's step), in one request. A store that does not
+    take them is one-line `TrackingUnavailable`: the command printed them, and there is no run folder to keep them."""
+    record = {"run_id": run_id, "step": step, "timestamp": now_ms(),
+              "metrics": {k: float(v) for k, v in metrics.items()}, "tags": {k: str(v) for k, v in tags.items()}}
+    try:
+        send(MlflowClient(tracking_uri=uri), record)
+    except Exception as e:
+        raise TrackingUnavailable(f"MLflow at {uri} did not take the results for run {run_id} ({type(e).__name__}: "
+                                  f"{first_line(e)}); they are printed above") from None
 
 def metric_history(uri: str, run_id: str, names: tuple[str, ...] = ("train_loss", "val_loss"),
                    fallback: str | os.PathLike | None = None,
