@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
               f"acc_norm {hs['acc_norm']:.4f}", flush=True)
         tags["fwray.eval.hellaswag"] = f"{args.hellaswag} ({hs['examples']} examples)"
     if run is not None:
+        from .tracking.live import log_evaluation
         from .tracking.store import default_uri
-        from .tracking.trained import log_evaluation
 
         uri = args.tracking_uri or default_uri()
         log_evaluation(args.run_id, uri, int(meta.get("step") or 0), metrics, tags)

@@ -58,7 +58,7 @@ def run(exp, resume: bool = False) -> int:
     try:
         cache_dir, manifest, train_files, val_files = _prepare_data(exp, tracker, log=not previous)
         yardstick, yardstick_line = _find_yardstick(exp)
-        exp, verdict = _probe_and_resolve(exp, cache_dir, manifest, tracker, run_id, run_dir, reuse=bool(previous))
+        exp, verdict = _probe_and_resolve(exp, cache_dir, manifest, tracker, run_dir, reuse=bool(previous))
         fig = figures.figures(exp, manifest)
         plan_text = figures.describe(exp, fig)
         print(plan_text, flush=True)
@@ -130,7 +130,7 @@ def _find_yardstick(exp):
     return yardstick, line
 
 
-def _probe_and_resolve(exp, cache_dir, manifest, tracker, run_id: str, run_dir: Path, reuse: bool):
+def _probe_and_resolve(exp, cache_dir, manifest, tracker, run_dir: Path, reuse: bool):
     """The experiment with the probe's chosen batch applied (when probe.enabled), then resolved against the train
     split; and the probe's verdict (None without a probe)."""
     from .probe import sweep as probe
@@ -139,8 +139,7 @@ def _probe_and_resolve(exp, cache_dir, manifest, tracker, run_id: str, run_dir: 
     verdict = None
     if exp.probe.enabled:  # before resolve: an epochs budget counts in the chosen tokens per step
         # nested under this run; a resumed run reuses its saved verdict, so its batch does not change under it
-        verdict = probe.run_probe(exp, cache_dir, manifest, client=tracker.client, parent_run_id=run_id,
-                                  out_dir=run_dir / "probe", reuse=reuse)
+        verdict = probe.run_probe(exp, cache_dir, manifest, tracker=tracker, out_dir=run_dir / "probe", reuse=reuse)
         exp = apply_verdict(exp, verdict)
     return config.resolve(exp, manifest["splits"]["train"]["tokens"]), verdict
 

@@ -201,10 +201,9 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
                                            accumulation=probe_accumulation(exp, b))["reserved"]
              / trial.GIB for b in (1, 2, 4, 8)}
     cap = (peaks[4] + peaks[8]) / 2 / 0.9  # 1, 2 and 4 fit the limit, 8 does not
-    exp = exp.with_changes("probe", gpu_memory_gb=cap)
+    exp = exp.with_changes("probe", gpu_memory_gb=cap).with_changes("tracking", uri=f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv(trial.INJECT_ENV, "4,1:eval")  # 4 runs out at step 1, 1 during its evaluation
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    verdict = probe.run_probe(exp, None, None, client=client, out_dir=tmp_path / "probe")
+    verdict = probe.run_probe(exp, None, None, out_dir=tmp_path / "probe")  # as `python -m fwray.probe` runs it
 
     rows = {r["batch_size"]: r for r in verdict["candidates"]}
     assert [rows[b]["fits"] for b in (1, 2, 4, 8)] == [False, True, False, False]
@@ -218,6 +217,7 @@ def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp
     assert chosen["batch_size"] == 2 and chosen["tokens_per_step"] == exp.tokens_per_step
     assert json.loads((tmp_path / "probe" / "verdict.json").read_text())["chosen"] == chosen
 
+    client = MlflowClient(tracking_uri=exp.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name("probe-test").experiment_id])
     top = [r for r in runs if r.data.tags.get("fwray.kind") == "probe"]
     assert len(top) == 1 and "mlflow.parentRunId" not in top[0].data.tags  # started alone: a top-level run

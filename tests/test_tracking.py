@@ -466,8 +466,9 @@ def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
     log.tags({"fwray.resumed_from_step": 2})
     log.artifact(tmp_path / "curve.txt")
     log.artifact(tmp_path / "curve.txt")  # refreshed: uploaded once on replay
-    gone = MlflowClient(tracking_uri=log.uri)
-    assert tracking.finish(gone, run_id, True, tmp_path / "run") is False
+    assert log.finish(True) is False  # after its outage: kept behind the records before it, no second warning
+    driver = live.RunLogger(log.uri, run_id, tmp_path / "driver")  # a logger that has not failed yet: one warning
+    assert driver.finish(True) is False and (tmp_path / "driver" / outbox.FALLBACK_FILE).is_file()
     err = capsys.readouterr().err
     assert err.count("stopped answering") == 1 and err.count("did not take the run's final status") == 1
 
@@ -496,6 +497,75 @@ def test_mlflow_batches_and_cuts_what_fwray_hands_it(tmp_path):
     run = client.get_run(run_id)
     assert len(run.data.params) == 151 and run.data.params["long"] == "x" * 6000
     assert len(run.data.metrics) == 1200
+
+
+def test_every_run_is_a_child_of_the_tracker_nested_or_top_level(tmp_path, monkeypatch, capsys, cache):
+    """One Tracker hands out every run, against a real local store: under fwray.run's parent run the prepare and probe
+    runs nest (the probe's trials under the probe's run); the probe's and the plan's commands run alone start theirs at
+    the top level. A store that will not start a child (its experiment deleted) is one warning for it: no crash, and
+    none for the trials of a probe run that did not start."""
+    from fwray.data import prepare
+    from fwray.plan import __main__ as plan_cli
+    from fwray.probe import sweep, verdict as verdicts
+
+    monkeypatch.chdir(tmp_path)  # the plan writes its files under .fwray/plan
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = config.load(SMOKE, [f"tracking.uri={store}", f"data.cache_dir={cache}"])
+    cache_dir, manifest = prepare.prepare(exp)
+    rows = [{"batch_size": b, "activation_checkpointing": False, "compile": None, "status": "ok", "reason": "",
+             "peak_gb": peak, "tokens_per_s": None, "method": "cpu-estimate"} for b, peak in ((8, 1.0), (16, 9.0))]
+    verdict = {**verdicts.decide(exp, rows, 4.0, "cpu-estimate"), "device": "cpu"}
+    plan_argv = [str(SMOKE), "--hours", "12", "--gpu", "RTX 4070", "--train-tokens", "7e8", "--depths", "11",
+                 f"tracking.uri={store}"]
+    run_dir = tmp_path / "run"
+    for folder in (run_dir / "probe", tmp_path / "alone"):  # what the probe saves before it logs
+        folder.mkdir(parents=True)
+        (folder / "verdict.json").write_text(json.dumps(verdict))
+
+    tracker = Tracker(exp)  # as fwray.run: the parent run, then the prepare and probe runs through it
+    parent = tracker.start("smoke-parent", run_dir, "cpu")
+    prepare_id = tracker.log_prepare(cache_dir, manifest, 1.5)
+    sweep.track_verdict(tracker, exp, verdict, run_dir / "probe")
+    sweep.track_verdict(Tracker(exp), exp, verdict, tmp_path / "alone")  # as `python -m fwray.probe`
+    assert plan_cli.main(plan_argv) == 0  # `python -m fwray.plan`
+    assert "fwray: warning" not in capsys.readouterr().err
+
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
+    (plan_run,) = [r for r in runs if r.data.tags.get("fwray.kind") == "plan"]
+    assert plan_run.info.run_name.startswith("plan-smoke-")
+    assert sorted(r.info.run_name for r in runs) == sorted(["smoke-parent", "prepare", "probe-probe", "probe-alone",
+                                                            plan_run.info.run_name, *["bs8", "bs16"] * 2])
+    named = {r.info.run_name: r for r in runs}  # a trial's name: either probe's, used below for neither
+    assert parent_of[prepare_id] == parent_of[named["probe-probe"].info.run_id] == parent
+    assert {parent_of[r] for r in (parent, named["probe-alone"].info.run_id, plan_run.info.run_id)} == {None}
+    trials = sorted(parent_of[r.info.run_id] for r in runs if r.info.run_name in ("bs8", "bs16"))
+    assert trials == sorted([named["probe-probe"].info.run_id, named["probe-alone"].info.run_id] * 2)
+    # the records themselves, as fwray logged them before the Tracker handed out these runs
+    prep = named["prepare"]
+    assert prep.info.status == "FINISHED" and prep.data.params["data.val_fraction"] == "0.05"
+    assert prep.data.metrics["wall_seconds"] == 1.5 and prep.data.tags["fwray.cache"] == str(cache_dir)
+    assert artifact_paths(client, prepare_id) == {"manifest.json", "data_report.txt"}
+    nested = named["probe-probe"]
+    assert nested.info.status == "FINISHED" and nested.data.metrics["chosen_batch_size"] == 8
+    assert nested.data.params["probe.margin"] == str(exp.probe.margin) and nested.data.tags["fwray.kind"] == "probe"
+    assert artifact_paths(client, nested.info.run_id) == {"verdict.json"}
+    assert all(r.info.status == "FINISHED" for r in runs if r.info.run_name in ("bs8", "bs16"))
+    assert plan_run.info.status == "FINISHED" and plan_run.data.params["gpu"] == "RTX 4070"
+    assert artifact_paths(client, plan_run.info.run_id) == {"plan_table.txt", "plan.json"}
+
+    # MLflow refuses every new run now: each child is one warning, and the work goes on
+    client.delete_experiment(client.get_experiment_by_name("smoke").experiment_id)
+    assert tracker.log_prepare(cache_dir, manifest, 1.5) is None
+    sweep.track_verdict(tracker, exp, verdict, run_dir / "probe")
+    sweep.track_verdict(Tracker(exp), exp, verdict, tmp_path / "alone")
+    assert plan_cli.main(plan_argv) == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("fwray:")]
+    assert len(warnings) == 4 and all("did not start the run" in w for w in warnings), err
+    assert [w.split("the run ")[1].split()[0] for w in warnings[:3]] == ["'prepare'", "'probe-probe'", "'probe-alone'"]
+    assert "Traceback" not in err and "recommended: depth 11" in out and "MLflow run" not in out
 
 
 def test_git_commit_only_in_a_checkout(tmp_path):

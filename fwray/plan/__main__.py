@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan_command(exp: Experiment, args, command_line: str) -> Plan:
     """The command's work: plan, print, write the experiment (with --write), log the plan to MLflow."""
-    from ..tracking import store as tracking
+    from ..tracking.tracker import Tracker
     from . import measure as plan_run  # the boundary: the card, the data's size, Ray Tune trials, MLflow
 
     if not args.hours > 0:
@@ -68,7 +68,7 @@ def plan_command(exp: Experiment, args, command_line: str) -> Plan:
     target, speed_exp = plan_run.target(exp, args.gpu, args.measure)
     data = (DataSize(int(args.train_tokens), 0, 0, "given", "given with --train-tokens; the data was not read")
             if args.train_tokens else plan_run.data_size(exp))
-    client = tracking.connect(exp)  # an unreachable server stops the plan before the memory estimates and trials
+    tracker = Tracker(exp)  # an unreachable server stops the plan before the memory estimates and trials
     out_dir = (Path(".fwray/plan") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     measure = plan_run.measurer(exp, target, out_dir) if args.measure else None
     plan = make_plan(exp, args.hours * 3600, data, target, speed_exp, depths, plan_run.cached_estimates(),
@@ -77,10 +77,11 @@ def plan_command(exp: Experiment, args, command_line: str) -> Plan:
     print(text, flush=True)
     if written:
         write_atomic(written, experiment_yaml(plan, command_line).encode())
-    run_id = plan_run.track(client, plan, text, out_dir, written, command_line)
+    run_id = plan_run.track(tracker, plan, text, out_dir, written, command_line)
     if written:
         print(f"\nwrote {written}: train it with `python -m fwray.run {written}`")
-    print(f"MLflow run {run_id} (plan) in experiment {exp.tracking.experiment or exp.name!r} at {client.tracking_uri}")
+    if run_id:  # else MLflow did not start the run, and said so
+        print(f"MLflow run {run_id} (plan) in experiment {exp.tracking.experiment or exp.name!r} at {tracker.uri}")
     return plan
 
 

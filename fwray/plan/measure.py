@@ -18,7 +18,7 @@ from ..data.parquet_inputs import inspect_file, resolve_paths
 from ..data.size import DataSize, from_manifest, from_parquet
 from ..probe.trial import GIB, ProbeJob, usable_bytes
 from ..probe.verdict import probe_accumulation
-from ..tracking import store as tracking
+from ..tracking.tracker import Tracker
 from . import figures
 from .family import PlanError, Target
 
@@ -156,9 +156,9 @@ def measurer(exp: Experiment, target: Target, out_dir: Path):
     return measure
 
 
-def track(client, plan, text: str, out_dir: Path, written: Path | None, command: str) -> str:
-    """The plan as an MLflow run in the experiment's MLflow experiment: params, the table (and the written
-    experiment) as artifacts."""
+def track(tracker: Tracker, plan, text: str, out_dir: Path, written: Path | None, command: str) -> str | None:
+    """The plan as a top-level run of the tracker's (its outbox in `out_dir`): params, the table (and the written
+    experiment) as artifacts. Returns its id, or None when MLflow did not start it (one warning)."""
     from .planner import planned_experiment
 
     exp, b = plan.exp, plan.best
@@ -167,11 +167,10 @@ def track(client, plan, text: str, out_dir: Path, written: Path | None, command:
     rows = [{**{k: v for k, v in asdict(c).items() if k != "model"}, "n_layer": c.model.n_layer,
              "n_embd": c.model.n_embd, "n_head": c.model.n_head} for c in plan.cands]
     (out_dir / "plan.json").write_text(json.dumps(rows, indent=1, default=str))
-    run_id = tracking.start_run(client, exp, f"plan-{out_dir.name}", {"fwray.kind": "plan",
-                                                                      "mlflow.note.content": text})
+    run = tracker.child(f"plan-{out_dir.name}", {"fwray.kind": "plan", "mlflow.note.content": text}, out_dir)
     chosen = planned_experiment(plan)
     pred = figures.predicted_speed(chosen, b.flops_per_token, b.tokens, b.params)
-    tracking.log_params(client, run_id, {
+    run.params({
         "command": command, "hours": plan.budget_s / 3600, "gpu": plan.target.name,
         "memory_gb": plan.target.memory_gb, "limit_gb": plan.target.limit_bytes / GIB,
         "train_tokens": plan.data.train_tokens, "data_source": plan.data.source, "speed": plan.speed_note,
@@ -184,6 +183,6 @@ def track(client, plan, text: str, out_dir: Path, written: Path | None, command:
         "mfu_band": pred.get("mfu_band", "none"), "law_loss": round(b.law, 4),
         "why": plan.why})
     for path in [out_dir / "plan_table.txt", out_dir / "plan.json"] + ([written] if written else []):
-        client.log_artifact(run_id, str(path))
-    tracking.finish(client, run_id, True)
-    return run_id
+        run.artifact(path)
+    run.finish(True)
+    return run.run_id

@@ -6,7 +6,7 @@ import sys
 from .. import config, ray_session
 from ..data import prepare
 from ..errors import command
-from ..tracking import store
+from ..tracking.tracker import Tracker
 from . import sweep, verdict as verdicts
 
 
@@ -19,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="random tokens instead of the prepared data (no data needed; same memory and speed)")
     args = parser.parse_args(argv)
     exp = config.load(args.experiment, args.overrides)
-    client = store.connect(exp)
+    tracker = Tracker(exp)  # an unreachable server stops the probe before any work; its run is a top-level one
     # the data first: a missing or broken input is one line before Ray starts
     cache_dir, manifest = (None, None) if args.synthetic else prepare.prepare(exp)
     ray_session.start()
-    verdict = sweep.run_probe(exp, cache_dir, manifest, client=client)
+    verdict = sweep.run_probe(exp, cache_dir, manifest, tracker=tracker)
     verdicts.apply_verdict(exp, verdict)
     c = verdict["chosen"]
     print(f"train with: python -m fwray.run {args.experiment} train.batch_size={c['batch_size']} "

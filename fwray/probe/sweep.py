@@ -22,8 +22,7 @@ from .. import ray_session
 from ..config import Experiment
 from ..core import loader, tokens
 from ..errors import ProbeError, last_line
-from ..tracking import store as tracking
-from ..tracking.live import RunLogger
+from ..tracking.tracker import Tracker
 from . import verdict as verdicts
 from .trial import INJECT_ENV, ProbeJob, measure, usable_bytes
 
@@ -36,12 +35,14 @@ def _trial(config: dict, jobs: list[ProbeJob]) -> None:
 # ---------------------------------------------------------------- the sweep (Ray Tune) and its record (MLflow)
 
 
-def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, client=None,
-              parent_run_id: str | None = None, out_dir=None, reuse: bool = False) -> dict:
+def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, tracker: Tracker | None = None,
+              out_dir=None, reuse: bool = False) -> dict:
     """Sweep the candidates with Ray Tune (ray must be initialised), save, print and track the verdict.
 
-    cache_dir/manifest: the prepared data (None: random tokens). out_dir: where verdict.json goes (default
-    .fwray/probe/<name>-<time>); reuse=True returns a verdict already saved there (a resumed run keeps its batch).
+    cache_dir/manifest: the prepared data (None: random tokens). tracker: where the verdict's run goes, nested under
+    its parent run when it has one (default: a new Tracker, the run at the top level). out_dir: where verdict.json
+    goes (default .fwray/probe/<name>-<time>); reuse=True returns a verdict already saved there (a resumed run keeps
+    its batch).
     """
     out_dir = Path(out_dir or Path(".fwray/probe") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if reuse and (out_dir / "verdict.json").is_file():
@@ -78,8 +79,7 @@ def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, 
     tokens.write_atomic(out_dir / "verdict.json", json.dumps(verdict, indent=2).encode())
     print(verdicts.table(verdict), flush=True)
     print(f"probe: verdict saved in {verdict['path']}", flush=True)
-    client = client or tracking.connect(exp)
-    _track(client, exp, verdict, parent_run_id, out_dir)
+    track_verdict(tracker or Tracker(exp), exp, verdict, out_dir)
     return verdict
 
 
@@ -114,26 +114,25 @@ _KEYS = {"batch_size", "activation_checkpointing", "compile", "eval_batch_size",
          "samples_s", "allocator", "sdpa_backend"}
 
 
-def _track(client, exp: Experiment, verdict: dict, parent_run_id: str | None, out_dir: Path) -> None:
-    probe_id = tracking.start_run(client, exp, f"probe-{out_dir.name}", {"fwray.kind": "probe"}, parent_run_id)
-    tracking.log_params(client, probe_id, {**{f"probe.{k}": v for k, v in dataclasses.asdict(exp.probe).items()},
-                                           "device": verdict["device"], "method": verdict["method"],
-                                           "cap_gb": verdict["cap_gb"], "limit_gb": verdict["limit_gb"]})
-    log = RunLogger(client.tracking_uri, probe_id, out_dir)
+def track_verdict(tracker: Tracker, exp: Experiment, verdict: dict, out_dir: Path) -> None:
+    """The verdict as one of the tracker's runs (its outbox in `out_dir`), one nested run per candidate. An MLflow
+    failure is a warning: the probe has its verdict."""
+    probe = tracker.child(f"probe-{out_dir.name}", {"fwray.kind": "probe"}, out_dir)
+    probe.params({**{f"probe.{k}": v for k, v in dataclasses.asdict(exp.probe).items()},
+                  "device": verdict["device"], "method": verdict["method"],
+                  "cap_gb": verdict["cap_gb"], "limit_gb": verdict["limit_gb"]})
     for r in verdict["candidates"]:
         name = f"bs{r['batch_size']}" + ("-ac" if r["activation_checkpointing"] else "") + (
             {True: "-compiled", False: "-eager", None: ""}[r["compile"]])
-        trial_id = tracking.start_run(client, exp, name, {"fwray.kind": "probe-trial", "fwray.probe.reason":
-                                                          r["reason"] or "ok"}, probe_id)
-        tracking.log_params(client, trial_id, {k: r[k] for k in ("batch_size", "activation_checkpointing", "compile",
-                                                                 "method", "allocator", "sdpa_backend") if k in r})
-        RunLogger(client.tracking_uri, trial_id, out_dir).metrics(0, {
-            "fits": float(r["fits"]), "peak_gb": r.get("peak_gb"), "tokens_per_s": r["tokens_per_s"],
-            "predicted_gb": r.get("predicted_gb"), "peak_alloc_gb": r.get("peak_alloc_gb")})
-        tracking.finish(client, trial_id, r["status"] != "error")
+        trial = probe.child(name, {"fwray.kind": "probe-trial", "fwray.probe.reason": r["reason"] or "ok"})
+        trial.params({k: r[k] for k in ("batch_size", "activation_checkpointing", "compile", "method", "allocator",
+                                        "sdpa_backend") if k in r})
+        trial.metrics(0, {"fits": float(r["fits"]), "peak_gb": r.get("peak_gb"), "tokens_per_s": r["tokens_per_s"],
+                          "predicted_gb": r.get("predicted_gb"), "peak_alloc_gb": r.get("peak_alloc_gb")})
+        trial.finish(r["status"] != "error")
     c = verdict["chosen"]
     if c:
-        log.metrics(0, {"chosen_batch_size": c["batch_size"], "chosen_accumulation": c["gradient_accumulation_steps"],
-                        "tokens_per_step_difference": c["tokens_per_step_difference"]})
-    log.artifact(out_dir / "verdict.json")
-    tracking.finish(client, probe_id, c is not None)
+        probe.metrics(0, {"chosen_batch_size": c["batch_size"], "chosen_accumulation": c["gradient_accumulation_steps"],
+                          "tokens_per_step_difference": c["tokens_per_step_difference"]})
+    probe.artifact(out_dir / "verdict.json")
+    probe.finish(c is not None)

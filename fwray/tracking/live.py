@@ -1,7 +1,8 @@
-"""The live path of a run's records into MLflow: `send` logs one record into its run, a `RunLogger` sends each as it
-comes and keeps them in the run's outbox (fwray.tracking.records) once MLflow stops answering, and `metric_history`
-reads a run's metrics back (MLflow's, and those kept). Only rank 0 of a run logs; a Ray worker builds its RunLogger
-from (uri, run_id, run_dir). METRICS lists the parent run's metrics.
+"""The live path of a run's records into MLflow, the one way fwray logs metrics: `send` logs one record into its run,
+a `RunLogger` sends each as it comes (params, metrics, tags, artifacts, a dataset, the final status) and keeps them in
+the run's outbox (fwray.tracking.records) once MLflow stops answering, `log_evaluation` sends an evaluation's results
+into the run it evaluated, and `metric_history` reads a run's metrics back (MLflow's, and those kept). Only rank 0 of
+a run logs; a Ray worker builds its RunLogger from (uri, run_id, run_dir). METRICS lists the parent run's metrics.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # the input tag the UI shows beside a dataset
 
 from ..core import health
+from ..errors import first_line
 from . import records as outbox
+from .store import TrackingUnavailable
 
 
 # The parent run's metrics (names are stable: dashboards and the loss curve read them). x = optimizer step.
@@ -74,7 +77,7 @@ def send(client: MlflowClient, record: dict) -> None:
         client.set_terminated(run_id, record["status"], end_time=record.get("timestamp"))
 
 class RunLogger:
-    """Metrics, params, tags and artifacts into one run from any process.
+    """Metrics, params, tags, artifacts and the final status into one run from any process.
 
     Each is an outbox record, sent to MLflow as it comes. On the first failure it prints one warning and from then on
     keeps every record in `<fallback_dir>/unlogged_metrics.jsonl` (artifacts as their local paths) for
@@ -104,6 +107,25 @@ class RunLogger:
         """A dataset input of the run (`training_dataset`'s fields), with its context ("training")."""
         self._send({"dataset": fields, "context": context})
 
+    def finish(self, ok: bool, tags: dict[str, object] | None = None) -> bool:
+        """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: a status MLflow does not
+        take is one warning and waits in the outbox for replay (after the records before it: once MLflow has stopped
+        answering, silently, as they do). Returns whether MLflow took it."""
+        status = "FINISHED" if ok else "FAILED"
+        record = {"run_id": self.run_id, "uri": self.uri, "status": status, "timestamp": now_ms(),
+                  **({"tags": {k: str(v) for k, v in tags.items()}} if tags else {})}
+        if not self.failed:
+            try:
+                send(self.client, record)
+                return True
+            except Exception as e:
+                self.failed = True
+                print(f"fwray: warning: MLflow at {self.uri} did not take the run's final status {status} "
+                      f"({type(e).__name__}); the status is kept in {self.fallback}: log it with "
+                      f"`python -m fwray.tracking replay {self.fallback}`", file=sys.stderr, flush=True)
+        self._keep(record)
+        return False
+
     def _send(self, record: dict) -> None:
         record = {"run_id": self.run_id, "uri": self.uri, **record}
         if not self.failed:
@@ -112,6 +134,9 @@ class RunLogger:
                 return
             except Exception as e:  # MlflowException, requests' ConnectionError, OSError from a store, ...
                 self._fail(e)
+        self._keep(record)
+
+    def _keep(self, record: dict) -> None:
         try:
             outbox.keep(self.fallback, record)
         except OSError as e:  # a full disk must not stop training either
@@ -122,6 +147,17 @@ class RunLogger:
         print(f"fwray: warning: MLflow at {self.uri} stopped answering ({type(e).__name__}); training goes on and "
               f"metrics are kept in {self.fallback}; log them later with `python -m fwray.tracking replay "
               f"{self.fallback}`", file=sys.stderr, flush=True)
+
+def log_evaluation(run_id: str, uri: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """An evaluation's results into the run it evaluated (at the model's step), in one request. A store that does not
+    take them is one-line `TrackingUnavailable`: the command printed them, and there is no run folder to keep them."""
+    record = {"run_id": run_id, "step": step, "timestamp": now_ms(),
+              "metrics": {k: float(v) for k, v in metrics.items()}, "tags": {k: str(v) for k, v in tags.items()}}
+    try:
+        send(MlflowClient(tracking_uri=uri), record)
+    except Exception as e:
+        raise TrackingUnavailable(f"MLflow at {uri} did not take the results for run {run_id} ({type(e).__name__}: "
+                                  f"{first_line(e)}); they are printed above") from None
 
 def metric_history(uri: str, run_id: str, names: tuple[str, ...] = ("train_loss", "val_loss"),
                    fallback: str | os.PathLike | None = None,

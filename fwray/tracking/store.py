@@ -1,13 +1,14 @@
 """MLflow's store: where runs go (the experiment's tracking.uri, else the local store), the experiment, starting a run
-(nested under a parent with mlflow.parentRunId), its params, its finish, and the addresses to open it at.
+(nested under a parent with mlflow.parentRunId), and the addresses to open it at. What a run logs, its finish
+included, goes the live path (fwray.tracking.live).
 
 Everything goes through `MlflowClient` with explicit run ids, so the driver and a Ray worker (rank 0 only) log into
 the same run without sharing process state. A tracking failure mid-run never stops training: one warning, and the
 records wait in the run's outbox (fwray.tracking.records) until `python -m fwray.tracking replay` logs them.
 
 Layout: one MLflow experiment per experiment name (tagged as model training for MLflow 3's UI); one parent run per
-`fwray.run`, named after the Ray run (fwray.tracking.tracker); the data preparation as a nested run `prepare`; the
-probe's and the plan's runs beside it.
+`fwray.run`, named after the Ray run (fwray.tracking.tracker); the data preparation as a nested run `prepare`, and the
+probe's run when it ran; `python -m fwray.probe` and `python -m fwray.plan` run alone start theirs at the top level.
 """
 from __future__ import annotations
 
@@ -16,13 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from ..config import Experiment
 from ..errors import FwrayError
-from . import records as outbox
-from .live import now_ms, send
 
 
 # MLflow announces at INFO that it creates a new sqlite store's tables; fwray's last lines say where the run is
@@ -111,29 +109,3 @@ def start_run(client: MlflowClient, exp: Experiment, run_name: str, tags: dict[s
         tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id(client, exp.tracking.experiment or exp.name), run_name=run_name, tags=tags)
     return run.info.run_id
-
-def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> None:
-    # One call: MlflowClient.log_batch splits params into requests of at most 100, and MLflow's store cuts a value
-    # over 6000 characters to 6000 with a warning (mlflow/mlflow#11208), so fwray neither chunks nor truncates.
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-
-def finish(client: MlflowClient, run_id: str, ok: bool, run_dir: str | os.PathLike | None = None,
-           tags: dict[str, str] | None = None) -> bool:
-    """Mark the run FINISHED or FAILED, with its last `tags` (the outcome). Never raises: an unreachable store gets
-    one warning, and with `run_dir` the tags and status wait in the run's outbox for `replay`. Returns whether MLflow
-    took them."""
-    status = "FINISHED" if ok else "FAILED"
-    record = {"run_id": run_id, "uri": client.tracking_uri, "status": status, "timestamp": now_ms(),
-              **({"tags": {k: str(v) for k, v in tags.items()}} if tags else {})}
-    try:
-        send(client, record)
-        return True
-    except Exception as e:
-        where = ""
-        if run_dir is not None:
-            path = Path(run_dir) / outbox.FALLBACK_FILE
-            outbox.keep(path, record)
-            where = f"; the status is kept in {path}: log it with `python -m fwray.tracking replay {path}`"
-        print(f"fwray: warning: MLflow at {client.tracking_uri} did not take the run's final status {status} "
-              f"({type(e).__name__}){where}", file=sys.stderr, flush=True)
-        return False

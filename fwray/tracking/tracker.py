@@ -1,7 +1,8 @@
-"""fwray.run's one tracking object, `Tracker`: the store checked, the parent run, the nested prepare run, what the
-run logs (through a RunLogger: an outage never stops it), its model registered, its finish. The data it trained on is
-its dataset input (`training_dataset`); its final model an MLflow model registered under the experiment's name
-(fwray.tracking.served).
+"""fwray's one tracking object, `Tracker`: the store checked, then every run a command starts (fwray.run's parent run
+and the prepare and probe runs nested under it; the run of `python -m fwray.probe` or `python -m fwray.plan` run
+alone), what the parent run logs (through a RunLogger: an outage never stops it), its model registered, its finish.
+The data it trained on is its dataset input (`training_dataset`); its final model an MLflow model registered under
+the experiment's name (fwray.tracking.served).
 """
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import re
 import sys
 from pathlib import Path
 
-from mlflow.entities import Metric
-
 from ..config import DataConfig, Experiment, flatten
 from ..data.report import DATA_REPORT, data_metrics, data_report
 from ..errors import first_line
 from . import records as outbox
-from .live import RunLogger, now_ms
-from .store import PREPARE_RUN, connect, finish, log_params, run_page, runs_table, start_run, ui_command
+from .store import PREPARE_RUN, connect, run_page, runs_table, start_run, ui_command
 from .tags import run_tags
+from .tracked_run import TrackedRun, open_run
 
 
 def training_dataset(manifest: dict, data: DataConfig) -> dict:
@@ -48,22 +47,20 @@ def registered_model_name(exp: Experiment) -> str:
     return re.sub(r"[/:]", "-", exp.tracking.experiment or exp.name)
 
 class Tracker:
-    """fwray.run's one handle on MLflow, made before any work: the store checked reachable (an unreachable one is
-    `TrackingUnavailable`, one line; with tracking.required false, the local store with a warning), then the parent
-    run started or reused, the data preparation as a nested run, what the run logs, and its finish.
-
-    Once a run is started or reused, logging goes through a `RunLogger`: an outage warns and never stops the run.
-    `client` and `run_id` are what other code needs to nest its own runs (the probe).
+    """fwray's one handle on MLflow, made before any work: the store checked reachable (an unreachable one is
+    `TrackingUnavailable`, one line; with tracking.required false, the local store with a warning). fwray.run starts
+    (or reuses) its parent run; every other run is a `child`: nested under the parent when there is one, at the top
+    level for a command run alone. Every run logs through a `RunLogger`: an outage warns and never stops the work.
     """
 
     def __init__(self, exp: Experiment):
         self.exp = exp
         self.client = connect(exp)
         self.uri = self.client.tracking_uri
+        self.run: TrackedRun | None = None  # the parent run, once started or reused
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.run_dir: Path | None = None
-        self._log: RunLogger | None = None
 
     def start(self, run_name: str, run_dir: str | os.PathLike, device: str) -> str:
         """A new parent run, tagged with fwray's version and commit, `device` and the library versions."""
@@ -73,44 +70,47 @@ class Tracker:
         """Log into `run_id` from here on (an earlier run's, on --resume), its outbox in `run_dir`."""
         self.run_id, self.run_dir = run_id, Path(run_dir)
         self.experiment_id = self.client.get_run(run_id).info.experiment_id  # for the addresses the run ends with
-        self._log = RunLogger(self.uri, run_id, self.run_dir)
+        self.run = TrackedRun(self.client, self.exp, run_id, self.run_dir)
         return run_id
+
+    def child(self, name: str, tags: dict[str, str], folder: str | os.PathLike | None = None) -> TrackedRun:
+        """A run named `name`: nested under the parent run when there is one, else at the top level (then `folder`,
+        where its outbox goes, is needed). A store that does not start it is one warning, never an error."""
+        if self.run is not None:
+            return self.run.child(name, tags, folder)
+        if folder is None:
+            raise ValueError(f"the run {name!r} has no parent run: give it a folder for its outbox")
+        return open_run(self.client, self.exp, name, tags, folder)
 
     def log_prepare(self, cache_dir: str | os.PathLike, manifest: dict, wall_seconds: float) -> str | None:
         """A `prepare` run nested under the parent: data settings, documents/tokens per split, seconds, manifest and
-        data report (written to the run folder first). Returns its id, or None (after one warning) when MLflow fails:
-        data logging never stops a run."""
+        data report (written to the run folder first). Returns its id, or None when MLflow did not start it (one
+        warning): data logging never stops a run."""
         report = self.run_dir / DATA_REPORT
         report.write_text(data_report(manifest))
-        try:
-            tags = {"fwray.cache": str(cache_dir), "fwray.fingerprint": manifest.get("fingerprint", "")}
-            child = start_run(self.client, self.exp, PREPARE_RUN, tags, parent_run_id=self.run_id)
-            params = {k: v for k, v in flatten(self.exp).items() if k.startswith("data.")}
-            params["fingerprint"] = manifest.get("fingerprint", "")
-            log_params(self.client, child, params)
-            values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
-            self.client.log_batch(child, metrics=[Metric(k, float(v), now_ms(), 0) for k, v in values.items()])
-            self.client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
-            self.client.log_artifact(child, str(report))
-            self.client.set_terminated(child, "FINISHED")
-            return child
-        except Exception as e:
-            print(f"fwray: warning: could not log the data preparation to MLflow ({type(e).__name__}: "
-                  f"{first_line(e)}); training goes on", file=sys.stderr, flush=True)
-            return None
+        fingerprint = manifest.get("fingerprint", "")
+        run = self.child(PREPARE_RUN, {"fwray.cache": str(cache_dir), "fwray.fingerprint": fingerprint})
+        params = {k: v for k, v in flatten(self.exp).items() if k.startswith("data.")}
+        params["fingerprint"] = fingerprint
+        run.params(params)
+        run.metrics(0, {**data_metrics(manifest), "wall_seconds": wall_seconds})
+        run.artifact(Path(cache_dir) / "manifest.json")
+        run.artifact(report)
+        run.finish(True)
+        return run.run_id
 
     def params(self, values: dict[str, object]) -> None:
-        self._log.params(values)
+        self.run.params(values)
 
     def tags(self, values: dict[str, object]) -> None:
-        self._log.tags(values)
+        self.run.tags(values)
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._log.artifact(path, artifact_path)
+        self.run.artifact(path, artifact_path)
 
     def dataset(self, manifest: dict) -> None:
         """The prepared data as the run's training dataset: the runs table's Dataset column, the run page's inputs."""
-        self._log.dataset(training_dataset(manifest, self.exp.data), "training")
+        self.run.dataset(training_dataset(manifest, self.exp.data), "training")
 
     def log_model(self) -> str | None:
         """The run's final model (`<run_dir>/model`, else the run's model/ artifacts: rank 0 may have trained on
@@ -136,7 +136,7 @@ class Tracker:
 
     def finish(self, ok: bool, tags: dict[str, str] | None = None) -> bool:
         """FINISHED or FAILED with the outcome `tags`; never raises (an outage keeps them in the outbox)."""
-        return finish(self.client, self.run_id, ok, self.run_dir, tags)
+        return self.run.finish(ok, tags)
 
     def ui_command(self) -> str:
         return ui_command(self.uri)

@@ -1,5 +1,5 @@
 """A trained model, named as fwray's commands name it (sample, eval, export): an MLflow run's model/ artifacts
-(--run-id) or a folder on disk (--checkpoint); and an evaluation logged back into its run."""
+(--run-id) or a folder on disk (--checkpoint)."""
 from __future__ import annotations
 
 import argparse
@@ -69,19 +69,3 @@ def fetch_run(run_id: str, uri: str, dst: str | os.PathLike, with_config: bool =
         config_file = Path(download_artifacts(run_id=run_id, artifact_path=CONFIG_FILE, tracking_uri=uri,
                                               dst_path=str(dst)))
     return FetchedRun(model_dir, config_file, dict(run.data.tags))
-
-def log_evaluation(run_id: str, uri: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
-    """An evaluation's results into the run it evaluated (at the model's step), in one request."""
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    from .live import now_ms
-    from .store import TrackingUnavailable
-
-    try:
-        MlflowClient(tracking_uri=uri).log_batch(
-            run_id, metrics=[Metric(k, float(v), now_ms(), step) for k, v in metrics.items()],
-            tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    except Exception as e:
-        raise TrackingUnavailable(f"MLflow at {uri} did not take the results for run {run_id} ({type(e).__name__}: "
-                                  f"{first_line(e)}); they are printed above") from None
