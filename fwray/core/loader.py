@@ -109,11 +109,16 @@ SPLIT_NAMES = {"train": "training", "val": "validation"}
 
 def split_shards(folder: str | os.PathLike, manifest: dict, split: str, block_size: int,
                  source: str) -> TokenShards:
-    """One split of a prepared cache as windows. A split too small for one window is one line that names the split,
-    the documents it received, and the setting that fixes it (`source`: the experiment file, for the message)."""
-    try:
-        return TokenShards(split_files(folder, manifest, split), block_size)
-    except SplitTooSmall:
+    """One split of a prepared cache as windows; a split too small for one window is `check_split`'s line."""
+    check_split(manifest, split, block_size, source)
+    return TokenShards(split_files(folder, manifest, split), block_size)
+
+
+def check_split(manifest: dict, split: str, block_size: int, source: str) -> None:
+    """From the manifest's counts alone (no shard read): a split whose shards hold no window of block_size + 1 tokens
+    (TokenShards' rule) is one line that names the split, the documents it received, and the setting that fixes it
+    (`source`: the experiment file, for the message)."""
+    if not any(f["tokens"] > block_size for f in manifest["splits"][split]["files"]):
         got = manifest["splits"][split]
         documents = sum(s["documents"] for s in manifest["splits"].values())
         fix = (f"raise data.val_fraction (now {manifest.get('val_fraction')}: about 1 document in "
@@ -121,7 +126,7 @@ def split_shards(folder: str | os.PathLike, manifest: dict, split: str, block_si
                manifest.get("val_fraction") else "give more data (data.paths)")
         raise SplitTooSmall(f"{source}: the {SPLIT_NAMES[split]} split got {got['documents']:,} of the data's "
                             f"{documents:,} documents, {got['tokens']:,} tokens, fewer than one window of "
-                            f"block_size + 1 = {block_size + 1}: {fix}, or lower model.block_size") from None
+                            f"block_size + 1 = {block_size + 1}: {fix}, or lower model.block_size")
 
 
 def document_starts(tokens: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 
 from ..config import DataConfig, Experiment, flatten
+from ..core.tokens import MANIFEST
 from ..data.report import DATA_REPORT, data_metrics, data_report
 from ..errors import first_line
 from . import records as outbox
@@ -82,6 +83,8 @@ class Tracker:
         data logging never stops a run."""
         report = self.run_dir / DATA_REPORT
         report.write_text(data_report(manifest))
+        manifest_file = self.run_dir / MANIFEST  # a local copy: the cache may be on object storage
+        manifest_file.write_text(json.dumps(manifest, indent=1))
         try:
             tags = {"fwray.cache": str(cache_dir), "fwray.fingerprint": manifest.get("fingerprint", "")}
             child = start_run(self.client, self.exp, PREPARE_RUN, tags, parent_run_id=self.run_id)
@@ -90,7 +93,7 @@ class Tracker:
             log_params(self.client, child, params)
             values = {**data_metrics(manifest), "wall_seconds": wall_seconds}
             self.client.log_batch(child, metrics=[Metric(k, float(v), now_ms(), 0) for k, v in values.items()])
-            self.client.log_artifact(child, str(Path(cache_dir) / "manifest.json"))
+            self.client.log_artifact(child, str(manifest_file))
             self.client.log_artifact(child, str(report))
             self.client.set_terminated(child, "FINISHED")
             return child
