@@ -265,7 +265,7 @@ class ResourcesConfig:
     num_workers: int = 1
     use_gpu: bool | str = "auto"  # auto: use a GPU when torch sees one
     max_failures: int = 3
-    storage_path: str = ".fwray/runs"  # or s3://bucket/prefix, gs://...: checkpoints, models, --resume (fwray.storage)
+    storage_path: str = ".fwray/runs"  # or s3://bucket/prefix, gs://...: checkpoints, model, --resume (fwray.storage)
 
     SECTION: typing.ClassVar[str] = "resources"
 

@@ -51,7 +51,7 @@ def _run_location(exp, ray_name: str) -> str:
 def run(exp, resume: bool = False) -> int:
     # here, not at the top: --help and a bad experiment file answer before torch, Ray and MLflow load (fwray/__init__)
     from .core import bpb
-    from .core.tokens import get_tokenizer
+    from .core.tokens import get_tokenizer, shard_hashes
     from .plan import figures
     from .tracking.tracker import Tracker
     from .train import trainer
@@ -83,7 +83,7 @@ def run(exp, resume: bool = False) -> int:
                  "tracking_uri": tracker.uri}).encode())
         job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files, tracking_uri=tracker.uri,
                                run_id=run_id, run_dir=location, val_text=bpb.text_counts(manifest),
-                               yardstick=yardstick, shard_sha256=_shard_hashes(manifest))
+                               yardstick=yardstick, shard_sha256=shard_hashes(manifest))
         result = trainer.fit(job, ray_name)
         ok = True
         outcome = figures.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"),
@@ -117,6 +117,7 @@ def _prepare_data(exp, tracker, log: bool):
     """The token cache (prepared once, logged on a new run), its manifest and each split's files, every split checked
     to hold a window: one line here, not in a Ray worker or a trial."""
     from .core import loader
+    from .core.tokens import split_files
     from .data import prepare
 
     prepare_start = time.perf_counter()
@@ -126,13 +127,8 @@ def _prepare_data(exp, tracker, log: bool):
         tracker.log_prepare(cache_dir, manifest, prepare_s)
     for split in ("train", "val"):  # from the manifest's counts: the shards may be on object storage
         loader.check_split(manifest, split, exp.model.block_size, exp.source)
-    return cache_dir, manifest, prepare.shard_files(cache_dir, manifest, "train"), prepare.shard_files(
-        cache_dir, manifest, "val")
-
-
-def _shard_hashes(manifest: dict) -> dict[str, str]:
-    """Each shard's sha256 as prepared: a node that fetches the shards from object storage checks them."""
-    return {f["name"]: f["sha256"] for split in manifest["splits"].values() for f in split["files"]}
+    train_files, val_files = (tuple(split_files(cache_dir, manifest, s)) for s in ("train", "val"))
+    return cache_dir, manifest, train_files, val_files
 
 
 def _find_yardstick(exp):
@@ -141,7 +137,8 @@ def _find_yardstick(exp):
     from .data import yardstick as yardsticks
 
     yardstick = yardsticks.find(exp)
-    line = yardstick.describe(exp.model.block_size) if yardstick else None
+    line = (yardsticks.on_this_node(yardstick, exp.data.node_cache_dir).describe(exp.model.block_size)
+            if yardstick else None)
     if line:
         print(f"yardstick: {line}", flush=True)
     return yardstick, line

@@ -54,7 +54,8 @@ class S3Server:
             if policy:
                 iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
             key = iam.create_access_key(UserName=name)["AccessKey"]
-            self.users[name] = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+            self.users[name] = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
     def env(self, user: str | None = "allowed") -> dict[str, str]:
         """The environment a client of this store needs: where it is, and `user`'s keys (None: no credentials at

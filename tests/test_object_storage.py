@@ -191,6 +191,40 @@ def test_resume_from_another_machine_after_the_run_ends(reference, two_nodes, s3
     ray_name = json.loads(read_object(s3_store, "reference/smoke.latest.json"))["ray_run_name"]
     assert json.loads(read_object(s3_store, f"reference/{ray_name}/model/model_config.json"))["step"] == 32
 
+    # and the final model samples from the bucket
+    model = f"s3://{BUCKET}/reference/{ray_name}/model"
+    sampled = subprocess.run([sys.executable, "-m", "fwray.sample", "--checkpoint", model, "--max-new-tokens", "4"],
+                             cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120)
+    assert sampled.returncode == 0 and sampled.stdout.startswith("The"), sampled.stderr[-3000:]
+
+
+def test_a_node_fetches_each_shard_once_and_checks_it(s3_store, tmp_path, monkeypatch):
+    import hashlib
+
+    from fwray.storage.node_cache import ShardDamaged, local_files
+
+    for k, v in s3_store.env().items():
+        monkeypatch.setenv(k, v)
+    data = bytes(range(256)) * 64
+    with s3_store.filesystem().open_output_stream(f"{BUCKET}/node/0123456789abcdef/train-00000.bin") as f:
+        f.write(data)
+    shard = f"s3://{BUCKET}/node/0123456789abcdef/train-00000.bin"
+    sha = {"train-00000.bin": hashlib.sha256(data).hexdigest()}
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"")
+    got = local_files((shard, str(local)), sha, str(tmp_path / "node"))
+    assert got == [str(tmp_path / "node" / "0123456789abcdef" / "train-00000.bin"), str(local)]  # local stays
+    assert open(got[0], "rb").read() == data
+    s3_store.filesystem().delete_file(f"{BUCKET}/node/0123456789abcdef/train-00000.bin")
+    assert local_files((shard,), sha, str(tmp_path / "node")) == got[:1]  # reused: the store is not asked again
+
+    with pytest.raises(ShardDamaged, match="sha256"):  # a shard changed after its manifest was written
+        with s3_store.filesystem().open_output_stream(f"{BUCKET}/node/fedcba9876543210/val-00000.bin") as f:
+            f.write(b"changed")
+        local_files((f"s3://{BUCKET}/node/fedcba9876543210/val-00000.bin",), {"val-00000.bin": sha["train-00000.bin"]},
+                    str(tmp_path / "node"))
+    assert not list((tmp_path / "node" / "fedcba9876543210").iterdir())  # nothing half-fetched left
+
 
 # ---------------------------------------------------------------- mistakes: one line each, before any work
 

@@ -33,7 +33,7 @@ import torch
 
 from ..config import SAMPLINGS
 from ..errors import FwrayError
-from .tokens import EOT, TOKEN_DTYPE, VOCAB_SIZE, split_files
+from .tokens import EOT, TOKEN_DTYPE, VOCAB_SIZE
 
 _TRAIN, _VAL, _EPOCH = 0, 1, 2  # random streams: train draws, validation draws, epoch permutations
 _SCAN_CHUNK = 1 << 26  # tokens per EOT scan: a 128 MB read, a 64 MB mask
@@ -105,13 +105,6 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
 
 
 SPLIT_NAMES = {"train": "training", "val": "validation"}
-
-
-def split_shards(folder: str | os.PathLike, manifest: dict, split: str, block_size: int,
-                 source: str) -> TokenShards:
-    """One split of a prepared cache as windows; a split too small for one window is `check_split`'s line."""
-    check_split(manifest, split, block_size, source)
-    return TokenShards(split_files(folder, manifest, split), block_size)
 
 
 def check_split(manifest: dict, split: str, block_size: int, source: str) -> None:

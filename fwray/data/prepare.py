@@ -197,11 +197,6 @@ def read_manifest(entry: Path | str) -> dict | None:
     return json.loads(locations.read_bytes(where)) if locations.exists(where) else None
 
 
-def shard_files(entry: Path | str, manifest: dict, split: str) -> tuple[str, ...]:
-    """One split's shards: paths, or URIs for an entry on object storage."""
-    return tuple(locations.join(entry, f["name"]) for f in manifest["splits"][split]["files"])
-
-
 def prepare(exp: Experiment, progress: bool = True) -> tuple[Path | str, dict]:
     """Token shards + manifest for `exp.data`: from the cache when the inputs and settings are unchanged."""
     data = exp.data

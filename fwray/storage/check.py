@@ -2,7 +2,8 @@
 any tokenizing or training, answered in one line that names the location and the fix.
 
 On object storage a small object is written and deleted: only a write says whether the bucket exists, the
-credentials are accepted and they may write there. Local: a folder, or the nearest existing folder above a missing one, that this user may write.
+credentials are accepted and they may write there. Local: a folder, or the nearest existing folder above a missing
+one, that this user may write.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def describe(e: BaseException, location: str, key: str) -> str:
         if any(n in text for n in names) or (not names and not has_credentials()):
             return f"{key} = {location}: {what.format(**words)}; {fix.format(**words)}"
     detail = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
-    return f"{key} = {location}: cannot write there ({detail}); check {key}, AWS_ENDPOINT_URL and the credentials"
+    return f"{key} = {location}: the store said: {detail}; check {key}, AWS_ENDPOINT_URL and the credentials"
 
 
 def has_credentials() -> bool:

@@ -2,8 +2,8 @@
 against the sha256 its manifest recorded, then memory-mapped like any local shard.
 
 `<node_cache_dir>/<entry>/<shard>`: the entry's folder name is its fingerprint, so the copy is reused by every later
-run on this node that trains on the same data. The workers of one node fetch under one file lock (`<node_cache_dir>/.lock`): the first fetches,
-the others find the files there. A shard appears under its name only once fetched whole and checked.
+run on this node that trains on the same data. The workers of one node fetch under one file lock
+(`<node_cache_dir>/.lock`): the first fetches, the others find the files there. A shard appears under its name only once fetched whole and checked.
 """
 from __future__ import annotations
 

@@ -123,10 +123,12 @@ def upload(local: str | os.PathLike, uri: str) -> None:
 
 
 def download(uri: str, local: str | os.PathLike) -> None:
-    """An object copied to a local file."""
+    """An object copied to a local file, or every object under a prefix to a local folder."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
+    folder = Path(local) if fs.get_file_info(path).type == pafs.FileType.Directory else Path(local).parent
+    folder.mkdir(parents=True, exist_ok=True)  # copy_files writes into folders that exist
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 

@@ -28,6 +28,7 @@ from ..core import checkpoint, engine, hardware
 from ..core.health import HealthSampler
 from ..core.loader import Batches
 from ..core.yardstick import Yardstick
+from ..data.yardstick import on_this_node
 from ..errors import FwrayError, last_line
 from ..storage import node_cache
 from ..storage import uri as locations
@@ -197,8 +198,8 @@ def _train(job: TrainJob, rank: int, world: int, device, report, resume: dict | 
                                  seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
                                  align_to_documents=exp.data.align_to_documents,
                                  accumulation=exp.train.gradient_accumulation_steps)
-    yardstick = (job.yardstick.open(exp.model.block_size, exp.train.eval_batch_size or exp.train.batch_size)
-                 if job.yardstick else None)
+    yardstick = (on_this_node(job.yardstick, exp.data.node_cache_dir).open(
+        exp.model.block_size, exp.train.eval_batch_size or exp.train.batch_size) if job.yardstick else None)
     return engine.train(exp.model, exp.train, batches, report, device=device, resume=resume, world_size=world,
                         peak_tflops=exp.hardware.peak_tflops, val_text=job.val_text, yardstick=yardstick)
 
