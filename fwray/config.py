@@ -12,6 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -28,6 +29,26 @@ def _check(ok: bool, key: str, value, why: str) -> None:
     """One section's rule; the loader adds the file's name to the message."""
     if not ok:
         raise ConfigError(f"{key} = {value!r}: {why}")
+
+
+# object stores a location (data.cache_dir, resources.storage_path) may name instead of a local path: pyarrow.fs's
+URI_SCHEMES = ("s3", "gs", "gcs")
+
+
+def _check_location(key: str, value: str) -> None:
+    """A local path, or an object-store URI that carries no credentials and no options: credentials come from the
+    environment or a profile (never an experiment file, which MLflow records), the endpoint from AWS_ENDPOINT_URL."""
+    parsed = urlparse(value)
+    if "://" not in value:
+        return
+    shown = f"{parsed.scheme}://{parsed.hostname or ''}{parsed.path}"  # never echo what a user put before the '@'
+    _check(parsed.scheme in URI_SCHEMES, key, shown,
+           f"must be a local path or an {', '.join(s + '://' for s in URI_SCHEMES)} URI")
+    _check("@" not in parsed.netloc, key, shown, "credentials do not belong in the URI: set AWS_ACCESS_KEY_ID / "
+           "AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment")
+    _check(not parsed.query and not parsed.fragment and parsed.hostname, key, shown,
+           "write it as s3://bucket/prefix, without ?options (the endpoint comes from AWS_ENDPOINT_URL, the region "
+           "from AWS_REGION)")
 
 
 def _at_least(section, minimum: int, *keys: str) -> None:
@@ -191,7 +212,8 @@ class DataConfig:
     id_column: str = "id"
     tokenizer: str = "gpt2"
     val_fraction: float = 0.005
-    cache_dir: str = ".fwray/cache"
+    cache_dir: str = ".fwray/cache"  # or s3://bucket/prefix, gs://...: the cluster's nodes fetch it (fwray.storage)
+    node_cache_dir: str | None = None  # a node's copy of a cache on object storage; None: under $TMPDIR
     min_language_score: float | None = None
     min_chars: int = 0
     num_workers: int | None = None  # tokenizer workers; None => one per CPU
@@ -208,6 +230,9 @@ class DataConfig:
         _at_least(self, 0, "min_chars")
         _at_least(self, 1, "num_workers", "rows_per_task")
         _check(self.sampling in SAMPLINGS, "data.sampling", self.sampling, f"must be {' or '.join(SAMPLINGS)}")
+        _check_location("data.cache_dir", self.cache_dir)
+        _check(self.node_cache_dir is None or "://" not in self.node_cache_dir, "data.node_cache_dir",
+               self.node_cache_dir, "must be a local folder (each node's own disk)")
 
 
 YARDSTICK_SUFFIXES = (".bin", ".parquet")  # llm.c's token files; documents fwray tokenizes (fwray.core.yardstick)
@@ -240,7 +265,7 @@ class ResourcesConfig:
     num_workers: int = 1
     use_gpu: bool | str = "auto"  # auto: use a GPU when torch sees one
     max_failures: int = 3
-    storage_path: str = ".fwray/runs"
+    storage_path: str = ".fwray/runs"  # or s3://bucket/prefix, gs://...: checkpoints, model, --resume (fwray.storage)
 
     SECTION: typing.ClassVar[str] = "resources"
 
@@ -249,6 +274,7 @@ class ResourcesConfig:
         _at_least(self, 0, "max_failures")
         _check(self.use_gpu in (True, False, "auto"), "resources.use_gpu", self.use_gpu,
                "must be true, false or auto")
+        _check_location("resources.storage_path", self.storage_path)
 
 
 @dataclass(frozen=True)

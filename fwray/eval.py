@@ -2,10 +2,10 @@
 validation loss and bits per byte on its run's data, and HellaSwag accuracy from a local file.
 
 Validation reads the split the run trained beside: the token cache its MLflow run names (tag fwray.cache), or for a
-checkpoint the cache its run folder's config.yaml maps to, or --data. By default it reads the very windows the
-training's evaluations read (eval_iters batches of eval_batch_size, drawn from the run's seed), so eval_val_loss is
-the run's last val_loss for its final model; --all-val reads every validation token once instead (windows at stride
-block_size). bpb follows fwray.core.bpb. The yardstick (the run's `yardstick` section, or --yardstick FILE) is read as
+checkpoint the cache its run folder's config.yaml maps to, or --data (a cache on object storage is fetched to this
+machine's node cache). By default it reads the very windows the training's evaluations read (eval_iters batches of
+eval_batch_size, drawn from the run's seed), so eval_val_loss is the run's last val_loss for its final model;
+--all-val reads every validation token once instead (windows at stride block_size). bpb follows fwray.core.bpb. The yardstick (the run's `yardstick` section, or --yardstick FILE) is read as
 training reads it (fwray.core.yardstick). With --run-id the results are logged to that run at the model's step
 (metrics eval_val_loss, eval_val_bpb, eval_yardstick_val_loss, hellaswag_acc, hellaswag_acc_norm; tags fwray.eval.*)
 and printed; else printed.
@@ -25,6 +25,8 @@ from .config import TrainConfig
 from .core import bpb, checkpoint, engine, hardware, hellaswag, loader, tokens
 from .core.yardstick import WHERE_FROM, Yardstick
 from .errors import FwrayError, command
+from .storage.node_cache import local_files
+from .storage.uri import is_uri
 from .tracking.trained import add_model_source, load
 
 
@@ -53,12 +55,13 @@ def parse_args(argv):
 # ---------------------------------------------------------------- validation
 
 
-def val_data(args, run, exp) -> tuple[Path, dict]:
-    """(cache entry, manifest): --data, else the cache the MLflow run names, else the one its experiment maps to."""
+def val_data(args, run, exp) -> tuple[Path | str, dict]:
+    """(cache entry, manifest): --data, else the cache the MLflow run names, else the one its experiment maps to; a
+    folder or an entry on object storage."""
     if args.data:
-        folder = Path(args.data)
+        folder = args.data
     elif run is not None and run.tags.get("fwray.cache"):
-        folder = Path(run.tags["fwray.cache"])
+        folder = run.tags["fwray.cache"]
     elif exp is not None:
         from .data import prepare  # pyarrow; only for a checkpoint without --data
         from .data.parquet_inputs import inspect_file, resolve_paths
@@ -71,7 +74,12 @@ def val_data(args, run, exp) -> tuple[Path, dict]:
     else:
         raise EvalError(f"{args.checkpoint}: no config.yaml beside this model says what it trained on: pass --data "
                         "FOLDER (a token cache entry with manifest.json), or --no-val")
-    manifest = tokens.read_manifest(folder)
+    if is_uri(folder):
+        from .data.prepare import read_manifest  # pyarrow.fs; only for an entry on object storage
+
+        manifest = read_manifest(folder)
+    else:
+        manifest = tokens.read_manifest(folder)
     if manifest is None:
         raise EvalError(f"{folder}: no prepared token cache there (no {tokens.MANIFEST}); pass --data FOLDER, or "
                         "--no-val")
@@ -96,10 +104,13 @@ def val_batches(shards: loader.TokenShards, train: TrainConfig, all_windows: boo
         left -= len(x)
 
 
-def validation(model, folder: Path, manifest: dict, train: TrainConfig, args, dtype, metrics: dict,
+def validation(model, folder: Path | str, manifest: dict, train: TrainConfig, args, dtype, metrics: dict,
                tags: dict) -> None:
     """Validate, print the line, and add to the metrics and tags logged."""
-    shards = loader.TokenShards(tokens.split_files(folder, manifest, "val"), model.config.block_size)
+    files = tokens.split_files(folder, manifest, "val")
+    if is_uri(folder):  # this machine's copy
+        files = local_files(tuple(files), tokens.shard_hashes(manifest), None)
+    shards = loader.TokenShards(files, model.config.block_size)
     device_type = next(model.parameters()).device.type
     with engine.autocast_context(device_type, dtype):
         losses = engine.ValLoss.of(engine.loss_sums(model, val_batches(shards, train, args.all_val, args.limit)))
@@ -119,8 +130,9 @@ def validation(model, folder: Path, manifest: dict, train: TrainConfig, args, dt
 
 
 def yardstick_source(args, exp) -> Yardstick | None:
-    """--yardstick FILE, else the run's yardstick (None without one); a parquet must be tokenized already."""
-    from .data.yardstick import yardstick_of  # pyarrow: only with a yardstick
+    """--yardstick FILE, else the run's yardstick (None without one); a parquet must be tokenized already (its
+    shards fetched here when the cache is on object storage)."""
+    from .data.yardstick import on_this_node, yardstick_of  # pyarrow: only with a yardstick
 
     wanted = exp.yardstick if exp is not None else config.YardstickConfig()
     if args.yardstick:
@@ -129,8 +141,9 @@ def yardstick_source(args, exp) -> Yardstick | None:
         wanted = dataclasses.replace(wanted, path=os.path.abspath(args.yardstick), name=None)
     if wanted.path is None:
         return None
-    return yardstick_of(wanted, exp.data if exp is not None else config.DataConfig(),
-                        exp.source if exp is not None else "--yardstick", training=False)
+    data = exp.data if exp is not None else config.DataConfig()
+    found = yardstick_of(wanted, data, exp.source if exp is not None else "--yardstick", training=False)
+    return on_this_node(found, data.node_cache_dir)
 
 
 def yardstick_validation(model, yardstick: Yardstick, train: TrainConfig, args, dtype, metrics: dict,

@@ -19,6 +19,7 @@ import os
 import socket
 
 from .errors import FwrayError, first_line
+from .storage.uri import endpoint_env
 
 # Ray reads these when it starts, so importing this module sets them (a user's own values win); workers get them
 # through the job's runtime_env (see worker_env)
@@ -59,12 +60,13 @@ def tokenizer_env() -> dict[str, str]:
 
 def worker_env() -> dict[str, str]:
     """The environment every Ray worker gets through the job's runtime_env: fwray's Ray settings, the tokenizer
-    files and the CUDA allocator configuration, as the driver has them now."""
+    files, the CUDA allocator configuration and where the object store is (its endpoint and region: never
+    credentials, which each node takes from its own environment or profile), as the driver has them now."""
     from .core.hardware import ALLOC_CONF_ENVS, configure_allocator  # here: `fwray.prepare` need not import torch
 
     configure_allocator()  # the probe's trials and the training workers start CUDA with one allocator configuration
     env = {k: os.environ[k] for k in (*WORKER_ENV, *ALLOC_CONF_ENVS) if os.environ.get(k)}
-    return {**env, **tokenizer_env()}
+    return {**env, **tokenizer_env(), **endpoint_env()}
 
 
 # Ray Train starts a PlacementGroupCleaner beside every run, whose thread watches the controller through Ray's State

@@ -11,6 +11,8 @@ from . import ray_session  # noqa: F401  (first: it sets Ray's environment befor
 from . import config
 from .data.report import DATA_REPORT
 from .errors import FwrayError, command
+from .storage import uri as locations
+from .storage.check import check
 
 
 class ResumeError(FwrayError):
@@ -35,25 +37,35 @@ def main(argv: list[str] | None = None) -> int:
     return run(exp, resume=args.resume)
 
 
-def _latest_path(exp) -> Path:
-    return Path(exp.resources.storage_path) / f"{exp.name}.latest.json"
+def _latest_path(exp) -> str:
+    """What --resume reads: beside the runs, so on object storage a resume works from any machine."""
+    return locations.join(exp.resources.storage_path, f"{exp.name}.latest.json")
+
+
+def _run_location(exp, ray_name: str) -> str:
+    """Where Ray keeps the run's checkpoints and fwray its final model: a folder, or a URI on object storage."""
+    storage = exp.resources.storage_path
+    return locations.join(storage if locations.is_uri(storage) else Path(storage).expanduser().resolve(), ray_name)
 
 
 def run(exp, resume: bool = False) -> int:
     # here, not at the top: --help and a bad experiment file answer before torch, Ray and MLflow load (fwray/__init__)
     from .core import bpb
-    from .core.tokens import get_tokenizer
+    from .core.tokens import get_tokenizer, shard_hashes
     from .plan import figures
     from .tracking.tracker import Tracker
     from .train import trainer
 
     get_tokenizer(exp.data.tokenizer)  # fail in one line now rather than inside a Ray worker
+    check(exp.resources.storage_path, "resources.storage_path")  # one line now, not a traceback after the data
+    check(exp.data.cache_dir, "data.cache_dir")
     tracker = Tracker(exp)  # an unreachable server stops us before any work
     previous = _previous_run(exp) if resume else None
 
     ray_session.start()  # a private Ray, or the cluster $RAY_ADDRESS names
     gpu = ray_session.use_gpu(exp.resources.use_gpu)  # stops now, not after the data, if use_gpu: true finds none
     ray_name, run_dir, run_id = _open_parent_run(exp, tracker, previous, gpu)
+    location = _run_location(exp, ray_name)
     ok, outcome, registered = False, {}, None
     try:
         cache_dir, manifest, train_files, val_files = _prepare_data(exp, tracker, log=not previous)
@@ -66,11 +78,12 @@ def run(exp, resume: bool = False) -> int:
             print(f"resuming MLflow run {run_id} (Ray run {ray_name}) from its latest checkpoint")
         else:
             _record_plan(exp, tracker, run_dir, cache_dir, manifest, fig, plan_text, yardstick_line)
-            _latest_path(exp).write_text(json.dumps({"mlflow_run_id": run_id, "ray_run_name": ray_name,
-                                                     "run_dir": str(run_dir), "tracking_uri": tracker.uri}))
+            locations.write_bytes(_latest_path(exp), json.dumps(
+                {"mlflow_run_id": run_id, "ray_run_name": ray_name, "run_dir": location,
+                 "tracking_uri": tracker.uri}).encode())
         job = trainer.TrainJob(exp=exp, train_files=train_files, val_files=val_files, tracking_uri=tracker.uri,
-                               run_id=run_id, run_dir=str(run_dir), val_text=bpb.text_counts(manifest),
-                               yardstick=yardstick)
+                               run_id=run_id, run_dir=location, val_text=bpb.text_counts(manifest),
+                               yardstick=yardstick, shard_sha256=shard_hashes(manifest))
         result = trainer.fit(job, ray_name)
         ok = True
         outcome = figures.outcome(fig, result, predicted_peak_gb=(verdict or {}).get("chosen", {}).get("peak_gb"),
@@ -83,7 +96,7 @@ def run(exp, resume: bool = False) -> int:
         # never raises: an outage warns and waits for replay; tags, not params: a resume may update them
         outcome_tags = {f"fwray.outcome.{k}": v if isinstance(v, str) else f"{v:.4g}" for k, v in outcome.items()}
         tracker.finish(ok, tags=outcome_tags)
-    _print_summary(exp, tracker, result, outcome, yardstick, run_id, run_dir, registered)
+    _print_summary(exp, tracker, result, outcome, yardstick, run_id, location, registered)
     return 0
 
 
@@ -91,12 +104,12 @@ def _open_parent_run(exp, tracker, previous: dict | None, gpu: bool) -> tuple[st
     """The Ray run's name, its folder and the MLflow parent run: the resumed run's, or new ones. The parent run comes
     first so the data preparation (and the probe) can nest under it; from here on an MLflow outage warns and never
     stops the run."""
-    if previous:
-        ray_name, run_dir = previous["ray_run_name"], Path(previous["run_dir"])
-        return ray_name, run_dir, tracker.reuse(previous["mlflow_run_id"], run_dir)
-    ray_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = (Path(exp.resources.storage_path) / ray_name).resolve()
+    ray_name = previous["ray_run_name"] if previous else f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # the run's own folder, or this machine's for a run on object storage (files wait there to be logged)
+    run_dir = locations.local_mirror(_run_location(exp, ray_name))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if previous:
+        return ray_name, run_dir, tracker.reuse(previous["mlflow_run_id"], run_dir)
     return ray_name, run_dir, tracker.start(ray_name, run_dir, ray_session.device_label(gpu))
 
 
@@ -112,9 +125,9 @@ def _prepare_data(exp, tracker, log: bool):
     prepare_s = time.perf_counter() - prepare_start
     if log:
         tracker.log_prepare(cache_dir, manifest, prepare_s)
-    train_files, val_files = (tuple(map(str, split_files(cache_dir, manifest, s))) for s in ("train", "val"))
-    for split in ("train", "val"):
-        loader.split_shards(cache_dir, manifest, split, exp.model.block_size, exp.source)
+    for split in ("train", "val"):  # from the manifest's counts: the shards may be on object storage
+        loader.check_split(manifest, split, exp.model.block_size, exp.source)
+    train_files, val_files = (tuple(split_files(cache_dir, manifest, s)) for s in ("train", "val"))
     return cache_dir, manifest, train_files, val_files
 
 
@@ -124,7 +137,8 @@ def _find_yardstick(exp):
     from .data import yardstick as yardsticks
 
     yardstick = yardsticks.find(exp)
-    line = yardstick.describe(exp.model.block_size) if yardstick else None
+    line = (yardsticks.on_this_node(yardstick, exp.data.node_cache_dir).describe(exp.model.block_size)
+            if yardstick else None)
     if line:
         print(f"yardstick: {line}", flush=True)
     return yardstick, line
@@ -157,12 +171,12 @@ def _record_plan(exp, tracker, run_dir: Path, cache_dir, manifest, fig: dict, pl
     (run_dir / "plan.txt").write_text(plan_text + "\n")
     tracker.artifact(run_dir / "config.yaml")
     tracker.artifact(run_dir / "plan.txt")
-    tracker.artifact(Path(cache_dir) / "manifest.json", "data")
+    tracker.artifact(run_dir / "manifest.json", "data")  # log_prepare's copy: the cache may be on object storage
     tracker.artifact(run_dir / DATA_REPORT, "data")
     tracker.dataset(manifest)
 
 
-def _print_summary(exp, tracker, result: dict, outcome: dict, yardstick, run_id: str, run_dir: Path,
+def _print_summary(exp, tracker, result: dict, outcome: dict, yardstick, run_id: str, run_location: str,
                    registered: str | None) -> None:
     """The losses, the outcome against the plan, and where to find the run, its model and its UI."""
     from .plan import figures
@@ -174,7 +188,8 @@ def _print_summary(exp, tracker, result: dict, outcome: dict, yardstick, run_id:
     if outcome:
         print(figures.describe_outcome(outcome))
     print(f"MLflow run {run_id} in experiment {exp.tracking.experiment or exp.name!r} at {tracker.uri}")
-    print(f"final model: {run_dir / 'model'}" + (f", registered as {registered}" if registered else ""))
+    print(f"final model: {locations.join(run_location, 'model')}"
+          + (f", registered as {registered}" if registered else ""))
     print(f"run page:    {tracker.run_page()}")
     print(f"runs table:  {tracker.runs_table()}")
     if not is_server(tracker.uri):
@@ -186,10 +201,10 @@ def _print_summary(exp, tracker, result: dict, outcome: dict, yardstick, run_id:
 
 def _previous_run(exp) -> dict:
     path = _latest_path(exp)
-    if not path.is_file():
+    if not locations.exists(path):
         raise ResumeError(f"--resume: no earlier run of experiment {exp.name!r} under {exp.resources.storage_path} "
                         f"(looked for {path}); run it once without --resume")
-    return json.loads(path.read_text())
+    return json.loads(locations.read_bytes(path))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,27 @@ def tiny_run(ray_session, tmp_path_factory, cache, yardstick_file) -> dict:
     return {"folder": folder, "exp": exp, "client": client, "run": run,
             "val": history(client, run.info.run_id, "val_loss"),
             "yardstick": history(client, run.info.run_id, "yardstick_val_loss")}
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """An S3-compatible store on 127.0.0.1 with IAM on (tests/s3server.py)."""
+    from s3server import S3Server
+
+    store = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield store
+    store.stop()
+
+
+@pytest.fixture(scope="session")
+def two_nodes(s3_store):
+    """The suite's one two-node Ray cluster (tests/cluster.py); its nodes hold the store's allowed keys, as cloud nodes
+    would hold theirs in their environment or profile."""
+    from cluster import Cluster
+
+    cluster = Cluster(env=s3_store.users["allowed"])
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -96,6 +96,22 @@ def test_a_measured_speed_needs_the_figure(tmp_path):
     assert "hardware.tokens_per_s_measured = True" in msg and "hardware.tokens_per_s" in msg and "set both" in msg
 
 
+@pytest.mark.parametrize("key, value, says", [
+    ("data.cache_dir", "s3://AKIAKEY:topsecret@bucket/cache", "credentials do not belong in the URI"),
+    ("resources.storage_path", "s3://bucket/runs?endpoint_override=minio:9000", "without ?options"),
+    ("resources.storage_path", "hdfs://namenode/runs", "s3://, gs://"),
+    ("data.node_cache_dir", "s3://bucket/node", "each node's own disk"),
+])
+def test_a_bad_storage_uri_is_one_line_that_never_echoes_a_secret(tmp_path, key, value, says):
+    msg = error_of(write(tmp_path, BASE), [f"{key}={value}"])
+    assert key in msg and says in msg and "topsecret" not in msg, msg
+
+
+def test_object_storage_uris_are_locations(tmp_path):
+    exp = load(write(tmp_path, BASE), ["data.cache_dir=s3://bucket/cache", "resources.storage_path=gs://b/runs"])
+    assert (exp.data.cache_dir, exp.resources.storage_path) == ("s3://bucket/cache", "gs://b/runs")
+
+
 def test_bad_override_names_key(tmp_path):
     path = write(tmp_path, BASE)
     msg = error_of(path, ["train.max_iters=lots"])

@@ -1,7 +1,8 @@
 """fwray's layering, read from its source by folder, and the pure core run without ray or mlflow.
 
 - The core (fwray/core/) imports only itself, fwray.config and fwray.errors, and never ray or mlflow: GPU benchmarks
-  run it on a machine with torch alone.
+  run it on a machine with torch alone. So does fwray/storage/ (local paths and object storage through pyarrow.fs),
+  which the driver, the tokenizer tasks and the training workers all use.
 - Nothing imports a command (a module on top of the package other than the shared ones, or a __main__.py).
 - No import cycle between modules, nor between the stage folders; imports inside functions count.
 """
@@ -16,10 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ("config", "errors")  # what every stage, the core included, may import
 SHARED_ON_TOP = (*SHARED, "ray_session", "__init__")  # the modules on top that are not commands
 OUTSIDE_THE_CORE = ("ray", "mlflow")
+BASE_FOLDERS = ("core", "storage")  # folders held to the core's rule
 # modules outside the core that must import without ray or mlflow too: bench/gpu_check.py runs the probe's trial on
 # a torch-only GPU machine, and the commands below read saved models without Ray
 ALSO_PURE = ["probe.trial", "probe.verdict", "plan.figures", "plan.scaling", "plan.family", "plan.planner",
-             "data.report", "data.size", "sample", "eval", "export"]
+             "data.report", "data.size", "sample", "eval", "export", "storage.uri", "storage.check",
+             "storage.node_cache"]
 
 
 def import_graph(package: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -113,12 +116,13 @@ def layering_problems(package: Path) -> list[str]:
     problems = []
     allowed = {f"{name}.{m}" for m in SHARED}
     for module in sorted(inside):
-        if folder(module) == "core":
+        here = folder(module)
+        if here in BASE_FOLDERS:
             for target in sorted(inside[module]):
-                if folder(target) != "core" and target not in allowed:
-                    problems.append(f"{module} (core) imports {target}")
+                if folder(target) != here and target not in allowed:
+                    problems.append(f"{module} ({here}) imports {target}")
             for target in sorted(outside[module] & set(OUTSIDE_THE_CORE)):
-                problems.append(f"{module} (core) imports {target}")
+                problems.append(f"{module} ({here}) imports {target}")
         for target in sorted(inside[module]):
             if is_command(target):
                 problems.append(f"{module} imports the command {target}")
@@ -138,7 +142,8 @@ def test_layering_by_folder():
 
 def test_layering_check_sees_each_broken_rule(tmp_path):
     """The check reads what it claims to: a core module reaching a stage and ray (inside a function), a module
-    importing a command, a cycle through a function-level import, two folders importing each other."""
+    importing a command, a cycle through a function-level import, storage reaching the core and mlflow, two folders
+    importing each other."""
     pkg = tmp_path / "fwray"
     files = {
         "__init__.py": "", "config.py": "", "errors.py": "", "run.py": "",
@@ -147,6 +152,7 @@ def test_layering_check_sees_each_broken_rule(tmp_path):
         "data/__init__.py": "", "data/prep.py": "from .. import run\nfrom ..track import store\n",
         "track/__init__.py": "", "track/store.py": "def g():\n    from ..data.prep import x\n",
         "probe/__init__.py": "", "probe/__main__.py": "", "probe/sweep.py": "from . import __main__\n",
+        "storage/__init__.py": "", "storage/uri.py": "from ..config import X\nfrom ..core import model\nimport mlflow\n",
     }
     for path, text in files.items():
         (pkg / path).parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +162,8 @@ def test_layering_check_sees_each_broken_rule(tmp_path):
         "fwray.core.layers (core) imports ray",
         "fwray.data.prep imports the command fwray.run",
         "fwray.probe.sweep imports the command fwray.probe.__main__",
+        "fwray.storage.uri (storage) imports fwray.core.model",
+        "fwray.storage.uri (storage) imports mlflow",
         "import cycle: fwray.data.prep -> fwray.track.store",
         "the folders import each other: data -> track",
     ]

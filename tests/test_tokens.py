@@ -37,7 +37,7 @@ def test_manifest_and_split_files(tmp_path):
     manifest = {"splits": {"train": {"files": [{"name": "train-00000.bin"}]}, "val": {"files": []}}}
     tokens.write_atomic(tmp_path / tokens.MANIFEST, b'{"splits": {"train": {"files": [{"name": "train-00000.bin"}]}}}')
     assert tokens.read_manifest(tmp_path)["splits"]["train"]["files"][0]["name"] == "train-00000.bin"
-    assert tokens.split_files(tmp_path, manifest, "train") == [tmp_path / "train-00000.bin"]
+    assert tokens.split_files(tmp_path, manifest, "train") == [str(tmp_path / "train-00000.bin")]
     assert not list(tmp_path.glob(".*tmp*"))
 
 

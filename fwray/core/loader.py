@@ -33,7 +33,7 @@ import torch
 
 from ..config import SAMPLINGS
 from ..errors import FwrayError
-from .tokens import EOT, TOKEN_DTYPE, VOCAB_SIZE, split_files
+from .tokens import EOT, TOKEN_DTYPE, VOCAB_SIZE
 
 _TRAIN, _VAL, _EPOCH = 0, 1, 2  # random streams: train draws, validation draws, epoch permutations
 _SCAN_CHUNK = 1 << 26  # tokens per EOT scan: a 128 MB read, a 64 MB mask
@@ -107,13 +107,11 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
 SPLIT_NAMES = {"train": "training", "val": "validation"}
 
 
-def split_shards(folder: str | os.PathLike, manifest: dict, split: str, block_size: int,
-                 source: str) -> TokenShards:
-    """One split of a prepared cache as windows. A split too small for one window is one line that names the split,
-    the documents it received, and the setting that fixes it (`source`: the experiment file, for the message)."""
-    try:
-        return TokenShards(split_files(folder, manifest, split), block_size)
-    except SplitTooSmall:
+def check_split(manifest: dict, split: str, block_size: int, source: str) -> None:
+    """From the manifest's counts alone (no shard read): a split whose shards hold no window of block_size + 1 tokens
+    (TokenShards' rule) is one line that names the split, the documents it received, and the setting that fixes it
+    (`source`: the experiment file, for the message)."""
+    if not any(f["tokens"] > block_size for f in manifest["splits"][split]["files"]):
         got = manifest["splits"][split]
         documents = sum(s["documents"] for s in manifest["splits"].values())
         fix = (f"raise data.val_fraction (now {manifest.get('val_fraction')}: about 1 document in "
@@ -121,7 +119,7 @@ def split_shards(folder: str | os.PathLike, manifest: dict, split: str, block_si
                manifest.get("val_fraction") else "give more data (data.paths)")
         raise SplitTooSmall(f"{source}: the {SPLIT_NAMES[split]} split got {got['documents']:,} of the data's "
                             f"{documents:,} documents, {got['tokens']:,} tokens, fewer than one window of "
-                            f"block_size + 1 = {block_size + 1}: {fix}, or lower model.block_size") from None
+                            f"block_size + 1 = {block_size + 1}: {fix}, or lower model.block_size")
 
 
 def document_starts(tokens: np.ndarray) -> np.ndarray:

@@ -108,8 +108,15 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         return json.load(f)
 
 
-def split_files(folder: str | os.PathLike, manifest: dict, split: str) -> list[Path]:
-    return [Path(folder) / f["name"] for f in manifest["splits"][split]["files"]]
+def split_files(folder: str | os.PathLike, manifest: dict, split: str) -> list[str]:
+    """One split's shards as `folder/name`: the same join for a folder and an object-store URI (`s3://bucket/entry`,
+    which a Path would fold to `s3:/`)."""
+    return [f"{str(folder).rstrip('/')}/{f['name']}" for f in manifest["splits"][split]["files"]]
+
+
+def shard_hashes(manifest: dict) -> dict[str, str]:
+    """Each shard's sha256 as prepared: a node that fetches the shards from object storage checks its copies."""
+    return {f["name"]: f["sha256"] for split in manifest["splits"].values() for f in split["files"]}
 
 
 def fsync(path: str | os.PathLike) -> None:

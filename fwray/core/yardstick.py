@@ -69,6 +69,7 @@ class Yardstick:
     files: tuple[str, ...]
     llmc: bool  # llm.c's token files; else fwray token shards
     targets: int | None = REFERENCE_TARGETS  # None: every whole window of the files
+    sha256: dict[str, str] | None = None  # token shards on object storage: a shard's name -> its hash (node copies)
 
     def open(self, block_size: int, batch_size: int) -> "YardstickBatches":
         read = read_llmc if self.llmc else read_shard

@@ -9,6 +9,10 @@ and the manifest are fsynced, so an entry folder is always whole. A build that f
 killed outright leaves it behind until the next build in that cache (a cache miss), which removes the temp folders
 whose process no longer runs on this machine. An entry with its manifest or a shard gone is no hit: it is rebuilt and
 replaced. Nothing is evicted: entries of other fingerprints stay until removed by hand.
+
+A cache on object storage (`data.cache_dir: s3://...`) has no rename: each task uploads its own shards from its node
+and the driver writes the manifest last, so an entry is complete exactly when its manifest is there. A rebuild deletes
+the manifest first, so a reader never takes a half-rebuilt entry for a whole one.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +37,8 @@ from .. import ray_session
 from ..config import DataConfig, Experiment
 from ..core import tokens
 from ..errors import first_line
+from ..storage import uri as locations
+from ..storage.check import check, describe
 from .parquet_inputs import (InputFile, PrepareError, column, fingerprint, inspect_file, keep_mask, output_settings,
                              plan_tasks, read_task, resolve_paths)
 
@@ -84,11 +91,10 @@ class _ShardWriter:
                 "sha256": self.sha.hexdigest()}
 
 
-def _tokenize_rows(task: dict) -> dict:
-    """Read, filter, tokenize and write one task's rows; returns its counts (no tokens)."""
+def _tokenize_rows(task: dict, out: Path) -> dict:
+    """Read, filter, tokenize and write one task's rows into `out`; returns its counts (no tokens)."""
     data = DataConfig(**task["data"])
     enc = _encoder(data.tokenizer)
-    out = Path(task["out"])
     writers = {s: _ShardWriter(out / f"{s}-{task['index']:05d}.bin", task["fail_after"]) for s in SPLITS}
     result = {"rows": 0, "chars": 0, "token_count": None, "documents": dict.fromkeys(SPLITS, 0),
               "bytes": dict.fromkeys(SPLITS, 0),
@@ -131,11 +137,26 @@ def _doc_ids(ids, file_key: str, positions: np.ndarray) -> list[str]:
     return [v if v is not None else tokens.fallback_id(file_key, int(p)) for v, p in zip(values, positions)]
 
 
+def _tokenize_task(task: dict) -> dict:
+    """The task's shards written into its output folder, or on object storage uploaded from this node."""
+    if not locations.is_uri(task["out"]):
+        return _tokenize_rows(task, Path(task["out"]))
+    with tempfile.TemporaryDirectory(prefix="fwray-shards-") as tmp:
+        result = _tokenize_rows(task, Path(tmp))
+        for f in filter(None, result["files"].values()):
+            target = locations.join(task["out"], f["name"])
+            try:
+                locations.upload(Path(tmp) / f["name"], target)
+            except OSError as e:
+                raise PrepareError(describe(e, target, "data.cache_dir")) from None
+    return result
+
+
 def _run_task(row: dict) -> dict:
     """Ray Data map function. Errors come back as one-line messages, so the driver never shows a Ray traceback."""
     task = json.loads(row["task"])
     try:
-        return {"index": task["index"], "error": "", "result": json.dumps(_tokenize_rows(task))}
+        return {"index": task["index"], "error": "", "result": json.dumps(_tokenize_task(task))}
     except PrepareError as e:
         message = str(e)
     except OSError as e:
@@ -152,31 +173,45 @@ def _run_task(row: dict) -> dict:
 # ---------------------------------------------------------------- the driver
 
 
-def cache_entry(data: DataConfig, files: list[InputFile]) -> tuple[Path, str]:
-    """The cache folder the inputs and settings map to, and their fingerprint."""
+def cache_entry(data: DataConfig, files: list[InputFile]) -> tuple[Path | str, str]:
+    """The cache entry the inputs and settings map to (a folder, or a URI on object storage), and their
+    fingerprint."""
     fp = fingerprint(files, output_settings(data), FORMAT_VERSION)
+    if locations.is_uri(data.cache_dir):
+        return locations.join(data.cache_dir, fp[:16]), fp
     return Path(data.cache_dir).expanduser().resolve() / fp[:16], fp
 
 
-def cached(data: DataConfig, files: list[InputFile]) -> tuple[Path, dict] | None:
+def cached(data: DataConfig, files: list[InputFile]) -> tuple[Path | str, dict] | None:
     """The whole cache entry of these inputs and settings, with its manifest, or None: nothing is prepared."""
     entry, fp = cache_entry(data, files)
-    manifest = tokens.read_manifest(entry)
+    manifest = read_manifest(entry)
     return (entry, manifest) if manifest is not None and _entry_is_whole(entry, manifest, fp) else None
 
 
-def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
+def read_manifest(entry: Path | str) -> dict | None:
+    """The manifest of a complete entry, local or on object storage; None: the entry is absent or unfinished."""
+    if not locations.is_uri(entry):
+        return tokens.read_manifest(entry)
+    where = locations.join(entry, tokens.MANIFEST)
+    return json.loads(locations.read_bytes(where)) if locations.exists(where) else None
+
+
+def prepare(exp: Experiment, progress: bool = True) -> tuple[Path | str, dict]:
     """Token shards + manifest for `exp.data`: from the cache when the inputs and settings are unchanged."""
     data = exp.data
     files = [inspect_file(p, data) for p in resolve_paths(data.paths)]
     tokens.get_tokenizer(data.tokenizer)  # fail here, in one line, rather than in every task
+    check(data.cache_dir, "data.cache_dir")  # a bad bucket or a file in the way: one line before any tokenizing
     settings = output_settings(data)
     entry, fp = cache_entry(data, files)
-    cache = entry.parent
     hit = cached(data, files)
     if hit is not None:
         _say(progress, f"prepare: cached {entry}")
         return hit
+    if locations.is_uri(entry):
+        return entry, _build_on_object_storage(entry, fp, files, data, settings, progress)
+    cache = entry.parent
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -186,11 +221,7 @@ def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        start = time.perf_counter()
-        tasks = plan_tasks(files, data)
-        results = _run_tasks(tasks, tmp, data, progress)
-        manifest = _manifest(fp, files, data, settings, results, time.perf_counter() - start)
-        _warn_on_count_mismatch(manifest, files)
+        manifest = _build(tmp, fp, files, data, settings, progress)
         tokens.write_atomic(tmp / tokens.MANIFEST, json.dumps(manifest, indent=1).encode())
         tokens.fsync(tmp)
         _publish(tmp, entry)
@@ -199,7 +230,30 @@ def prepare(exp: Experiment, progress: bool = True) -> tuple[Path, dict]:
     return entry, tokens.read_manifest(entry)
 
 
-def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -> list[dict]:
+def _build_on_object_storage(entry: str, fp: str, files: list[InputFile], data: DataConfig, settings: dict,
+                             progress: bool) -> dict:
+    """The entry's shards uploaded by the tasks, then its manifest: written last, it makes the entry whole."""
+    manifest_uri = locations.join(entry, tokens.MANIFEST)
+    try:
+        locations.delete(manifest_uri)  # a broken entry reads as absent while it is rebuilt
+        manifest = _build(entry, fp, files, data, settings, progress)
+        locations.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
+    except OSError as e:
+        raise PrepareError(describe(e, entry, "data.cache_dir")) from None
+    return manifest
+
+
+def _build(out: Path | str, fp: str, files: list[InputFile], data: DataConfig, settings: dict, progress: bool) -> dict:
+    """Every task's shards written to `out`; the manifest that describes them (not yet written)."""
+    start = time.perf_counter()
+    tasks = plan_tasks(files, data)
+    results = _run_tasks(tasks, out, data, progress)
+    manifest = _manifest(fp, files, data, settings, results, time.perf_counter() - start)
+    _warn_on_count_mismatch(manifest, files)
+    return manifest
+
+
+def _run_tasks(tasks: list[dict], out: Path | str, data: DataConfig, progress: bool) -> list[dict]:
     """Run the tasks with Ray Data, print progress as they finish, and return their results in task order."""
     # Ray Data here, not at the top: a cache hit, --help and an input error answer without importing it
     import ray
@@ -213,7 +267,7 @@ def _run_tasks(tasks: list[dict], tmp: Path, data: DataConfig, progress: bool) -
     ctx.print_on_execution_start = False
     workers = data.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     fail_after = os.environ.get(FAIL_WRITE_ENV)
-    shared = {"out": str(tmp), "data": _plain(data), "fail_after": int(fail_after) if fail_after else None}
+    shared = {"out": str(out), "data": _plain(data), "fail_after": int(fail_after) if fail_after else None}
     items = [{"task": json.dumps({**t, **shared})} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(_run_task, compute=ray.data.TaskPoolStrategy(size=min(workers, len(items))), num_cpus=1)
@@ -311,16 +365,13 @@ def _warn_on_count_mismatch(manifest: dict, files: list[InputFile]) -> None:
               "wrong tokenizer or corrupted text?", file=sys.stderr)
 
 
-def _entry_is_whole(entry: Path, manifest: dict, fp: str) -> bool:
-    """A cache hit: same fingerprint, and every shard there with its size (checking costs a stat per file)."""
+def _entry_is_whole(entry: Path | str, manifest: dict, fp: str) -> bool:
+    """A cache hit: same fingerprint, and every shard there with its size (checking costs a stat, or a HEAD request
+    on object storage, per file)."""
     if manifest.get("fingerprint") != fp:
         return False
-    for s in SPLITS:
-        for f in manifest["splits"][s]["files"]:
-            path = entry / f["name"]
-            if not path.is_file() or path.stat().st_size != f["tokens"] * tokens.TOKEN_DTYPE.itemsize:
-                return False
-    return True
+    return all(locations.size(locations.join(entry, f["name"])) == f["tokens"] * tokens.TOKEN_DTYPE.itemsize
+               for s in SPLITS for f in manifest["splits"][s]["files"])
 
 
 def _remove_stale(cache: Path) -> None:

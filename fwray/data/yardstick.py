@@ -5,6 +5,7 @@ goes through the prepare cache, tokenized exactly as training data is (same toke
 each document) and by the same Ray Data path, once: the entry is keyed by the file and the data settings, so every
 later run and `fwray.eval` find it, and it is the same entry `python -m fwray.prepare EXP data.paths=[FILE]` builds.
 Both of the entry's splits are read (train shards, then val): the split rule means nothing for a set never trained on.
+With the cache on object storage, whoever reads the yardstick reads its node's copy (`on_this_node`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..config import DataConfig, Experiment, YardstickConfig
 from ..core import tokens
 from ..core.yardstick import Yardstick, YardstickError, read_llmc
 from . import prepare
+from ..storage import node_cache
 from .parquet_inputs import inspect_file, resolve_paths
 
 
@@ -44,5 +46,12 @@ def yardstick_of(ys: YardstickConfig, data: DataConfig, source: str, training: b
         print(f"yardstick: tokenizing {path} into the token cache", flush=True)
         hit = prepare.prepare(Experiment(data=own, source=source))
     entry, manifest = hit
-    files = [str(f) for split in ("train", "val") for f in tokens.split_files(entry, manifest, split)]
-    return Yardstick(ys.name, tuple(files), llmc=False, targets=ys.tokens)
+    files = [f for split in ("train", "val") for f in tokens.split_files(entry, manifest, split)]
+    return Yardstick(ys.name, tuple(files), llmc=False, targets=ys.tokens, sha256=tokens.shard_hashes(manifest))
+
+
+def on_this_node(yardstick: Yardstick, node_cache_dir: str | None) -> Yardstick:
+    """The yardstick with its shards on this node's disk: fetched once from object storage, local files as they
+    are."""
+    return dataclasses.replace(yardstick, files=tuple(node_cache.local_files(yardstick.files, yardstick.sha256,
+                                                                             node_cache_dir)))

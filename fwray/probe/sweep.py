@@ -55,13 +55,13 @@ def run_probe(exp: Experiment, cache_dir=None, manifest: dict | None = None, *, 
     if not use_gpu and p.gpu_memory_gb is None:
         raise ProbeError(f"{exp.source}: probe.gpu_memory_gb is not set and there is no GPU here to measure: set it "
                          f"to the memory of the card you will train on (e.g. probe.gpu_memory_gb=12)")
-    files = {s: tuple(map(str, tokens.split_files(cache_dir, manifest, s))) if cache_dir else () for s in
-             ("train", "val")}
+    files = {s: tuple(tokens.split_files(cache_dir, manifest, s)) if cache_dir else () for s in ("train", "val")}
     for split in ("train", "val") if cache_dir else ():  # too small for one window: one line, not a failed trial each
-        loader.split_shards(cache_dir, manifest, split, exp.model.block_size, exp.source)
+        loader.check_split(manifest, split, exp.model.block_size, exp.source)
     if not use_gpu:
         usable_bytes(exp)  # a card too small for its own overhead is one line here, not a failed trial each
-    job = ProbeJob(exp, files["train"], files["val"], use_gpu, os.environ.get(INJECT_ENV, ""))
+    job = ProbeJob(exp, files["train"], files["val"], use_gpu, os.environ.get(INJECT_ENV, ""),
+                   shard_sha256=tokens.shard_hashes(manifest) if cache_dir else None)
     grid = itertools.product(sorted(set(p.batch_sizes)), sorted(set(p.activation_checkpointing)),
                              sorted(set(p.compile)) if use_gpu and p.compile else [None])
     trials = [{"job": 0, "batch_size": b, "activation_checkpointing": ac, "compile": c} for b, ac, c in grid]

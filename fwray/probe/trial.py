@@ -33,6 +33,7 @@ from ..core.engine import Engine
 from ..core.loader import Batches, random_batch
 from ..core.model import count_params, flops_per_token
 from ..errors import ProbeError
+from ..storage import node_cache
 from ..train import artifacts
 from .verdict import probe_accumulation
 
@@ -57,6 +58,7 @@ class ProbeJob:
     # untimed steps first: step 0 carries compilation and allocator warm-up; on a CPU the next few still run slow
     # (a run's tokens/s leaves out its first log interval for the same reason)
     warmup_steps: int = 1
+    shard_sha256: dict[str, str] | None = None  # checks the node's copy of shards on object storage (node_cache)
 
 
 # ---------------------------------------------------------------- one candidate (runs inside a Tune trial)
@@ -222,7 +224,9 @@ def _flops(exp: Experiment, sequences: int) -> float:
 
 def _batches(job: ProbeJob, run: Experiment, batch_size: int, eval_bs: int):
     if job.train_files:
-        return Batches.from_files(job.train_files, job.val_files, run.model.block_size, batch_size=batch_size,
+        train_files, val_files = (node_cache.local_files(files, job.shard_sha256, run.data.node_cache_dir)
+                                  for files in (job.train_files, job.val_files))
+        return Batches.from_files(train_files, val_files, run.model.block_size, batch_size=batch_size,
                                   eval_batch_size=eval_bs, seed=run.train.seed)
 
     class Synthetic:  # random tokens: memory and speed do not depend on their values

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..config import DataConfig, Experiment, flatten
+from ..core.tokens import MANIFEST
 from ..data.report import DATA_REPORT, data_metrics, data_report
 from ..errors import first_line
 from . import records as outbox
@@ -88,13 +89,15 @@ class Tracker:
         warning): data logging never stops a run."""
         report = self.run_dir / DATA_REPORT
         report.write_text(data_report(manifest))
+        manifest_file = self.run_dir / MANIFEST  # a local copy: the cache may be on object storage
+        manifest_file.write_text(json.dumps(manifest, indent=1))
         fingerprint = manifest.get("fingerprint", "")
         run = self.child(PREPARE_RUN, {"fwray.cache": str(cache_dir), "fwray.fingerprint": fingerprint})
         params = {k: v for k, v in flatten(self.exp).items() if k.startswith("data.")}
         params["fingerprint"] = fingerprint
         run.params(params)
         run.metrics(0, {**data_metrics(manifest), "wall_seconds": wall_seconds})
-        run.artifact(Path(cache_dir) / "manifest.json")
+        run.artifact(manifest_file)
         run.artifact(report)
         run.finish(True)
         return run.run_id

@@ -11,13 +11,16 @@ import torch
 
 from ..core import checkpoint
 from ..errors import first_line
+from ..storage.check import describe
+from ..storage.uri import download, exists, is_uri
 
 
 def add_model_source(p: argparse.ArgumentParser) -> None:
     """--run-id | --checkpoint, --tracking-uri and --device: how fwray's commands name a trained model."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-id", help="an MLflow run of fwray.run: its model/ artifacts")
-    src.add_argument("--checkpoint", help="a folder with model.pt + model_config.json, or a Ray checkpoint (state.pt)")
+    src.add_argument("--checkpoint", help="a folder with model.pt + model_config.json, or a Ray checkpoint (state.pt); "
+                     "on object storage too (s3://bucket/runs/RUN/model)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or fwray's local store .fwray/mlflow.db)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
@@ -25,13 +28,27 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, dst: str | os.PathLike, device: torch.device, with_config: bool = False):
     """(model, its config, the MLflow run it came from or None) for --run-id (downloaded into `dst`; mlflow is
-    imported only then) or --checkpoint."""
+    imported only then) or --checkpoint (a folder on object storage downloaded into `dst`)."""
     if args.run_id:
         from .store import default_uri
 
         run = fetch_run(args.run_id, args.tracking_uri or default_uri(), dst, with_config)
         return (*checkpoint.load_model(run.model_dir, device), run)
-    return (*checkpoint.find_model(args.checkpoint, device), None)
+    folder = fetch_folder(args.checkpoint, Path(dst) / "checkpoint") if is_uri(args.checkpoint) else args.checkpoint
+    return (*checkpoint.find_model(folder, device), None)
+
+
+def fetch_folder(uri: str, dst: Path) -> Path:
+    """A model or checkpoint folder on object storage, downloaded: a missing one, or one the store refuses, is one
+    line."""
+    try:
+        if not exists(uri):
+            raise checkpoint.ModelNotFound(f"--checkpoint {uri}: nothing there; give a run's model folder "
+                                           "(<resources.storage_path>/<run>/model) or one of its checkpoints")
+        download(uri, dst)
+    except OSError as e:
+        raise checkpoint.ModelNotFound(describe(e, uri, "--checkpoint")) from None
+    return dst
 
 
 @dataclass(frozen=True)

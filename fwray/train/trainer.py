@@ -5,6 +5,10 @@ a killed worker (`resources.max_failures`) and hands it the latest checkpoint th
 A rerun with the same Ray run name and storage path continues from that run's checkpoints (`--resume`).
 The run's summary comes back to the driver as rank 0's return value (`Result.return_value`), not through a file: on
 a cluster the driver cannot see the files a worker writes on its own node.
+
+On object storage (`resources.storage_path: s3://...`) Ray writes the checkpoints there itself; rank 0 writes its
+files on its own node (`fwray.storage.uri.local_mirror`) and uploads the final model beside the checkpoints, and each
+worker fetches a token cache kept there to its node's disk (`fwray.storage.node_cache`).
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from ..core import checkpoint, engine, hardware
 from ..core.health import HealthSampler
 from ..core.loader import Batches
 from ..core.yardstick import Yardstick
+from ..data.yardstick import on_this_node
 from ..errors import FwrayError, last_line
+from ..storage import node_cache
+from ..storage import uri as locations
 from ..tracking.live import RunLogger, metric_history
 from .artifacts import CURVES, EvalArtifacts
 
@@ -51,9 +58,10 @@ class TrainJob:
     val_files: tuple[str, ...]
     tracking_uri: str
     run_id: str
-    run_dir: str  # local folder of this run: final model, unlogged metrics
+    run_dir: str  # this run's folder (final model, unlogged metrics), or its URI on object storage
     val_text: tuple[int, int] | None = None  # validation (text tokens, UTF-8 bytes) for val_bpb: fwray.core.bpb
     yardstick: Yardstick | None = None  # the extra validation set (absolute paths, as the cache's files)
+    shard_sha256: dict[str, str] | None = None  # a shard's name -> its sha256: checks a copy from object storage
 
 
 def fit(job: TrainJob, ray_run_name: str) -> dict:
@@ -69,7 +77,8 @@ def fit(job: TrainJob, ray_run_name: str) -> dict:
                                      resources_per_worker=None if use_gpu else {"CPU": _cpus_per_worker(exp)}),
         run_config=RunConfig(
             name=ray_run_name,
-            storage_path=str(Path(exp.resources.storage_path).resolve()),
+            storage_path=(exp.resources.storage_path if locations.is_uri(exp.resources.storage_path)
+                          else str(Path(exp.resources.storage_path).expanduser().resolve())),
             failure_config=FailureConfig(max_failures=exp.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
             logging_config=ray.LoggingConfig(log_level="WARNING"),  # fwray prints its own progress lines
@@ -111,12 +120,13 @@ def _worker(config: dict) -> dict | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    logger = RunLogger(job.tracking_uri, job.run_id, job.run_dir) if rank == 0 else None
+    run_dir = locations.local_mirror(job.run_dir)  # on object storage: this node's folder for the run
+    logger = RunLogger(job.tracking_uri, job.run_id, run_dir) if rank == 0 else None
     if logger and device.type == "cuda":  # the driver tagged what the cluster offers; this is the card that trains
         logger.tags({"fwray.device": hardware.device_name(device)})
     resume = _latest_state(logger)
     final: dict = {}
-    report = _reporter(job, rank, device, logger, resume, final)
+    report = _reporter(job, run_dir, rank, device, logger, resume, final)
     try:
         summary = _train(job, rank, world, device, report, resume)
     except FwrayError as e:  # deterministic (data, config, a diverged loss): returned, so Ray does not retry it
@@ -124,9 +134,11 @@ def _worker(config: dict) -> dict | None:
     if rank != 0:
         return None
     if "stopped" not in summary:
-        model_dir = Path(job.run_dir) / checkpoint.MODEL_DIR  # the last evaluation's state is the end of training
+        model_dir = run_dir / checkpoint.MODEL_DIR  # the last evaluation's state is the end of training
         checkpoint.save_model(model_dir, job.exp, final["state"]["model"], final["step"], final.get("val_loss"))
         logger.artifact(model_dir, checkpoint.MODEL_DIR)
+        if locations.is_uri(job.run_dir):  # beside the checkpoints, where another machine finds it
+            locations.upload(model_dir, locations.join(job.run_dir, checkpoint.MODEL_DIR))
     return summary  # Ray hands rank 0's return value to the driver: Result.return_value
 
 
@@ -142,7 +154,8 @@ def _latest_state(logger: RunLogger | None) -> dict | None:
     return resume
 
 
-def _reporter(job: TrainJob, rank: int, device, logger: RunLogger | None, resume: dict | None, final: dict):
+def _reporter(job: TrainJob, run_dir: Path, rank: int, device, logger: RunLogger | None, resume: dict | None,
+              final: dict):
     """The engine's report callback: on rank 0, metrics (with the machine's figures at each log interval), the progress
     line, the loss curve and samples; on every rank, each checkpoint reported to Ray (rank 0's state kept in `final`).
     """
@@ -151,7 +164,7 @@ def _reporter(job: TrainJob, rank: int, device, logger: RunLogger | None, resume
     if logger:  # rank 0: loss curve and samples at each evaluation; a restarted worker rebuilds the history
         history = (metric_history(job.tracking_uri, job.run_id, CURVES, fallback=logger.fallback,
                                   max_step=resume["step"]) if resume else None)
-        evals = EvalArtifacts(exp, job.run_dir, logger, history)
+        evals = EvalArtifacts(exp, run_dir, logger, history)
         health = HealthSampler(device)  # rank 0's node: the machine its GPU (or CPU) is in
 
     def report(step: int, metrics: dict, state: dict | None) -> None:
@@ -178,13 +191,15 @@ def _reporter(job: TrainJob, rank: int, device, logger: RunLogger | None, resume
 def _train(job: TrainJob, rank: int, world: int, device, report, resume: dict | None) -> dict:
     """This rank's share of the batches (and the yardstick's), through the engine's loop; its summary."""
     exp = job.exp
-    batches = Batches.from_files(job.train_files, job.val_files, exp.model.block_size,
+    train_files, val_files = (node_cache.local_files(files, job.shard_sha256, exp.data.node_cache_dir)
+                              for files in (job.train_files, job.val_files))
+    batches = Batches.from_files(train_files, val_files, exp.model.block_size,
                                  batch_size=exp.train.batch_size, eval_batch_size=exp.train.eval_batch_size,
                                  seed=exp.train.seed, rank=rank, world_size=world, sampling=exp.data.sampling,
                                  align_to_documents=exp.data.align_to_documents,
                                  accumulation=exp.train.gradient_accumulation_steps)
-    yardstick = (job.yardstick.open(exp.model.block_size, exp.train.eval_batch_size or exp.train.batch_size)
-                 if job.yardstick else None)
+    yardstick = (on_this_node(job.yardstick, exp.data.node_cache_dir).open(
+        exp.model.block_size, exp.train.eval_batch_size or exp.train.batch_size) if job.yardstick else None)
     return engine.train(exp.model, exp.train, batches, report, device=device, resume=resume, world_size=world,
                         peak_tflops=exp.hardware.peak_tflops, val_text=job.val_text, yardstick=yardstick)
 
