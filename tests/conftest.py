@@ -58,3 +58,23 @@ def tiny_run(ray_session, tmp_path_factory, cache, yardstick_file) -> dict:
     return {"folder": folder, "exp": exp, "client": client, "run": run,
             "val": history(client, run.info.run_id, "val_loss"),
             "yardstick": history(client, run.info.run_id, "yardstick_val_loss")}
+
+
+# The suite runs on two xdist workers (pyproject's addopts: -n 2 --dist loadgroup). A group runs whole on one worker:
+# each module is a group, so a module's fixtures are built once, and modules that share a session fixture are one
+# group. The groups that take longest start first (--no-loadscope-reorder keeps this order), so neither worker is left
+# with a long one at the end.
+SHARED_FIXTURE_GROUPS = {"test_fault_tolerance": "tiny_run", "test_workers": "tiny_run"}
+LONGEST_FIRST = ("test_tracking", "tiny_run", "test_cluster", "test_gpu_check", "test_probe")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        module = Path(item.fspath).stem
+        return SHARED_FIXTURE_GROUPS.get(module, module)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: a module's own order is kept
