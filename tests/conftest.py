@@ -82,3 +82,26 @@ def two_nodes(s3_store):
         yield cluster
     finally:
         cluster.stop()
+
+
+# The suite runs on two xdist workers (pyproject's addopts: -n 2 --dist loadgroup). A group runs whole on one worker:
+# each module is a group, so its module fixtures are built once, except that the modules using one of the session's
+# shared runs are one group, so the run is made once. The groups that take longest start first (--no-loadscope-reorder
+# keeps this order), so neither worker is left with a long one at the end.
+SHARED_RUNS = ("two_nodes", "tiny_run")
+LONGEST_FIRST = ("two_nodes", "tiny_run", "test_tracking", "test_probe", "test_gpu_check")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    modules: dict[str, str] = {}
+    for item in items:
+        module = Path(item.fspath).stem
+        shared = next((f for f in SHARED_RUNS if f in item.fixturenames), None)
+        if shared or module not in modules:
+            modules[module] = shared or modules.get(module, module)
+    group = {item: modules[Path(item.fspath).stem] for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group[item], len(rank)))  # stable: a module's own order is kept
