@@ -6,7 +6,8 @@ machine with torch only can run.
 
 Arms: the gpt2 recipe (nanoGPT's AdamW 6e-4 and cosine), the modern recipe, modern plus one switch of the speedrun
 recipe each (the cpu preset's), and the speedrun recipe (every switch at its default; the gpu preset's, with gpt2 and
-modern). Every arm trains the same shape for the same
+modern). +doc_mask (modern with attention kept within each document) is in no preset's arms: ask for it with
+`--arms modern,+doc_mask`. Every arm trains the same shape for the same
 steps on the same tokens; within a seed, every arm starts from the same random state and evaluates the same
 validation windows. Printed: each arm's validation loss against tokens seen and against training seconds (from its
 measured tokens/s, evaluations excluded); the tokens (and seconds) each arm needs to reach the gpt2 recipe's final
@@ -69,6 +70,7 @@ ARMS = {
     "+momentum_warmup": ("modern", {}, {"muon_momentum_warmup": 300}),
     "+muon_wd_0": ("modern", {}, {"muon_weight_decay": 0.0}),
     "+decay_0.5": ("modern", {}, {"decay_fraction": 0.5}),
+    "+doc_mask": ("modern", {"doc_mask": True}, {}),  # FlexAttention where compiled on CUDA, dense SDPA on a CPU
     "speedrun": ("speedrun", {}, {}),
 }
 

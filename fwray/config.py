@@ -63,20 +63,23 @@ def _at_least(section, minimum: int, *keys: str) -> None:
 RECIPES = {
     # nanoGPT's GPT-2: learned positions, LayerNorm, GELU, tied embeddings, GPT-2's scaled init of the projections
     "gpt2": dict(positions="learned", norm="layernorm", qk_norm=False, mlp="gelu", tie_embeddings=True,
-                 zero_init_proj=False, zero_init_head=False, logit_softcap=0.0, embed_norm=False),
+                 zero_init_proj=False, zero_init_head=False, logit_softcap=0.0, embed_norm=False,
+                 doc_mask=False, attn_window=0),
     # nanochat / modded-nanogpt: rotary positions, RMSNorm without a gain, RMSNorm on queries and keys, ReLU^2,
     # untied head, zero-init residual projections, logits soft-capped at 15 (both projects' value). Not (yet) their
     # zero-init head: they pair it with a head learning rate ~50x below the embedding's; under fwray's one AdamW rate
     # it cost 0.53 nats of validation loss after 300 steps of a 4 x 128 model (5.38 vs 4.85 with a normal-init head)
     "modern": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
-                   zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=False),
+                   zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=False,
+                   doc_mask=False, attn_window=0),
     # modern plus what modded-nanogpt's records and nanochat add on top, each piece a default where
     # bench/recipe_ablation.py found it no worse than modern beyond two seeds' spread (the README's table). A recipe
     # of its own rather than a new modern: a checkpoint saved before a switch existed resolves it to its recipe's
     # default, so changing modern's defaults would silently change the model and the optimizer of every modern
     # checkpoint and experiment already written.
     "speedrun": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
-                     zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=True),
+                     zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=True,
+                     doc_mask=False, attn_window=0),
 }
 # ... and what it defaults in the other sections of an experiment file (a key the file sets wins): the modern recipe
 # trains with Muon and a warmup-stable-decay schedule, and reads every window once per epoch
@@ -109,6 +112,8 @@ class ModelConfig:
     zero_init_head: bool | None = None  # the (untied) output head starts at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); 0 = off
     embed_norm: bool | None = None  # the first block reads norm(embeddings), as nanochat's and modded-nanogpt's
+    doc_mask: bool | None = None  # attention stays within each document (fwray.core.attention)
+    attn_window: int | None = None  # a query attends at most the last attn_window keys; 0 = no window
 
     SECTION: typing.ClassVar[str] = "model"
 
@@ -129,6 +134,9 @@ class ModelConfig:
         _check(math.isfinite(self.logit_softcap) and self.logit_softcap >= 0, "model.logit_softcap",
                self.logit_softcap, "must be 0 (off) or positive")
         object.__setattr__(self, "logit_softcap", float(self.logit_softcap))
+        _check(isinstance(self.doc_mask, bool), "model.doc_mask", self.doc_mask, "must be true or false")
+        _check(isinstance(self.attn_window, int) and not isinstance(self.attn_window, bool) and self.attn_window >= 0,
+               "model.attn_window", self.attn_window, "must be 0 (off) or a positive number of keys")
         _check(self.positions != "rotary" or (self.n_embd // self.n_head) % 2 == 0, "model.n_embd", self.n_embd,
                f"rotary positions rotate pairs of channels: n_embd / n_head = {self.n_embd // self.n_head} "
                "must be even")

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .attention import Mask, attend
 
 RMS_EPS = 1e-6  # explicit: F.rms_norm's default is the input dtype's epsilon, 0.0078 for bf16 queries and keys
 ROTARY_BASE = 10_000  # RoFormer's and nanochat's
@@ -56,7 +57,8 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = (nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=RMS_EPS, elementwise_affine=False)
                         if cfg.qk_norm else None)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: Mask = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))
         if self.qk_norm is not None:
@@ -64,7 +66,7 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:  # a rotation keeps the RMS: norm then rotate equals rotate then norm
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
@@ -100,8 +102,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rotary)
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: Mask = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary, mask)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from .attention import build_mask, uses_flex
 from .layers import Block, Rotary, make_norm, softcap
 from .tokens import EOT, VOCAB_SIZE
 
@@ -83,11 +84,14 @@ class GPT(nn.Module):
         if self.config.embed_norm:  # the residual stream starts at unit RMS, whatever scale the embedding has grown to
             x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)
+        # one mask per forward, shared by every layer (None: causal only)
+        mask = build_mask(idx, self.config.doc_mask, self.config.attn_window,
+                          flex=uses_flex(idx.device, self.config.dropout if self.training else 0.0))
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, use_reentrant=False)
+                x = checkpoint(block, x, rotary, mask, use_reentrant=False)
             else:
-                x = block(x, rotary)
+                x = block(x, rotary, mask)
         return self.transformer.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
