@@ -1,7 +1,7 @@
 """The recipes and each new switch, through the core alone (the Engine on token files; no Ray, no MLflow): what a GPU
 machine with torch only can run.
 
-    python bench/recipe_ablation.py                                  # cpu preset: 7 arms x 2 seeds on 2 CPU cores
+    python bench/recipe_ablation.py                                  # cpu preset: 9 arms x 2 seeds on 2 CPU cores
     python bench/recipe_ablation.py --preset gpu --tokens DIR        # 124M-class shapes on one GPU
 
 Arms: the gpt2 recipe (nanoGPT's AdamW 6e-4 and cosine), the modern recipe, modern plus one switch of the speedrun
@@ -19,7 +19,8 @@ written as train.bin and val.bin under --tokens (reused when there: tokenize her
 
 The cpu preset: 4 layers x 128 wide, block 128, 100 steps of 8 x 128 tokens per arm. The 50304-token embedding and
 head (6.4M parameters each, beside 0.8M in the blocks) make most of a step's cost at any width a CPU can afford:
-this shape is what lets 14 runs fit in the preset's 15 minutes.
+this shape is what lets the runs fit in minutes (cut to --steps 60, as the README's table, an arm takes ~50 s on 2
+busy cores: all 18 in ~15 minutes).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ PRESETS = {
             "train": {"batch_size": 8, "max_iters": 100, "eval_interval": 20, "eval_iters": 2, "eval_batch_size": 16,
                       "log_interval": 10, "warmup_iters": 10, "compile": False},
             "data": [CORPUS / "python-docs.parquet"], "seeds": (1337, 1338),
-            "arms": "gpt2,modern,+split_qkv,+embed_norm,+momentum_warmup,+muon_wd_0,+decay_0.5"},
+            "arms": "gpt2,modern,+split_qkv,+embed_norm,+momentum_warmup,+muon_wd_0,+decay_0.5,+value_embeds,"
+                    "+unet_skips"},
     "gpu": {"model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
             "train": {"batch_size": 32, "max_iters": 600, "eval_interval": 100, "eval_iters": 20,
                       "log_interval": 50, "warmup_iters": 30},
@@ -70,6 +72,9 @@ ARMS = {
     "+momentum_warmup": ("modern", {}, {"muon_momentum_warmup": 300}),
     "+muon_wd_0": ("modern", {}, {"muon_weight_decay": 0.0}),
     "+decay_0.5": ("modern", {}, {"decay_fraction": 0.5}),
+    # a table for a quarter of the layers, at both ends (modded-nanogpt's 3 in 12): 1 in the cpu preset's 4
+    "+value_embeds": ("modern", {"value_embeds": lambda model: max(1, model["n_layer"] // 4)}, {}),
+    "+unet_skips": ("modern", {"unet_skips": True}, {}),
     "+doc_mask": ("modern", {"doc_mask": True}, {}),  # FlexAttention where compiled on CUDA, dense SDPA on a CPU
     "speedrun": ("speedrun", {}, {}),
 }
@@ -96,6 +101,7 @@ def token_files(parquets: list[Path], folder: Path) -> dict[str, Path]:
 
 def configs(preset: dict, arm: str, seed: int) -> tuple[ModelConfig, TrainConfig]:
     recipe, model, changes = ARMS[arm]
+    model = {k: v(preset["model"]) if callable(v) else v for k, v in model.items()}  # a switch sized by the shape
     defaults = RECIPE_TRAINING[recipe].get("train", {})
     t = {**defaults, **preset["train"], **changes, "seed": seed}
     t["lr_decay_iters"] = t["max_iters"]

@@ -63,26 +63,30 @@ def _at_least(section, minimum: int, *keys: str) -> None:
 RECIPES = {
     # nanoGPT's GPT-2: learned positions, LayerNorm, GELU, tied embeddings, GPT-2's scaled init of the projections
     "gpt2": dict(positions="learned", norm="layernorm", qk_norm=False, mlp="gelu", tie_embeddings=True,
-                 zero_init_proj=False, zero_init_head=False, logit_softcap=0.0, embed_norm=False,
-                 doc_mask=False, attn_window=0),
+                 zero_init_proj=False, zero_init_head=False, logit_softcap=0.0, embed_norm=False, value_embeds=0,
+                 unet_skips=False, doc_mask=False, attn_window=0),
     # nanochat / modded-nanogpt: rotary positions, RMSNorm without a gain, RMSNorm on queries and keys, ReLU^2,
     # untied head, zero-init residual projections, logits soft-capped at 15 (both projects' value). Not (yet) their
     # zero-init head: they pair it with a head learning rate ~50x below the embedding's; under fwray's one AdamW rate
     # it cost 0.53 nats of validation loss after 300 steps of a 4 x 128 model (5.38 vs 4.85 with a normal-init head)
     "modern": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
-                   zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=False,
-                   doc_mask=False, attn_window=0),
+                   zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=False, value_embeds=0,
+                   unet_skips=False, doc_mask=False, attn_window=0),
     # modern plus what modded-nanogpt's records and nanochat add on top, each piece a default where
-    # bench/recipe_ablation.py found it no worse than modern beyond two seeds' spread (the README's table). A recipe
+    # bench/recipe_ablation.py found it no worse than modern beyond two seeds' spread (the README's table; value
+    # embeddings too, but off for their memory: 1.9 GB more at 12 x 768, past a 4070's micro-batch). A recipe
     # of its own rather than a new modern: a checkpoint saved before a switch existed resolves it to its recipe's
     # default, so changing modern's defaults would silently change the model and the optimizer of every modern
     # checkpoint and experiment already written.
     "speedrun": dict(positions="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
                      zero_init_proj=True, zero_init_head=False, logit_softcap=15.0, embed_norm=True,
-                     doc_mask=False, attn_window=0),
+                     value_embeds=0, unet_skips=True, doc_mask=False, attn_window=0),
 }
 # ... and what it defaults in the other sections of an experiment file (a key the file sets wins): the modern recipe
 # trains with Muon and a warmup-stable-decay schedule, and reads every window once per epoch
+# switches added after models were saved, and the value every model had before: a saved config without the key is
+# such a model (fwray.core.checkpoint), whatever its recipe defaults to now
+BEFORE_THE_SWITCH = {"value_embeds": 0, "unet_skips": False}
 RECIPE_TRAINING = {
     "gpt2": {},
     "modern": {"train": {"optimizer": "muon", "schedule": "wsd"}, "data": {"sampling": "epoch"}},
@@ -112,6 +116,10 @@ class ModelConfig:
     zero_init_head: bool | None = None  # the (untied) output head starts at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); 0 = off
     embed_norm: bool | None = None  # the first block reads norm(embeddings), as nanochat's and modded-nanogpt's
+    # extra token tables mixed into the attention's values: table i feeds layer i and layer n_layer - value_embeds + i
+    # (modded-nanogpt's); 0 = off
+    value_embeds: int | None = None
+    unet_skips: bool | None = None  # block i's output joins block n_layer - 1 - i's input, i < n_layer / 2 (none at 1)
     doc_mask: bool | None = None  # attention stays within each document (fwray.core.attention)
     attn_window: int | None = None  # a query attends at most the last attn_window keys; 0 = no window
 
@@ -142,6 +150,9 @@ class ModelConfig:
                "must be even")
         _check(not (self.recipe != "gpt2" and self.bias), "model.bias", self.bias,
                f"the {self.recipe} recipe has no biases (set model.bias=false)")
+        _check(0 <= self.value_embeds <= self.n_layer // 2, "model.value_embeds", self.value_embeds,
+               f"must be 0 (off) to n_layer / 2 = {self.n_layer // 2}: each table feeds one of the first and one of "
+               "the last layers")
         _check(not (self.zero_init_head and self.tie_embeddings), "model.zero_init_head", self.zero_init_head,
                "a tied head is the input embedding and cannot start at zero (set model.tie_embeddings=false)")
 

@@ -89,8 +89,12 @@ SPEEDRUN = (ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, recipe="s
             dict(optimizer="muon", muon_split_qkv=True, muon_momentum_warmup=6, schedule="wsd", decay_fraction=0.5))
 
 
+# and its value embeddings and U-net skips (the table is read by both layers, the second takes the first's output)
+SKIPPING = (dataclasses.replace(SPEEDRUN[0], n_layer=2, value_embeds=1, unet_skips=True), SPEEDRUN[1])
+
+
 @pytest.mark.parametrize("model, changes", [(MODEL, dict(optimizer="adamw")), (MODEL, dict(optimizer="muon")),
-                                            SPEEDRUN], ids=["adamw", "muon", "speedrun"])
+                                            SPEEDRUN, SKIPPING], ids=["adamw", "muon", "speedrun", "skipping"])
 def test_resume_reproduces_uninterrupted_run(token_files, model, changes):
     t = train_section(max_iters=8, eval_interval=4, eval_iters=2, log_interval=2, warmup_iters=2, **changes)
     full = Recorder()

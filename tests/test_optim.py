@@ -60,6 +60,23 @@ def test_every_parameter_in_exactly_one_group(build, optimizer):
         assert [g["name"] for g in opt.optimizers["muon"].param_groups] == ["matrices"]
 
 
+def test_value_embeddings_and_skip_weights_go_to_adamw():
+    """The value embedding tables are embeddings (AdamW at the embedding's rate, decayed), their mixing weights and the
+    U-net's skip weights scalars (AdamW, no decay): Muon keeps the blocks' matrices only."""
+    model = GPT(ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, recipe="speedrun", value_embeds=1,
+                            unet_skips=True))
+    t = TrainConfig(optimizer="muon", weight_decay=0.1)
+    groups = {g["name"]: g for g in param_groups(model, t)}
+    named = by_name(model, groups.values())
+    assert named["embedding"] == {"transformer.wte.weight", "value_embeds.0.weight"}
+    assert named["scalars"] == {"skip_weights", "transformer.h.0.attn.ve_lambdas", "transformer.h.2.attn.ve_lambdas"}
+    assert groups["embedding"]["lr"] == EMBEDDING_LR * (32 / 768) ** -0.5 and groups["embedding"]["weight_decay"] == 0.1
+    assert groups["scalars"]["lr"] == t.learning_rate and groups["scalars"]["weight_decay"] == 0.0
+    muon = make_optimizer(model, t).optimizers["muon"]
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.ndim == 2}
+
+
 def test_adamw_rates_and_decay_are_nanogpts():
     groups = {g["name"]: g for g in param_groups(gpt2(bias=True), TrainConfig(learning_rate=1e-3, weight_decay=0.1))}
     assert {n: g["lr"] for n, g in groups.items()} == dict.fromkeys(groups, 1e-3)  # one rate for all

@@ -8,6 +8,7 @@ import pytest
 
 from fwray import config
 from fwray.config import ModelConfig
+from fwray.core.model import count_params
 from fwray.data import size as data_size
 from fwray.data.parquet_inputs import inspect_file
 from fwray.plan import family as cand
@@ -92,6 +93,10 @@ def test_non_embedding_parameters_leave_out_every_table():
     modern = ModelConfig(n_layer=2, n_head=1, n_embd=128, block_size=64, recipe="modern")
     assert cand.embedding_params(gpt2) == (50304 + 64) * 128  # tied head, learned positions
     assert cand.embedding_params(modern) == 2 * 50304 * 128  # untied head, rotary positions
+    with_values = dataclasses.replace(modern, n_layer=4, value_embeds=2, unet_skips=True)
+    assert cand.embedding_params(with_values) == 4 * 50304 * 128  # and two value embedding tables
+    assert count_params(with_values) - cand.embedding_params(with_values) == \
+        count_params(dataclasses.replace(with_values, value_embeds=0)) - cand.embedding_params(modern) + 2 * 2 * 2
 
 
 # ---------------------------------------------------------------- the table's arithmetic

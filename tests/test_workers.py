@@ -126,14 +126,14 @@ STEP_TRAIN = config.TrainConfig(batch_size=4, max_iters=1, warmup_iters=0, optim
                                 compile=False)
 
 
-def _one_ddp_step(rank: int, all_reduce: bool) -> dict:
+def _one_ddp_step(rank: int, all_reduce: bool, model: config.ModelConfig = STEP_MODEL) -> dict:
     """Rank `rank`'s half of a batch of 8, one optimizer step through a DDP-wrapped engine; with all_reduce False,
     DDP's all-reduce replaced by a hook that keeps each rank's own gradients (the bug the comparison must catch)."""
     from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 
     from fwray.core.engine import Engine
 
-    engine = Engine.build(STEP_MODEL, STEP_TRAIN, torch.device("cpu"))
+    engine = Engine.build(model, STEP_TRAIN, torch.device("cpu"))
     if not all_reduce:
         engine.model.register_comm_hook(None, noop_hook)  # each rank's bucket handed back as it is
     x, y = fixed_batch()
@@ -142,19 +142,25 @@ def _one_ddp_step(rank: int, all_reduce: bool) -> dict:
             "updates": {n: u.numpy() for n, u in updates.items()}}
 
 
-def test_two_ranks_take_the_step_of_one_rank_accumulating():
+# the speedrun recipe with value embeddings and U-net skips: a table two layers read, skip and mixing weights
+SKIPPING_MODEL = config.ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, recipe="speedrun", value_embeds=1,
+                                    unet_skips=True)
+
+
+@pytest.mark.parametrize("model", [STEP_MODEL, SKIPPING_MODEL], ids=["modern", "skipping"])
+def test_two_ranks_take_the_step_of_one_rank_accumulating(model):
     """One optimizer step, 2 ranks x 4 sequences (DDP) vs 1 process x 2 micro-batches of 4: the same gradients (to
-    float32 rounding) and the same update (to the optimizer's rounding), the modern recipe under Muon. Without the
-    all-reduce the same comparison fails."""
+    float32 rounding) and the same update (to the optimizer's rounding), under Muon. Without the all-reduce the same
+    comparison fails."""
     from fwray.core.engine import Engine
 
     x, y = fixed_batch()
-    single = Engine.build(STEP_MODEL, dataclasses.replace(STEP_TRAIN, gradient_accumulation_steps=2),
+    single = Engine.build(model, dataclasses.replace(STEP_TRAIN, gradient_accumulation_steps=2),
                           torch.device("cpu"))
     owners = optimizer_of(single)
     _, _, grads, updates = look_at_step(single, lambda micro: (x[4 * micro: 4 * micro + 4], y[4 * micro: 4 * micro + 4]))
 
-    ranks = run_two_ranks(_one_ddp_step, True)
+    ranks = run_two_ranks(_one_ddp_step, True, model)
     as_torch = lambda arrays: {n: torch.from_numpy(a) for n, a in arrays.items()}  # noqa: E731
     for r in ranks:
         assert_same_grads(as_torch(r["grads"]), grads)
@@ -163,7 +169,7 @@ def test_two_ranks_take_the_step_of_one_rank_accumulating():
     for n in updates:
         assert (ranks[0]["updates"][n] == ranks[1]["updates"][n]).all(), n
 
-    unreduced = run_two_ranks(_one_ddp_step, False)[0]
+    unreduced = run_two_ranks(_one_ddp_step, False, model)[0]
     mismatch = update_mismatch(as_torch(unreduced["updates"]), updates, owners)
     assert max(mismatch.values()) > 1, mismatch
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import config
-from ..config import Experiment, ModelConfig
+from ..config import BEFORE_THE_SWITCH, Experiment, ModelConfig
 from ..errors import FwrayError
 from . import tokens
 from .model import GPT
@@ -101,7 +101,7 @@ def _model_meta(exp: Experiment) -> dict:
 def model_config(meta: dict) -> ModelConfig:
     """The model's shape from its saved config (which also holds the tokenizer, step and validation loss)."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in meta.items() if k in fields})
+    return ModelConfig(**{**BEFORE_THE_SWITCH, **{k: v for k, v in meta.items() if k in fields}})
 
 
 def _model(meta: dict, weights: dict) -> GPT:

@@ -189,6 +189,13 @@ class Engine:
     def load(self, state: dict) -> int:
         # a plain dict drops the state dict's `_metadata`: a `load_state_dict(..., assign=True)` elsewhere marks it
         # "assign", which would replace the (tied) parameters the optimizer holds instead of copying into them
+        saved, built = set(state["model"]), set(self.raw_model.state_dict())
+        if saved != built:  # one line, not load_state_dict's list of every key
+            extra, lacking = sorted(saved - built)[:2], sorted(built - saved)[:2]
+            raise FwrayError(f"the checkpoint's model does not fit this run's (it has {extra or 'nothing more'}, "
+                             f"lacks {lacking or 'nothing'}): resume with the model section it was saved with (one "
+                             "saved before model.unet_skips and model.value_embeds existed has them off: "
+                             "model.unet_skips=false)")
         self.raw_model.load_state_dict(dict(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
         rng = state.get("rng", {})

@@ -46,7 +46,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Causal multi-head attention. With `value_embed`, each position's values are mixed with a value embedding of its
+    token, lambda_0 v + lambda_1 ve, the two weights learned from 0.5 each (modded-nanogpt's record of 2025-01-04)."""
+
+    def __init__(self, cfg: ModelConfig, value_embed: bool = False):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
@@ -56,11 +59,14 @@ class CausalSelfAttention(nn.Module):
         # unit-RMS queries and keys bound the attention logits (|q.k| / sqrt(D) <= sqrt(D)): no logit blow-up
         self.qk_norm = (nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=RMS_EPS, elementwise_affine=False)
                         if cfg.qk_norm else None)
+        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: Mask = None) -> torch.Tensor:
+                mask: Mask = None, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))
+        if ve is not None:  # the table's fp32 lookup in the values' dtype (bf16 under autocast), as q and k are
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v).to(v.dtype)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q), self.qk_norm(k)
         if rotary is not None:  # a rotation keeps the RMS: norm then rotate equals rotate then norm
@@ -95,16 +101,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, value_embed: bool = False):
         super().__init__()
         self.ln_1 = make_norm(cfg, cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, value_embed)
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: Mask = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rotary, mask)
+                mask: Mask = None, ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary, mask, ve)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -31,12 +31,20 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         if cfg.embed_norm:
             modules["ln_e"] = make_norm(cfg, cfg.n_embd)
+        self.value_tables = value_embed_tables(cfg)  # per layer: the value embedding table it reads, or None
         self.transformer = nn.ModuleDict(dict(
             **modules,
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            h=nn.ModuleList([Block(cfg, table is not None) for table in self.value_tables]),
             ln_f=make_norm(cfg, cfg.n_embd),
         ))
+        # modded-nanogpt's value embeddings: token tables of their own, each looked up once per forward and read by
+        # two layers (value_embed_tables); embeddings like wte in their init and their optimizer group
+        self.value_embeds = (nn.ModuleList([nn.Embedding(cfg.vocab_size, cfg.n_embd) for _ in range(cfg.value_embeds)])
+                             if cfg.value_embeds else None)
+        # modded-nanogpt's U-net (record 11): block i's output is added to block L-1-i's input, for i < L/2, weighted
+        # by skip_weights[i] from 1 (a single block has no mirror: no skips)
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips and cfg.n_layer > 1 else None
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
@@ -87,11 +95,18 @@ class GPT(nn.Module):
         # one mask per forward, shared by every layer (None: causal only)
         mask = build_mask(idx, self.config.doc_mask, self.config.attn_window,
                           flex=uses_flex(idx.device, self.config.dropout if self.training else 0.0))
-        for block in self.transformer.h:
+        values = [table(idx) for table in self.value_embeds] if self.value_embeds is not None else []
+        L, skips = self.config.n_layer, []
+        for i, block in enumerate(self.transformer.h):
+            if self.skip_weights is not None and i >= L - len(self.skip_weights):  # the second half's mirror image
+                x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
+            ve = values[self.value_tables[i]] if self.value_tables[i] is not None else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, mask, use_reentrant=False)
+                x = checkpoint(block, x, rotary, mask, ve, use_reentrant=False)
             else:
-                x = block(x, rotary, mask)
+                x = block(x, rotary, mask, ve)
+            if self.skip_weights is not None and i < len(self.skip_weights):
+                skips.append(x)
         return self.transformer.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -203,20 +218,28 @@ def chunked_token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return out
 
 
+def value_embed_tables(cfg: ModelConfig) -> list[int | None]:
+    """Which value embedding table each layer reads (None: none): table i feeds layer i and layer L - n + i, the first
+    and the last n layers (modded-nanogpt's "012 ... 012" pattern, which improved there on mirrored tables)."""
+    L, n = cfg.n_layer, cfg.value_embeds
+    return [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
+
+
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
     """Training FLOPs per token, PaLM appendix B as nanoGPT: 6N + 12*L*H*Q*T (T = block_size; attention counted
     without the causal half, as FlopCounterMode counts it).
 
     N is the weights that multiply in a matmul: every Linear's, the head included (a tied embedding counts there,
-    once). Not in N: input embeddings, which are looked up (wpe; wte when untied), and elementwise parameters (norm
-    gains, biases), which add no matmul FLOPs."""
+    once). Not in N: input embeddings, which are looked up (wpe; wte when untied; value embeddings), and elementwise
+    parameters (norm gains, biases, the value and skip weights), which add no matmul FLOPs."""
     C, L = cfg.n_embd, cfg.n_layer
     lookups = ((cfg.block_size * C if cfg.positions == "learned" else 0)
-               + (0 if cfg.tie_embeddings else cfg.vocab_size * C))
+               + (0 if cfg.tie_embeddings else cfg.vocab_size * C) + cfg.value_embeds * cfg.vocab_size * C)
+    mixing = 2 * sum(t is not None for t in value_embed_tables(cfg)) + (L // 2 if cfg.unet_skips else 0)
     norms = 2 * L + 1 + (1 if cfg.embed_norm else 0)
     norm_params = norms * C * (2 if cfg.bias else 1) if cfg.norm == "layernorm" else 0  # rmsnorm has none
     biases = L * (3 * C + C + 4 * C + C) if cfg.bias else 0  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    matmul_params = n_params - lookups - norm_params - biases
+    matmul_params = n_params - lookups - norm_params - biases - mixing
     return 6 * matmul_params + 12 * L * cfg.n_head * (C // cfg.n_head) * cfg.block_size
 
 

@@ -250,9 +250,9 @@ def schedule(exp: Experiment, c: Candidate, budget_s: float, train_tokens: int) 
 
 
 def embedding_params(model: ModelConfig) -> int:
-    """The token table, the output head where it is a matrix of its own (untied), and the position table where the
-    model learns one: what Kaplan et al. leave out of a model's size."""
-    tables = 1 if model.tie_embeddings else 2
+    """The token table, the output head where it is a matrix of its own (untied), the value embedding tables and the
+    position table where the model learns one: what Kaplan et al. leave out of a model's size."""
+    tables = (1 if model.tie_embeddings else 2) + model.value_embeds
     positions = model.block_size if model.positions == "learned" else 0
     return (tables * model.vocab_size + positions) * model.n_embd
 
