@@ -233,7 +233,8 @@ def test_value_embeddings_mix_a_shared_table_into_the_values_of_the_first_and_la
     x, y = batch(cfg)
     attn = model.transformer.h[3].attn
     seen = {}
-    attn.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], ve=args[3], out=out))  # (x, rotary, mask, ve)
+    # the attention's arguments: (x, rotary, mask, ve)
+    attn.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], ve=args[3], out=out))
     model(x, y)
     torch.testing.assert_close(seen["ve"], model.value_embeds[0](x))  # layer 3 reads table 0
     # the attention by hand: values = lambda_0 v + lambda_1 ve, everything else as without them
