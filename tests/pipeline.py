@@ -48,3 +48,17 @@ def history(client, run_id, name):
 
 def latest_run_dir(folder: Path) -> Path:
     return Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
+
+
+def train_workers_under(pid: int) -> list:
+    """The Ray Train worker processes below process `pid` (Ray names an actor's process after its class)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found

@@ -14,26 +14,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from fwray import config
-from pipeline import ONE_WORKER, SMOKE, TINY, history, latest_run_dir, run_smoke, top_run
+from pipeline import ONE_WORKER, SMOKE, TINY, history, latest_run_dir, run_smoke, top_run, train_workers_under
 
 
 def own_train_workers():
     """RayTrainWorker processes of this session's Ray cluster (other Ray clusters may run on the machine)."""
     import ray._private.worker as ray_worker
 
-    raylet = ray_worker._global_node.all_processes["raylet"][0].process.pid
-    found = []
-    for p in psutil.Process(raylet).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return train_workers_under(ray_worker._global_node.all_processes["raylet"][0].process.pid)
 
 
 def registered_checkpoint(storage: Path) -> bool:
