@@ -44,8 +44,7 @@ def _latest_path(exp) -> str:
 
 def _run_location(exp, ray_name: str) -> str:
     """Where Ray keeps the run's checkpoints and fwray its final model: a folder, or a URI on object storage."""
-    storage = exp.resources.storage_path
-    return locations.join(storage if locations.is_uri(storage) else Path(storage).expanduser().resolve(), ray_name)
+    return locations.join(locations.absolute(exp.resources.storage_path), ray_name)
 
 
 def run(exp, resume: bool = False) -> int:

@@ -366,11 +366,12 @@ def _warn_on_count_mismatch(manifest: dict, files: list[InputFile]) -> None:
 
 
 def _entry_is_whole(entry: Path | str, manifest: dict, fp: str) -> bool:
-    """A cache hit: same fingerprint, and every shard there with its size (checking costs a stat, or a HEAD request
-    on object storage, per file)."""
+    """A cache hit: same fingerprint, and every shard there with its size (one listing of the entry, on object storage
+    one request)."""
     if manifest.get("fingerprint") != fp:
         return False
-    return all(locations.size(locations.join(entry, f["name"])) == f["tokens"] * tokens.TOKEN_DTYPE.itemsize
+    sizes = locations.file_sizes(entry)
+    return all(sizes.get(f["name"]) == f["tokens"] * tokens.TOKEN_DTYPE.itemsize
                for s in SPLITS for f in manifest["splits"][s]["files"])
 
 

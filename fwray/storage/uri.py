@@ -42,11 +42,16 @@ def local_root() -> Path:
     return Path(tempfile.gettempdir()) / "fwray"
 
 
+def absolute(location: str | os.PathLike) -> str:
+    """A URI as it is, a local path expanded and made absolute: a location other processes (Ray's) can be handed."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
 def local_mirror(location: str | os.PathLike) -> Path:
     """The local folder that holds a location's files: the folder itself, or for a URI one on this node's disk
     named after it (a run's logs, curves and model are written there before they are uploaded)."""
     if not is_uri(location):
-        return Path(location).expanduser().resolve()
+        return Path(absolute(location))
     scheme, _, rest = str(location).partition("://")
     return local_root() / "mirror" / scheme / rest.strip("/")
 
@@ -74,15 +79,18 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def size(location: str) -> int | None:
-    """A file's size in bytes, or None when there is none."""
-    if not is_uri(location):
-        return os.path.getsize(location) if os.path.isfile(location) else None
+def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """The size of each file directly in `folder`, by name, from one listing (on object storage one request, not one
+    per file); {} where there is no such folder."""
+    if not is_uri(folder):
+        if not os.path.isdir(folder):
+            return {}
+        return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    info = fs.get_file_info(path)
-    return info.size if info.type == pafs.FileType.File else None
+    fs, path = filesystem(str(folder))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return {name(i.path): i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def read_bytes(location: str) -> bytes:

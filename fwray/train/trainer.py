@@ -77,8 +77,7 @@ def fit(job: TrainJob, ray_run_name: str) -> dict:
                                      resources_per_worker=None if use_gpu else {"CPU": _cpus_per_worker(exp)}),
         run_config=RunConfig(
             name=ray_run_name,
-            storage_path=(exp.resources.storage_path if locations.is_uri(exp.resources.storage_path)
-                          else str(Path(exp.resources.storage_path).expanduser().resolve())),
+            storage_path=locations.absolute(exp.resources.storage_path),
             failure_config=FailureConfig(max_failures=exp.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
             logging_config=ray.LoggingConfig(log_level="WARNING"),  # fwray prints its own progress lines
