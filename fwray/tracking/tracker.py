@@ -59,9 +59,16 @@ class Tracker:
         self.client = connect(exp)
         self.uri = self.client.tracking_uri
         self.run: TrackedRun | None = None  # the parent run, once started or reused
-        self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self.run_dir: Path | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run else None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The parent run's folder: its outbox, and the files it logs."""
+        return self.run.folder if self.run else None
 
     def start(self, run_name: str, run_dir: str | os.PathLike, device: str) -> str:
         """A new parent run, tagged with fwray's version and commit, `device` and the library versions."""
@@ -69,9 +76,8 @@ class Tracker:
 
     def reuse(self, run_id: str, run_dir: str | os.PathLike) -> str:
         """Log into `run_id` from here on (an earlier run's, on --resume), its outbox in `run_dir`."""
-        self.run_id, self.run_dir = run_id, Path(run_dir)
         self.experiment_id = self.client.get_run(run_id).info.experiment_id  # for the addresses the run ends with
-        self.run = TrackedRun(self.client, self.exp, run_id, self.run_dir)
+        self.run = TrackedRun(self.client, self.exp, run_id, run_dir)
         return run_id
 
     def child(self, name: str, tags: dict[str, str], folder: str | os.PathLike | None = None) -> TrackedRun:
