@@ -147,20 +147,36 @@ SKIPPING_MODEL = config.ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=3
                                     unet_skips=True)
 
 
-@pytest.mark.parametrize("model", [STEP_MODEL, SKIPPING_MODEL], ids=["modern", "skipping"])
-def test_two_ranks_take_the_step_of_one_rank_accumulating(model):
+TWO_RANK_MODELS = {"modern": STEP_MODEL, "skipping": SKIPPING_MODEL}
+
+
+def _all_two_rank_checks(rank: int) -> dict:
+    """Every 2-rank check of this module in one gloo group (spawning the two processes costs more than the checks):
+    each recipe's DDP step with and without the all-reduce, then the uncompiled and the compiled accumulation."""
+    steps = {(name, reduced): _one_ddp_step(rank, reduced, model)
+             for name, model in TWO_RANK_MODELS.items() for reduced in (True, False)}
+    return {"steps": steps, "storages": _gradient_storages(rank), "allreduces": _count_allreduces(rank)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return run_two_ranks(_all_two_rank_checks)
+
+
+@pytest.mark.parametrize("name", list(TWO_RANK_MODELS))
+def test_two_ranks_take_the_step_of_one_rank_accumulating(two_ranks, name):
     """One optimizer step, 2 ranks x 4 sequences (DDP) vs 1 process x 2 micro-batches of 4: the same gradients (to
     float32 rounding) and the same update (to the optimizer's rounding), under Muon. Without the all-reduce the same
     comparison fails."""
     from fwray.core.engine import Engine
 
     x, y = fixed_batch()
-    single = Engine.build(model, dataclasses.replace(STEP_TRAIN, gradient_accumulation_steps=2),
+    single = Engine.build(TWO_RANK_MODELS[name], dataclasses.replace(STEP_TRAIN, gradient_accumulation_steps=2),
                           torch.device("cpu"))
     owners = optimizer_of(single)
     _, _, grads, updates = look_at_step(single, lambda micro: (x[4 * micro: 4 * micro + 4], y[4 * micro: 4 * micro + 4]))
 
-    ranks = run_two_ranks(_one_ddp_step, True, model)
+    ranks = [r["steps"][name, True] for r in two_ranks]
     as_torch = lambda arrays: {n: torch.from_numpy(a) for n, a in arrays.items()}  # noqa: E731
     for r in ranks:
         assert_same_grads(as_torch(r["grads"]), grads)
@@ -169,7 +185,7 @@ def test_two_ranks_take_the_step_of_one_rank_accumulating(model):
     for n in updates:
         assert (ranks[0]["updates"][n] == ranks[1]["updates"][n]).all(), n
 
-    unreduced = run_two_ranks(_one_ddp_step, False, model)[0]
+    unreduced = two_ranks[0]["steps"][name, False]
     mismatch = update_mismatch(as_torch(unreduced["updates"]), updates, owners)
     assert max(mismatch.values()) > 1, mismatch
 
@@ -203,9 +219,9 @@ def _count_allreduces(rank: int) -> tuple[bool, list[list[int]]]:
     return engine.compiled, per_step
 
 
-def test_compiled_ddp_all_reduces_once_per_optimizer_step():
+def test_compiled_ddp_all_reduces_once_per_optimizer_step(two_ranks):
     """Gradient accumulation under DDP skips the all-reduce on all but the last micro-step, with torch.compile too."""
-    for rank, (compiled, per_step) in enumerate(run_two_ranks(_count_allreduces)):
+    for rank, (compiled, per_step) in enumerate(r["allreduces"] for r in two_ranks):
         assert compiled
         for calls in per_step:  # each bucket all-reduced once a step, not once a micro-step (4 here)
             assert calls and len(calls) == len(set(calls)), (rank, per_step)
@@ -243,10 +259,10 @@ def _gradient_storages(rank: int) -> list[tuple[set[int], list[list[int | None]]
     return per_step
 
 
-def test_ddp_accumulates_into_its_buckets():
+def test_ddp_accumulates_into_its_buckets(two_ranks):
     """Under DDP every micro-step's gradients are views of the all-reduce buckets, on every optimizer step: no
     second, full-size copy of them beside the buckets (which the single-process probe's peak would not include)."""
-    for rank, per_step in enumerate(run_two_ranks(_gradient_storages)):
+    for rank, per_step in enumerate(r["storages"] for r in two_ranks):
         for step, (buckets, grads) in enumerate(per_step):
             assert buckets and len(grads) == ACCUMULATING.gradient_accumulation_steps - 1
             for storages in grads:
