@@ -47,13 +47,14 @@ def yardstick_file(tmp_path_factory, corpus) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(ray_session, tmp_path_factory, cache, yardstick_file) -> dict:
-    """The tiny smoke run, 1 worker x 2 micro-steps, 24 steps, with a yardstick: the reference of the
-    fault-tolerance and the two-worker tests. Its figures are read now; a test that resumes it later changes only
-    the files."""
+    """The tiny smoke run, 1 worker x 2 micro-steps, 24 steps, with a yardstick: what the cluster's 2-worker run is
+    compared with, and what the resume test continues. Its figures are read now; a test that resumes it later changes
+    only the files."""
+    from bucket import ROWS
     from pipeline import ONE_WORKER, TINY, history, run_smoke, top_run
 
     folder = tmp_path_factory.mktemp("tiny-run")
-    exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER, f"yardstick.path={yardstick_file}"])
+    exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER, ROWS, f"yardstick.path={yardstick_file}"])
     run = top_run(client)
     return {"folder": folder, "exp": exp, "client": client, "run": run,
             "val": history(client, run.info.run_id, "val_loss"),
@@ -84,12 +85,21 @@ def two_nodes(s3_store):
         cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def cluster_run(two_nodes, s3_store, tmp_path_factory, yardstick_file) -> dict:
+    """The tiny smoke run on the two-node cluster, 2 workers, cache and checkpoints on the bucket (tests/bucket.py)."""
+    from bucket import cluster_run
+
+    return cluster_run(two_nodes, s3_store, tmp_path_factory.mktemp("cluster-run"), yardstick_file)
+
+
 # The suite runs on two xdist workers (pyproject's addopts: -n 2 --dist loadgroup). A group runs whole on one worker:
-# each module is a group, so its module fixtures are built once, except that the modules using one of the session's
-# shared runs are one group, so the run is made once. The groups that take longest start first (--no-loadscope-reorder
+# each module is a group, so its module fixtures are built once, except that the modules using the session's shared
+# runs are one group, so each run is made once. The groups that take longest start first (--no-loadscope-reorder
 # keeps this order), so neither worker is left with a long one at the end.
-SHARED_RUNS = ("two_nodes", "tiny_run")
-LONGEST_FIRST = ("two_nodes", "tiny_run", "test_tracking", "test_probe", "test_gpu_check")
+SHARED_RUNS = ("two_nodes", "tiny_run", "cluster_run")
+SHARED_GROUP = "shared-runs"
+LONGEST_FIRST = (SHARED_GROUP, "test_tracking", "test_probe", "test_gpu_check")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -97,9 +107,9 @@ def pytest_collection_modifyitems(config, items):
     modules: dict[str, str] = {}
     for item in items:
         module = Path(item.fspath).stem
-        shared = next((f for f in SHARED_RUNS if f in item.fixturenames), None)
-        if shared or module not in modules:
-            modules[module] = shared or modules.get(module, module)
+        if any(f in item.fixturenames for f in SHARED_RUNS):
+            modules[module] = SHARED_GROUP
+        modules.setdefault(module, module)
     group = {item: modules[Path(item.fspath).stem] for item in items}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group[item]))

@@ -1,4 +1,6 @@
-"""Two CPU workers (DDP over gloo) x 1 micro-step train like one worker x 2 micro-steps: the same global batches.
+"""Two CPU workers (DDP over gloo) x 1 micro-step train like one worker x 2 micro-steps: the same global batches. The
+two-worker run is the suite's run on the two-node cluster (tests/bucket.py), the one-worker run the local `tiny_run`:
+both read the same windows, from shards cut the same way.
 
 Worker `rank`'s micro-step m reads global micro-batch m * world_size + rank (fwray.core.loader.Batches), and evaluation
 shares validation batches 0..eval_iters-1 out between the ranks, so both setups see exactly the same sequences and
@@ -16,7 +18,6 @@ import torch
 
 from fwray import config
 from fwray.core.loader import Batches, TokenShards
-from pipeline import TINY, TWO_WORKERS, history, run_smoke, top_run
 from steps import assert_same_grads, assert_same_update, fixed_batch, look_at_step, optimizer_of, update_mismatch
 
 
@@ -42,17 +43,8 @@ def test_global_batch_does_not_depend_on_the_split(tmp_path):
     assert torch.equal(two[1].val_batch(3)[0], one.val_batch(3)[0])  # validation does not depend on the rank
 
 
-@pytest.fixture(scope="module")
-def two_workers(ray_session, tmp_path_factory, cache, yardstick_file) -> dict:
-    folder = tmp_path_factory.mktemp("two-workers")
-    _, client = run_smoke(folder, cache, [*TINY, *TWO_WORKERS, f"yardstick.path={yardstick_file}"])
-    run = top_run(client)
-    return {"run": run, "val": history(client, run.info.run_id, "val_loss"),
-            "yardstick": history(client, run.info.run_id, "yardstick_val_loss")}
-
-
-def test_two_workers_match_one_worker_with_accumulation(two_workers, tiny_run):
-    two, one = two_workers, tiny_run  # 2 workers x 1 micro-step; 1 worker x 2 micro-steps
+def test_two_workers_match_one_worker_with_accumulation(cluster_run, tiny_run):
+    two, one = cluster_run, tiny_run  # 2 workers x 1 micro-step (one on each node); 1 worker x 2 micro-steps
     assert two["run"].data.params["resources.num_workers"] == "2"
     assert one["run"].data.params["resources.num_workers"] == "1"
     assert two["run"].data.params["plan.tokens_per_step"] == one["run"].data.params["plan.tokens_per_step"] == "512"
@@ -65,10 +57,10 @@ def test_two_workers_match_one_worker_with_accumulation(two_workers, tiny_run):
         assert abs(two["val"][step] - one["val"][step]) <= 1e-2, (two["val"], one["val"])
 
 
-def test_two_workers_share_the_yardstick_and_report_it_at_every_evaluation(two_workers, tiny_run, yardstick_file):
+def test_two_workers_share_the_yardstick_and_report_it_at_every_evaluation(cluster_run, tiny_run, yardstick_file):
     """The yardstick file reaches the Ray workers; its windows, shared out between the ranks, add up to the same
     figure as one worker's (the same tolerance as val_loss: only the trained weights differ in summation order)."""
-    two, one = two_workers, tiny_run
+    two, one = cluster_run, tiny_run
     assert sorted(two["yardstick"]) == sorted(one["yardstick"]) == [0, 8, 16, 24]
     assert two["yardstick"][0] == pytest.approx(one["yardstick"][0], abs=1e-5)  # the same initial weights
     for step in (8, 16, 24):
