@@ -1,4 +1,4 @@
-"""The OOM probe: memory estimates (pure), the verdict (pure), a real Ray Tune sweep on CPU, and fwray.run with it."""
+"""The OOM probe: memory estimates (pure), the verdict (pure), and a real Ray Tune sweep on CPU inside fwray.run."""
 import json
 import os
 from pathlib import Path
@@ -12,7 +12,7 @@ from fwray.config import ModelConfig, TrainConfig
 from fwray.core import layers, memory
 from fwray.core.model import GPT, count_params
 from fwray.errors import ProbeError
-from fwray.probe import sweep as probe, trial
+from fwray.probe import trial
 from fwray.probe.verdict import apply_verdict, decide, probe_accumulation, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,41 +193,6 @@ def test_verdict_says_when_the_ceiling_was_not_found():
 # ---------------------------------------------------------------- the sweep, for real
 
 
-def test_tune_sweep_admits_some_rejects_others_and_survives_oom(ray_session, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    exp = tiny()
-    peaks = {b: memory.estimate_peak_bytes(exp.model, exp.train, b,
-                                           accumulation=probe_accumulation(exp, b))["reserved"]
-             / trial.GIB for b in (1, 2, 4, 8)}
-    cap = (peaks[4] + peaks[8]) / 2 / 0.9  # 1, 2 and 4 fit the limit, 8 does not
-    exp = exp.with_changes("probe", gpu_memory_gb=cap).with_changes("tracking", uri=f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv(trial.INJECT_ENV, "4,1:eval")  # 4 runs out at step 1, 1 during its evaluation
-    verdict = probe.run_probe(exp, None, None, out_dir=tmp_path / "probe")  # as `python -m fwray.probe` runs it
-
-    rows = {r["batch_size"]: r for r in verdict["candidates"]}
-    assert [rows[b]["fits"] for b in (1, 2, 4, 8)] == [False, True, False, False]
-    assert rows[4]["status"] == "oom" and rows[4]["reason"].startswith("OOM at step 1")
-    assert rows[1]["reason"].startswith("OOM during eval")
-    assert rows[8]["status"] == "ok" and rows[8]["peak_gb"] > verdict["limit_gb"]
-    assert rows[2]["tokens_per_s"] > 0 and rows[2]["method"] == "cpu-estimate"
-    # what the trial ran on: no CUDA allocator here, and the CPU's fused attention kernel for fp32
-    assert rows[2]["allocator"] is None and rows[2]["sdpa_backend"] == "flash_attention"
-    chosen = verdict["chosen"]
-    assert chosen["batch_size"] == 2 and chosen["tokens_per_step"] == exp.tokens_per_step
-    assert json.loads((tmp_path / "probe" / "verdict.json").read_text())["chosen"] == chosen
-
-    client = MlflowClient(tracking_uri=exp.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name("probe-test").experiment_id])
-    top = [r for r in runs if r.data.tags.get("fwray.kind") == "probe"]
-    assert len(top) == 1 and "mlflow.parentRunId" not in top[0].data.tags  # started alone: a top-level run
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id]
-    assert sorted(int(r.data.params["batch_size"]) for r in trials) == [1, 2, 4, 8]
-    assert {int(r.data.params["batch_size"]): r.data.metrics["fits"] for r in trials} == {1: 0, 2: 1, 4: 0, 8: 0}
-    assert {r.data.params["sdpa_backend"] for r in trials} == {"flash_attention"}
-    assert [a.path for a in client.list_artifacts(top[0].info.run_id)] == ["verdict.json"]
-
-
 def test_ray_workers_start_with_both_allocator_variables(ray_session):
     from fwray.core import hardware
 
@@ -239,23 +204,38 @@ def test_ray_workers_start_with_both_allocator_variables(ray_session):
     assert seen == [os.environ[name] for name in hardware.ALLOC_CONF_ENVS] and all(seen)
 
 
-def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path, cache):
+def test_run_probes_admits_some_rejects_others_survives_oom_and_trains_with_the_chosen_size(ray_session, tmp_path,
+                                                                                           cache, monkeypatch):
+    """fwray.run with the probe on: a real Ray Tune sweep of 4 trials on this CPU against a pretend 0.2 GB card
+    (experiments/probe-cpu.yaml), one trial running out of memory during a step and one during its evaluation, then
+    the training run at the size the verdict chose, its accumulation adjusted to keep the tokens per step."""
     from mlflow.tracking import MlflowClient
 
     from fwray import run
 
     exp = config.load(PROBE_CPU, [
-        "probe.batch_sizes=[4, 8]", "train.max_iters=4", "train.eval_interval=4", "train.log_interval=2",
+        "train.max_iters=4", "train.eval_interval=4", "train.log_interval=2",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"resources.storage_path={tmp_path}/runs",
         f"data.cache_dir={cache}",  # the smoke sample's shared cache
         "tracking.register_model=false"])  # test_tracking's runs register theirs
+    assert exp.probe.batch_sizes == (2, 4, 8, 16)  # the estimate fits 2 and 4 below the cap, not 8 or 16
+    monkeypatch.setenv(trial.INJECT_ENV, "16,2:eval")  # 16 runs out at step 1, 2 during its evaluation
     assert run.run(exp) == 0
 
     run_dir = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir() and (p / "config.yaml").is_file())
     trained = config.load(run_dir / "config.yaml")
     verdict = json.loads((run_dir / "probe" / "verdict.json").read_text())
-    assert trained.train.batch_size == verdict["chosen"]["batch_size"] == 4  # 4 fits 0.2 GB, 8 does not
+    rows = {r["batch_size"]: r for r in verdict["candidates"]}
+    assert [rows[b]["fits"] for b in (2, 4, 8, 16)] == [False, True, False, False]
+    assert rows[16]["status"] == "oom" and rows[16]["reason"].startswith("OOM at step 1")
+    assert rows[2]["reason"].startswith("OOM during eval")
+    assert rows[8]["status"] == "ok" and rows[8]["peak_gb"] > verdict["limit_gb"]
+    assert rows[4]["tokens_per_s"] > 0 and rows[4]["method"] == "cpu-estimate"
+    # what the trial ran on: no CUDA allocator here, and the CPU's fused attention kernel for fp32
+    assert rows[4]["allocator"] is None and rows[4]["sdpa_backend"] == "flash_attention"
+    assert trained.train.batch_size == verdict["chosen"]["batch_size"] == 4
     assert trained.train.gradient_accumulation_steps == 4 and trained.tokens_per_step == exp.tokens_per_step
+    assert verdict["chosen"]["tokens_per_step"] == exp.tokens_per_step
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("probe-cpu").experiment_id])
@@ -263,3 +243,7 @@ def test_run_with_the_probe_trains_with_the_chosen_size(ray_session, tmp_path, c
     assert parent.data.params["train.batch_size"] == "4"
     probe_run = next(r for r in runs if r.data.tags.get("fwray.kind") == "probe")
     assert probe_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == probe_run.info.run_id]
+    assert {int(r.data.params["batch_size"]): r.data.metrics["fits"] for r in trials} == {2: 0, 4: 1, 8: 0, 16: 0}
+    assert {r.data.params["sdpa_backend"] for r in trials} == {"flash_attention"}
+    assert [a.path for a in client.list_artifacts(probe_run.info.run_id)] == ["verdict.json"]
