@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from cluster import Cluster, fwray
-from pipeline import TINY, TWO_WORKERS, history, top_run
+from pipeline import TINY, TWO_WORKERS, history, sqlite_store, top_run
 from s3server import BUCKET, S3Server
 
 CACHE = f"s3://{BUCKET}/cache"
@@ -21,7 +21,7 @@ ROWS = "data.rows_per_task=60"
 def settings(folder: Path, runs: str) -> list[str]:
     """A run with its cache and its runs on the bucket, MLflow in a sqlite file of its own."""
     return [f"data.cache_dir={CACHE}", f"resources.storage_path=s3://{BUCKET}/{runs}", ROWS,
-            f"tracking.uri=sqlite:///{folder / 'mlflow.db'}", "tracking.register_model=false", *TINY, *TWO_WORKERS]
+            f"tracking.uri={sqlite_store(folder / 'mlflow.db')}", "tracking.register_model=false", *TINY, *TWO_WORKERS]
 
 
 def driver_env(s3_store: S3Server, folder: Path) -> dict[str, str]:

@@ -18,11 +18,30 @@ ONE_WORKER = ["resources.num_workers=1", "train.gradient_accumulation_steps=2"] 
 TWO_WORKERS = ["resources.num_workers=2", "train.gradient_accumulation_steps=1"]  # the same 512
 
 
+_EMPTY_STORE: list[Path] = []
+
+
+def sqlite_store(path: Path) -> str:
+    """The URI of an MLflow sqlite store at `path`, made as a copy of one empty store that MLflow created (and migrated
+    to its schema) once in this process: creating one costs ~2.5 s, and the suite uses dozens."""
+    import shutil
+    import tempfile
+
+    if not _EMPTY_STORE:
+        empty = Path(tempfile.mkdtemp(prefix="fwray-empty-store-")) / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()
+        _EMPTY_STORE.append(empty)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_EMPTY_STORE[0], path)
+    return f"sqlite:///{path}"
+
+
 def run_smoke(folder: Path, cache: Path, overrides=(), resume=False):
     """fwray.run on the smoke experiment; returns (resolved experiment as loaded, MLflow client)."""
     from fwray import run as fwrun
 
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder / "mlflow.db")
     # no registered MLflow model (~5 s a run): test_tracking's runs register and serve theirs
     exp = config.load(SMOKE, [f"tracking.uri={uri}", f"resources.storage_path={folder / 'runs'}",
                               f"data.cache_dir={cache}", "tracking.register_model=false", *overrides])

@@ -14,6 +14,7 @@ from fwray import config
 from fwray import eval as fw_eval
 from fwray.core import bpb, checkpoint, engine, hellaswag, loader, tokens
 from fwray.core.model import GPT
+from pipeline import sqlite_store
 
 TINY = config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
 
@@ -280,7 +281,7 @@ def test_a_malformed_line_is_one_error_naming_its_line(tmp_path, capsys, line, w
 def store(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     return uri, client, client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
 

@@ -7,6 +7,7 @@ import torch
 from fwray import config, export, sample
 from fwray.core import checkpoint, tokens
 from fwray.core.model import GPT, encode_prompt
+from pipeline import sqlite_store
 
 transformers = pytest.importorskip("transformers")  # the dev (and export) extra
 
@@ -129,7 +130,7 @@ def test_a_failed_write_leaves_no_export(tmp_path, monkeypatch):
 
 
 def test_unknown_run_id_is_one_line_exit_2(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     rc = export.main(["--run-id", "0123456789abcdef0123456789abcdef", "--tracking-uri", uri, str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and len(fwray_lines(err)) == 1 and "no MLflow run" in err

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fwray import config
-from pipeline import ONE_WORKER, SMOKE, TINY, history, latest_run_dir, run_smoke, top_run
+from pipeline import ONE_WORKER, SMOKE, TINY, history, latest_run_dir, run_smoke, sqlite_store, top_run
 
 
 def test_resume_continues_the_same_mlflow_run(tiny_run, cache):
@@ -34,7 +34,7 @@ def test_resume_continues_the_same_mlflow_run(tiny_run, cache):
 def test_resume_without_an_earlier_run_is_one_line(tmp_path, cache):
     from fwray import run as fwrun
 
-    exp = config.load(SMOKE, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    exp = config.load(SMOKE, [f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}",
                               f"resources.storage_path={tmp_path / 'runs'}"])
     with pytest.raises(fwrun.ResumeError, match="--resume: no earlier run"):
         fwrun.run(exp, resume=True)
@@ -43,7 +43,7 @@ def test_resume_without_an_earlier_run_is_one_line(tmp_path, cache):
 def test_split_smaller_than_a_window_stops_before_training_in_one_line(ray_session, tmp_path, cache, capsys):
     from fwray import run as fwrun
 
-    rc = fwrun.main([str(SMOKE), "model.block_size=60000", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    rc = fwrun.main([str(SMOKE), "model.block_size=60000", f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}",
                      f"resources.storage_path={tmp_path / 'runs'}", f"data.cache_dir={cache}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fwray:")]
     assert rc == 2 and len(err) == 1, err
@@ -58,7 +58,7 @@ def test_a_validation_split_without_documents_names_the_split_and_the_setting(ra
     from fwray import run as fwrun
 
     rc = fwrun.main([str(SMOKE.with_name("4070.yaml")), f"data.paths=[{SMOKE.with_name('smoke-sample.parquet')}]",
-                     f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"resources.storage_path={tmp_path / 'runs'}",
+                     f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}", f"resources.storage_path={tmp_path / 'runs'}",
                      f"data.cache_dir={tmp_path / 'cache'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fwray:")]
     assert rc == 2 and len(err) == 1, err
@@ -77,7 +77,7 @@ def test_a_workers_deterministic_error_is_not_retried(ray_session, tmp_path):
     (tmp_path / "short.bin").write_bytes(tokens.read_bytes()[:20])  # 10 tokens
     (tmp_path / "run").mkdir()
     job = trainer.TrainJob(exp=exp, train_files=(str(tokens),), val_files=(str(tmp_path / "short.bin"),),
-                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id="0" * 32,
+                           tracking_uri=sqlite_store(tmp_path / 'mlflow.db'), run_id="0" * 32,
                            run_dir=str(tmp_path / "run"))
     with pytest.raises(trainer.TrainingStopped, match="holds 10 tokens, fewer than block_size") as stopped:
         trainer.fit(job, "deterministic")

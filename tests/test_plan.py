@@ -15,6 +15,7 @@ from fwray.plan import family as cand
 from fwray.plan import __main__ as plan_cli
 from fwray.plan import figures, planner as plan, scaling
 from fwray.plan.family import Target
+from pipeline import sqlite_store
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = ROOT / "experiments" / "full.yaml"
@@ -250,7 +251,7 @@ def run_main(capsys, *argv):
 def test_write_gives_an_experiment_fwray_run_accepts_with_the_plan_s_figures(tmp_path, capsys):
     out = tmp_path / "planned.yaml"
     code, text, err = run_main(capsys, FULL, "--hours", 12, "--gpu", "RTX 4070", "--train-tokens", 7e8,
-                               "--depths", "11-12", "--write", out, f"tracking.uri=sqlite:///{tmp_path}/m.db")
+                               "--depths", "11-12", "--write", out, f"tracking.uri={sqlite_store(tmp_path / 'm.db')}")
     assert code == 0, err
     assert "recommended: depth" in text and f"wrote {out}" in text
     head = out.read_text().split("\nname:")[0]
@@ -266,7 +267,7 @@ def test_write_gives_an_experiment_fwray_run_accepts_with_the_plan_s_figures(tmp
     params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db").get_run(run_id).data.params
     assert float(params["slowest_seconds"]) > float(params["predicted_seconds"]) and params["mfu_band"] == "60–82%"
     code, _, err = run_main(capsys, FULL, "--hours", 12, "--gpu", "RTX 4070", "--train-tokens", 7e8, "--write", out,
-                            f"tracking.uri=sqlite:///{tmp_path}/m.db")
+                            f"tracking.uri={sqlite_store(tmp_path / 'm.db')}")
     assert code == 2 and err.count("\n") == 1 and "--force" in err
 
 
@@ -279,7 +280,7 @@ def test_write_gives_an_experiment_fwray_run_accepts_with_the_plan_s_figures(tmp
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     hours = [] if "--hours" in argv else ["--hours", "12"]
-    code, _, err = run_main(capsys, FULL, *hours, *argv, f"tracking.uri=sqlite:///{tmp_path}/m.db")
+    code, _, err = run_main(capsys, FULL, *hours, *argv, f"tracking.uri={sqlite_store(tmp_path / 'm.db')}")
     assert code == 2
     assert err.startswith("fwray: error: ") and err.count("\n") == 1 and message in err, err
 
@@ -292,7 +293,7 @@ def test_measure_on_cpu_times_the_best_shapes_and_writes_their_figures(ray_sessi
     fwray.run compares its time with (bench/plan_bench.py trains such files and shows how close they come)."""
     from mlflow.tracking import MlflowClient
 
-    where = [f"tracking.uri=sqlite:///{tmp_path}/m.db", "model.block_size=32", "train.batch_size=4",
+    where = [f"tracking.uri={sqlite_store(tmp_path / 'm.db')}", "model.block_size=32", "train.batch_size=4",
              "train.eval_iters=2"]
     out = tmp_path / "planned.yaml"
     code, text, err = run_main(capsys, SMOKE, "--hours", 0.05, "--gpu", "cpu", "--measure", "--depths", "1",

@@ -14,6 +14,7 @@ from fwray.core.model import GPT, count_params
 from fwray.errors import ProbeError
 from fwray.probe import trial
 from fwray.probe.verdict import apply_verdict, decide, probe_accumulation, table
+from pipeline import sqlite_store
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_CPU = ROOT / "experiments" / "probe-cpu.yaml"
@@ -215,7 +216,7 @@ def test_run_probes_admits_some_rejects_others_survives_oom_and_trains_with_the_
 
     exp = config.load(PROBE_CPU, [
         "train.max_iters=4", "train.eval_interval=4", "train.log_interval=2",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"resources.storage_path={tmp_path}/runs",
+        f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}", f"resources.storage_path={tmp_path}/runs",
         f"data.cache_dir={cache}",  # the smoke sample's shared cache
         "tracking.register_model=false"])  # test_tracking's runs register theirs
     assert exp.probe.batch_sizes == (2, 4, 8, 16)  # the estimate fits 2 and 4 below the cap, not 8 or 16

@@ -12,6 +12,7 @@ from fwray.core import checkpoint, tokens
 from fwray.core.model import GPT
 from fwray.data import report as data_report
 from fwray.train import artifacts
+from pipeline import sqlite_store
 
 EXP = config.Experiment(name="tiny", model=config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
 
@@ -74,7 +75,7 @@ def test_missing_tokenizer_is_one_line_exit_2(model_folder, monkeypatch, capsys)
 def test_unknown_run_and_run_without_model_are_one_line_exit_2(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(client.create_experiment("e"))
     rc, _, err = run_cli(capsys, "--run-id", "0123456789abcdef0123456789abcdef", "--tracking-uri", uri)
@@ -91,7 +92,7 @@ def fwray_lines(err: str) -> int:
 def test_run_id_from_a_local_store(model_folder, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp_id).info.run_id

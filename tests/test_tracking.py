@@ -27,6 +27,7 @@ from fwray.core.model import generate_text
 from fwray.tracking import __main__ as tracking_command
 from fwray.tracking import live, records as outbox, store as tracking, tags
 from fwray.tracking.tracker import Tracker
+from pipeline import sqlite_store
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -57,7 +58,7 @@ class Server:
 
     def command(self) -> tuple[list[str], dict]:
         cmd = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+               "--backend-store-uri", sqlite_store(self.folder / "mlflow.db"),
                "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
         return cmd, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -453,7 +454,7 @@ def test_not_required_falls_back_to_the_local_store(tmp_path, monkeypatch, capsy
 
 def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
     """A logger whose store is gone: one warning, all records kept; replay into the real store, once."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=store)
     exp_id = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp_id).info.run_id
@@ -487,7 +488,7 @@ def test_logger_outage_keeps_everything_and_replay_logs_it(tmp_path, capsys):
 def test_mlflow_batches_and_cuts_what_fwray_hands_it(tmp_path):
     """fwray neither chunks nor truncates: MlflowClient.log_batch splits the requests and the store cuts a param value
     over 6000 characters. Here more params than one request holds, one of them too long, in one logger call."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=store)
     run_id = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     log = live.RunLogger(store, run_id, tmp_path / "run")
@@ -509,7 +510,7 @@ def test_every_run_is_a_child_of_the_tracker_nested_or_top_level(tmp_path, monke
     from fwray.probe import sweep, verdict as verdicts
 
     monkeypatch.chdir(tmp_path)  # the plan writes its files under .fwray/plan
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_store(tmp_path / "mlflow.db")
     exp = config.load(SMOKE, [f"tracking.uri={store}", f"data.cache_dir={cache}"])
     cache_dir, manifest = prepare.prepare(exp)
     rows = [{"batch_size": b, "activation_checkpointing": False, "compile": None, "status": "ok", "reason": "",
