@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray per test session (ray.init costs ~10 s here), the corpus, tiktoken's cache."""
+import json
 import os
 from pathlib import Path
 
@@ -46,19 +47,39 @@ def yardstick_file(tmp_path_factory, corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(ray_session, tmp_path_factory, cache, yardstick_file) -> dict:
+def tiny_run(request, tmp_path_factory, worker_id) -> dict:
     """The tiny smoke run, 1 worker x 2 micro-steps, 24 steps, with a yardstick: what the cluster's 2-worker run is
-    compared with, and what the resume test continues. Its figures are read now; a test that resumes it later changes
-    only the files."""
+    compared with, and what the resume test continues. Made once a session, by the first xdist worker that asks for
+    it (the others wait for it under a file lock); its figures and its MLflow run are read when it ends, so a test
+    that resumes it later changes only the files and the store."""
+    from filelock import FileLock
+    from mlflow.entities import Run
+    from mlflow.protos.service_pb2 import Run as RunProto
+    from mlflow.tracking import MlflowClient
+
     from bucket import ROWS
     from pipeline import ONE_WORKER, TINY, history, run_smoke, top_run
 
-    folder = tmp_path_factory.mktemp("tiny-run")
-    exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER, ROWS, f"yardstick.path={yardstick_file}"])
-    run = top_run(client)
-    return {"folder": folder, "exp": exp, "client": client, "run": run,
-            "val": history(client, run.info.run_id, "val_loss"),
-            "yardstick": history(client, run.info.run_id, "yardstick_val_loss")}
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent  # the folder above every worker's own
+    record = shared / "tiny-run.json"
+    with FileLock(shared / "tiny-run.lock"):
+        if not record.exists():
+            request.getfixturevalue("ray_session")
+            folder, yardstick = tmp_path_factory.mktemp("tiny-run"), request.getfixturevalue("yardstick_file")
+            _, client = run_smoke(folder, request.getfixturevalue("cache"),
+                                  [*TINY, *ONE_WORKER, ROWS, f"yardstick.path={yardstick}"])
+            run = top_run(client)
+            record.write_text(json.dumps({
+                "folder": str(folder), "uri": client.tracking_uri, "yardstick_file": str(yardstick),
+                "run": run.to_proto().SerializeToString().hex(),
+                "val": history(client, run.info.run_id, "val_loss"),
+                "yardstick": history(client, run.info.run_id, "yardstick_val_loss")}))
+    made = json.loads(record.read_text())
+    return {"folder": Path(made["folder"]), "client": MlflowClient(tracking_uri=made["uri"]),
+            "run": Run.from_proto(RunProto.FromString(bytes.fromhex(made["run"]))),
+            "yardstick_file": Path(made["yardstick_file"]),
+            **{name: {int(step): v for step, v in made[name].items()} for name in ("val", "yardstick")}}
 
 
 @pytest.fixture(scope="session")
@@ -94,12 +115,13 @@ def cluster_run(two_nodes, s3_store, tmp_path_factory, yardstick_file) -> dict:
 
 
 # The suite runs on two xdist workers (pyproject's addopts: -n 2 --dist loadgroup). A group runs whole on one worker:
-# each module is a group, so its module fixtures are built once, except that the modules using the session's shared
-# runs are one group, so each run is made once. The groups that take longest start first (--no-loadscope-reorder
-# keeps this order), so neither worker is left with a long one at the end.
-SHARED_RUNS = ("two_nodes", "tiny_run", "cluster_run")
-SHARED_GROUP = "shared-runs"
-LONGEST_FIRST = (SHARED_GROUP, "test_tracking", "test_probe", "test_gpu_check")
+# each module is a group, so its module fixtures are built once, except that the modules using the two-node cluster
+# are one group, so the cluster and its run are made once (`tiny_run` is made once by a file lock instead). The groups
+# that take longest start first (--no-loadscope-reorder keeps this order), so neither worker is left with a long one
+# at the end; the fault-tolerance module, first on the other worker, makes `tiny_run` before the cluster group wants it.
+SHARED_RUNS = ("two_nodes", "cluster_run")
+SHARED_GROUP = "cluster"
+LONGEST_FIRST = (SHARED_GROUP, "test_fault_tolerance", "test_gpu_check", "test_tracking", "test_probe")
 
 
 @pytest.hookimpl(tryfirst=True)

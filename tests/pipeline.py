@@ -9,13 +9,13 @@ from fwray import config
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-# the smoke experiment shrunk (1 layer x 16 wide, 4 x 64 tokens a micro-step) so that a run costs seconds of training,
+# the smoke experiment shrunk (1 layer x 16 wide, 4 x 32 tokens a micro-step) so that a run costs seconds of training,
 # in the modern recipe (Muon, WSD, epoch sampling): the smoke run itself covers gpt2 with AdamW end to end
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.recipe=modern", "train.batch_size=4",
-        "train.eval_iters=4", "train.warmup_iters=2", "train.log_interval=4", "train.eval_interval=8",
-        "train.max_iters=24"]
-ONE_WORKER = ["resources.num_workers=1", "train.gradient_accumulation_steps=2"]  # 512 tokens a step
-TWO_WORKERS = ["resources.num_workers=2", "train.gradient_accumulation_steps=1"]  # the same 512
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=32", "model.recipe=modern",
+        "train.batch_size=4", "train.eval_iters=4", "train.warmup_iters=2", "train.log_interval=4",
+        "train.eval_interval=8", "train.max_iters=24"]
+ONE_WORKER = ["resources.num_workers=1", "train.gradient_accumulation_steps=2"]  # 256 tokens a step
+TWO_WORKERS = ["resources.num_workers=2", "train.gradient_accumulation_steps=1"]  # the same 256
 
 
 _EMPTY_STORE: list[Path] = []
