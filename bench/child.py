@@ -1,9 +1,11 @@
-"""One function run in a fresh spawned process under a time limit, killed at the limit. Standard library only.
+"""One function run in a fresh process under a time limit, killed at the limit. Standard library only.
 
 The GPU check runs each section this way: a crash (or an OOM, or a CUDA error that poisons the context) costs that
 section alone, and a section that hangs is killed at its limit together with what it started (Inductor's compile
 workers), so its GPU memory is free again before the next section starts. A fresh process also measures its own
-CUDA context only: the caller never initialises CUDA.
+CUDA context only: neither the caller nor the fork server that starts the processes initialises CUDA. The fork
+server imports the function's module once (torch and fwray: seconds a section on a GPU machine), and each section's
+process is forked from it.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ GRACE_S = 5  # after SIGTERM, before SIGKILL
 
 
 def run_in_child(fn, args: tuple, limit_s: float) -> dict:
-    """fn(*args) in a fresh spawned process; its dict result, or {"error": ...} when it raised or died, or
-    {"killed": ...} when it ran past `limit_s` (it and its process group are then killed and reaped). Every result
-    carries the child's "pid" and "seconds"."""
-    ctx = multiprocessing.get_context("spawn")
+    """fn(*args) in a fresh process (forked from a server that imported fn's module once); its dict result, or
+    {"error": ...} when it raised or died, or {"killed": ...} when it ran past `limit_s` (it and its process group are
+    then killed and reaped). Every result carries the child's "pid" and "seconds"."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([fn.__module__])  # read when the server starts: the first call's module
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, args))  # not daemonic: it may start processes of its own
     start = time.monotonic()
