@@ -10,6 +10,9 @@ SHARED = Path(os.environ.get("FWRAY_SHARED", ROOT.parent / "shared"))  # a check
 CORPUS = SHARED / "corpus" / "python-docs.parquet"
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 
+# the suite runs on two xdist workers (below): one compute thread each, and in everything they start (Ray's workers,
+# subprocesses), or two 2-thread pools on two cores spend their time waiting for each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 # absolute: tests start fwray in other working directories, and the README's command sets a relative path
 os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
