@@ -17,10 +17,10 @@ it is not worse beyond the two seeds' spread.
 Token files: --data's parquet files, tokenized with fwray.core.tokens and split by document id as fwray.prepare does,
 written as train.bin and val.bin under --tokens (reused when there: tokenize here, carry the folder to a GPU machine).
 
-The cpu preset: 4 layers x 128 wide, block 128, 100 steps of 8 x 128 tokens per arm. The 50304-token embedding and
+The cpu preset: 4 layers x 128 wide, block 128, 50 steps of 8 x 128 tokens per arm. The 50304-token embedding and
 head (6.4M parameters each, beside 0.8M in the blocks) make most of a step's cost at any width a CPU can afford:
-this shape is what lets the runs fit in minutes (cut to --steps 60, as the README's table, an arm takes ~50 s on 2
-busy cores: all 18 in ~15 minutes).
+this shape is what lets the runs fit in minutes (an arm ~42 s on 2 cores, all 18 in under 15 minutes; at
+--steps 100 an arm takes ~85 s and all 18 ~26 minutes).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from fwray.core.tokens import encode_documents, get_tokenizer, is_validation  # 
 
 PRESETS = {
     "cpu": {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
-            "train": {"batch_size": 8, "max_iters": 100, "eval_interval": 20, "eval_iters": 2, "eval_batch_size": 16,
+            "train": {"batch_size": 8, "max_iters": 50, "eval_interval": 10, "eval_iters": 2, "eval_batch_size": 16,
                       "log_interval": 10, "warmup_iters": 10, "compile": False},
             "data": [CORPUS / "python-docs.parquet"], "seeds": (1337, 1338),
             "arms": "gpt2,modern,+split_qkv,+embed_norm,+momentum_warmup,+muon_wd_0,+decay_0.5,+value_embeds,"
