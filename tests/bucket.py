@@ -38,7 +38,7 @@ def cluster_run(two_nodes: Cluster, s3_store: S3Server, folder: Path, yardstick:
     also = [f"yardstick.path={yardstick}"]  # what a run compared with this one sets too
     trained = fwray("fwray.run", [*settings(folder, "reference"), *also], two_nodes, env=env)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=sqlite_store(folder / "mlflow.db"))
     run = top_run(client)
     print(f"prepare + reference run on the cluster: {time.perf_counter() - start:.0f} s")
     return {"folder": folder, "also": also, "prepared": prepared, "trained": trained, "client": client, "run": run,

@@ -82,10 +82,17 @@ class Cluster:
                 if f":actor_name:{actor}" in p.read_text(errors="replace")]
 
     def train_workers(self, name: str) -> list:
-        """This node's Ray Train worker processes."""
-        from pipeline import train_workers_under
+        """This node's Ray Train worker processes (Ray names an actor's process after its class)."""
+        import psutil
 
-        return train_workers_under(self.nodes[name].pid)
+        found = []
+        for p in psutil.Process(self.nodes[name].pid).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return found
 
     def stop(self) -> None:
         import psutil

@@ -1,6 +1,9 @@
 """End-to-end runs shared between test files: `fwray.run.run` on the smoke experiment, in this process with the
 session's Ray, everything it writes under one folder, MLflow in a sqlite store there."""
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -18,22 +21,20 @@ ONE_WORKER = ["resources.num_workers=1", "train.gradient_accumulation_steps=2"] 
 TWO_WORKERS = ["resources.num_workers=2", "train.gradient_accumulation_steps=1"]  # the same 256
 
 
-_EMPTY_STORE: list[Path] = []
+@functools.cache
+def _empty_store() -> Path:
+    """An empty MLflow sqlite store, created (and migrated to MLflow's schema) by MLflow once in this process."""
+    empty = Path(tempfile.mkdtemp(prefix="fwray-empty-store-")) / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()
+    return empty
 
 
 def sqlite_store(path: Path) -> str:
-    """The URI of an MLflow sqlite store at `path`, made as a copy of one empty store that MLflow created (and migrated
-    to its schema) once in this process: creating one costs ~2.5 s, and the suite uses dozens."""
-    import shutil
-    import tempfile
-
-    if not _EMPTY_STORE:
-        empty = Path(tempfile.mkdtemp(prefix="fwray-empty-store-")) / "mlflow.db"
-        MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()
-        _EMPTY_STORE.append(empty)
+    """The URI of the MLflow sqlite store at `path`, a copy of `_empty_store()` when there is none yet: creating one
+    costs ~2.5 s, and the suite uses dozens."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_EMPTY_STORE[0], path)
+        shutil.copyfile(_empty_store(), path)
     return f"sqlite:///{path}"
 
 
@@ -68,16 +69,3 @@ def history(client, run_id, name):
 def latest_run_dir(folder: Path) -> Path:
     return Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
 
-
-def train_workers_under(pid: int) -> list:
-    """The Ray Train worker processes below process `pid` (Ray names an actor's process after its class)."""
-    import psutil
-
-    found = []
-    for p in psutil.Process(pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found

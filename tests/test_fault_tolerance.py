@@ -58,8 +58,8 @@ def test_a_validation_split_without_documents_names_the_split_and_the_setting(ra
     from fwray import run as fwrun
 
     rc = fwrun.main([str(SMOKE.with_name("4070.yaml")), f"data.paths=[{SMOKE.with_name('smoke-sample.parquet')}]",
-                     f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}", f"resources.storage_path={tmp_path / 'runs'}",
-                     f"data.cache_dir={tmp_path / 'cache'}"])
+                     f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}",
+                     f"resources.storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fwray:")]
     assert rc == 2 and len(err) == 1, err
     assert "4070.yaml: the validation split got 0 of the data's 218 documents" in err[0]

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from bucket import CACHE, driver_env, settings
 from cluster import ROOT, SMOKE, clean_env, free_port, fwray
-from pipeline import history, top_run
+from pipeline import history, sqlite_store, top_run
 from s3server import BUCKET
 
 
@@ -133,7 +133,7 @@ def test_a_worker_killed_mid_run_resumes_from_the_bucket(cluster_run, two_nodes,
     assert killer.error is None, killer.error
     assert killer.killed, "no training worker was killed"
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     run = top_run(client)  # one MLflow run, the one the run started with
     latest = json.loads(read_object(s3_store, "killed/smoke.latest.json"))
     assert run.info.run_id == latest["mlflow_run_id"] and run.info.status == "FINISHED"

@@ -264,7 +264,7 @@ def test_write_gives_an_experiment_fwray_run_accepts_with_the_plan_s_figures(tmp
     assert "h (at 60–82% MFU) of training" in head  # not measured: the file states the band's range
     # the plan's MLflow run records the range and its band
     run_id = text.split("MLflow run ")[1].split()[0]
-    params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db").get_run(run_id).data.params
+    params = mlflow.MlflowClient(sqlite_store(tmp_path / "m.db")).get_run(run_id).data.params
     assert float(params["slowest_seconds"]) > float(params["predicted_seconds"]) and params["mfu_band"] == "60–82%"
     code, _, err = run_main(capsys, FULL, "--hours", 12, "--gpu", "RTX 4070", "--train-tokens", 7e8, "--write", out,
                             f"tracking.uri={sqlite_store(tmp_path / 'm.db')}")
@@ -311,7 +311,7 @@ def test_measure_on_cpu_times_the_best_shapes_and_writes_their_figures(ray_sessi
     assert exp.hardware.tokens_per_s_measured and "(measured speed)" in figures.describe(exp, fig)  # one time
     out_of_run = figures.outcome(fig, {"tokens_per_s": exp.hardware.tokens_per_s, "seconds": 190.0})
     assert out_of_run["time_ratio"] == pytest.approx(190 / fig["predicted_seconds"])
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "m.db"))
     run = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])[0]
     assert run.data.tags["fwray.kind"] == "plan" and run.data.params["speed_source"] == "measured"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"plan_table.txt", "plan.json", "planned.yaml"}

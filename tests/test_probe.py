@@ -214,9 +214,9 @@ def test_run_probes_admits_some_rejects_others_survives_oom_and_trains_with_the_
 
     from fwray import run
 
+    uri = sqlite_store(tmp_path / "mlflow.db")
     exp = config.load(PROBE_CPU, [
-        "train.max_iters=4", "train.eval_interval=4", "train.log_interval=2",
-        f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}", f"resources.storage_path={tmp_path}/runs",
+        "train.max_iters=4", "train.eval_interval=4", "train.log_interval=2", f"tracking.uri={uri}", f"resources.storage_path={tmp_path}/runs",
         f"data.cache_dir={cache}",  # the smoke sample's shared cache
         "tracking.register_model=false"])  # test_tracking's runs register theirs
     assert exp.probe.batch_sizes == (2, 4, 8, 16)  # the estimate fits 2 and 4 below the cap, not 8 or 16
@@ -238,7 +238,7 @@ def test_run_probes_admits_some_rejects_others_survives_oom_and_trains_with_the_
     assert trained.train.gradient_accumulation_steps == 4 and trained.tokens_per_step == exp.tokens_per_step
     assert verdict["chosen"]["tokens_per_step"] == exp.tokens_per_step
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("probe-cpu").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.params["train.batch_size"] == "4"

@@ -64,6 +64,6 @@ def test_two_workers_share_the_yardstick_and_report_it_at_every_evaluation(clust
         assert abs(two["yardstick"][step] - one["yardstick"][step]) <= 1e-2, (two["yardstick"], one["yardstick"])
     assert one["yardstick"][24] < one["yardstick"][0] - 0.1  # python documentation the smoke run never read
     assert one["yardstick"] != one["val"]
-    assert one["run"].data.tags["fwray.yardstick"] == (
-        f"python_docs_val: 124 windows x 32 = 3,968 targets from the start of {one['yardstick_file']} (llm.c token file)")
+    assert one["run"].data.tags["fwray.yardstick"] == ("python_docs_val: 124 windows x 32 = 3,968 targets from the "
+                                                       f"start of {one['yardstick_file']} (llm.c token file)")
     assert one["run"].data.params["yardstick.path"] == str(one["yardstick_file"])
