@@ -1,9 +1,10 @@
 """A real two-node Ray cluster on this machine, for the tests that join one (tests/conftest.py starts it once a
 session): two `ray start --block` processes (a head and a worker node, one CPU each, token authentication with a
 token file of their own), each node with its own --temp-dir and $TMPDIR, so the pytest session's Ray and any other
-Ray here are never touched and the nodes share no folder. It is stopped by signalling those two processes and then,
+Ray here are never touched and the nodes share no folder. It is stopped by killing those two processes' groups and,
 by pid, whatever they started: `ray stop` would stop every Ray on the machine.
 """
+import contextlib
 import os
 import secrets
 import shutil
@@ -18,7 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 NODE_START_S = 120
-STOP_GRACE_S = 5
 
 
 def free_port() -> int:
@@ -95,6 +95,8 @@ class Cluster:
         return found
 
     def stop(self) -> None:
+        """Kill both nodes and everything they started, at once: the suite is done with them, and a graceful stop
+        waits for Ray Train's detached actors (the head up to 30 s)."""
         import psutil
 
         started = []
@@ -103,19 +105,16 @@ class Cluster:
                 started += psutil.Process(p.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
-        # the worker node first. A node drains and stops its processes on SIGTERM; the head waits up to 30 s for
-        # Ray Train's detached actors, so after a few seconds its process group (gcs_server, raylet, ...) is killed
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        for p in self.procs:  # each node leads its own process group (gcs_server, raylet, ...)
             try:
-                p.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        _, alive = psutil.wait_procs(started, timeout=10)
-        for child in alive:  # by pid: only what these two nodes started
-            child.kill()
+            except ProcessLookupError:
+                pass
+            p.wait()
+        for child in started:  # by pid: only what these two nodes started, wherever its group is
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(started, timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
