@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 
@@ -24,6 +25,7 @@ def run_in_child(fn, args: tuple, limit_s: float) -> dict:
     then killed and reaped). Every result carries the child's "pid" and "seconds"."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([fn.__module__])  # read when the server starts: the first call's module
+    _let_the_server_import(fn.__module__)
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, args))  # not daemonic: it may start processes of its own
     start = time.monotonic()
@@ -80,3 +82,15 @@ def _child(send, fn, args) -> None:
     except BaseException as e:  # a section that raised is a finding: its message goes back
         result = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
     send.send(result)
+
+
+def _let_the_server_import(module: str) -> None:
+    """Python 3.11's fork server ignores the sys.path it is handed and imports the preloaded module through its own
+    (its working folder first), silently giving up when that fails; every child then imports the module again
+    (seconds: torch). The folder the module was found in goes on PYTHONPATH, which the server inherits."""
+    top = sys.modules[module.partition(".")[0]]
+    folders = [os.path.dirname(p) for p in getattr(top, "__path__", [])]  # a package: the folder above it
+    if not folders and getattr(top, "__file__", None):  # a module (a built-in one has no file: nothing to find)
+        folders = [os.path.dirname(top.__file__)]
+    known = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*known, *folders]))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  (each section's first optimizer imports it, ~1.2 s: imported here, the fork
+                      # server that starts the sections pays that once; it initialises no CUDA)
 import torch.nn.functional as F
 
 from fwray import config

@@ -65,9 +65,8 @@ def test_a_spent_budget_skips_sections_and_says_so(tmp_path):
 
 
 def test_only_the_named_sections_run(tmp_path):
-    proc, report = _gpu_check(tmp_path, "--only", "nonfinite_adamw")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert list(report["sections"]) == ["nonfinite_adamw"]
+    proc, report = _gpu_check(tmp_path, "--only", "nonfinite_adamw,resume_muon", "--budget", "0")  # none starts
+    assert list(report["sections"]) == ["nonfinite_adamw", "resume_muon"]
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--only", "nonsense"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "no section nonsense here; sections: probe_tiny_b2" in proc.stderr
@@ -103,8 +102,8 @@ def _gone(pid: int) -> bool:
 
 def test_a_child_past_its_limit_is_killed_with_what_it_started(tmp_path):
     pid_file = tmp_path / "pids"
-    result = run_in_child(_sleep_with_a_grandchild, (str(pid_file),), limit_s=10)
-    assert "ran past its 10 s limit" in result["killed"]
+    result = run_in_child(_sleep_with_a_grandchild, (str(pid_file),), limit_s=4)
+    assert "ran past its 4 s limit" in result["killed"]
     child, grandchild = map(int, pid_file.read_text().split())
     assert child == result["pid"]
     assert _gone(child)  # reaped before run_in_child returned
