@@ -52,9 +52,8 @@ def yardstick_file(tmp_path_factory, corpus) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(request, tmp_path_factory, worker_id) -> dict:
     """The tiny smoke run, 1 worker x 2 micro-steps, 24 steps, with a yardstick: what the cluster's 2-worker run is
-    compared with, and what the resume test continues. Made once a session, by the first xdist worker that asks for
-    it (the others wait for it under a file lock); its figures and its MLflow run are read when it ends, so a test
-    that resumes it later changes only the files and the store."""
+    compared with. Made once a session, by the first xdist worker that asks for it (the others wait for it under a
+    file lock); its figures and its MLflow run are read when it ends."""
     from filelock import FileLock
     from mlflow.entities import Run
     from mlflow.protos.service_pb2 import Run as RunProto
@@ -111,7 +110,8 @@ def two_nodes(s3_store):
 
 @pytest.fixture(scope="session")
 def cluster_run(two_nodes, s3_store, tmp_path_factory, yardstick_file) -> dict:
-    """The tiny smoke run on the two-node cluster, 2 workers, cache and checkpoints on the bucket (tests/bucket.py)."""
+    """The tiny smoke run on the two-node cluster, 2 workers, cache and checkpoints on the bucket, a worker killed
+    mid-run (tests/bucket.py)."""
     from bucket import cluster_run
 
     return cluster_run(two_nodes, s3_store, tmp_path_factory.mktemp("cluster-run"), yardstick_file)
@@ -121,10 +121,10 @@ def cluster_run(two_nodes, s3_store, tmp_path_factory, yardstick_file) -> dict:
 # each module is a group, so its module fixtures are built once, except that the modules using the two-node cluster
 # are one group, so the cluster and its run are made once (`tiny_run` is made once by a file lock instead). The groups
 # that take longest start first (--no-loadscope-reorder keeps this order), so neither worker is left with a long one
-# at the end; the fault-tolerance module, first on the other worker, makes `tiny_run` before the cluster group wants it.
+# at the end; the health module, first on the other worker, makes `tiny_run` before the cluster group wants it.
 SHARED_RUNS = ("two_nodes", "cluster_run")
 SHARED_GROUP = "cluster"
-LONGEST_FIRST = (SHARED_GROUP, "test_fault_tolerance", "test_gpu_check", "test_tracking", "test_probe")
+LONGEST_FIRST = (SHARED_GROUP, "test_health", "test_tracking", "test_probe", "test_gpu_check", "test_fault_tolerance")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,6 +1,7 @@
 """Two CPU workers (DDP over gloo) x 1 micro-step train like one worker x 2 micro-steps: the same global batches. The
-two-worker run is the suite's run on the two-node cluster (tests/bucket.py), the one-worker run the local `tiny_run`:
-both read the same windows, from shards cut the same way.
+two-worker run is the suite's run on the two-node cluster (tests/bucket.py: one of its workers is killed mid-run and
+the run goes on from its last checkpoint), the one-worker run the local `tiny_run`: both read the same windows, from
+shards cut the same way.
 
 Worker `rank`'s micro-step m reads global micro-batch m * world_size + rank (fwray.core.loader.Batches), and evaluation
 shares validation batches 0..eval_iters-1 out between the ranks, so both setups see exactly the same sequences and
