@@ -1,7 +1,6 @@
 """End-to-end runs shared between test files: `fwray.run.run` on the smoke experiment, in this process with the
 session's Ray, everything it writes under one folder, MLflow in a sqlite store there."""
 import functools
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,8 +63,3 @@ def history(client, run_id, name):
     for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.timestamp):
         out[m.step] = m.value
     return out
-
-
-def latest_run_dir(folder: Path) -> Path:
-    return Path(json.loads((folder / "runs" / "smoke.latest.json").read_text())["run_dir"])
-

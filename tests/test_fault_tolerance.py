@@ -1,34 +1,16 @@
-"""`--resume` with a larger budget continues a finished run in the same MLflow run; the mistakes that stop a run
-before or during training end it in one line, and are not retried. (A worker killed mid-run is the cluster's:
-tests/test_object_storage.py.)
+"""The mistakes that stop a run before or during training end it in one line, and are not retried; `--resume` with
+no earlier run is one of them. (A worker killed mid-run, and `--resume` continuing a finished run in its MLflow run
+from a machine without its files, are the cluster's: tests/test_object_storage.py.)
 
 Runs go through `fwray.run.run` in this process with the session's Ray; the experiment is the smoke experiment
-shrunk (tests/pipeline.py: TINY); the finished run is the session's shared `tiny_run`.
+shrunk (tests/pipeline.py: TINY).
 """
-import json
 
 import numpy as np
 import pytest
 
 from fwray import config
-from pipeline import ONE_WORKER, SMOKE, TINY, history, latest_run_dir, run_smoke, sqlite_store, top_run
-
-
-def test_resume_continues_the_same_mlflow_run(tiny_run, cache):
-    """--resume with a larger train.max_iters continues the uninterrupted run (24 steps) to 32, in its MLflow run."""
-    folder, first = tiny_run["folder"], tiny_run["run"]
-    assert max(tiny_run["val"]) == 24
-
-    exp, client = run_smoke(folder, cache, [*TINY, *ONE_WORKER, "train.max_iters=32"], resume=True)
-    run = top_run(client)
-    assert run.info.run_id == first.info.run_id  # the same MLflow run, no new one
-    assert run.data.tags["fwray.resumed_from_step"] == "24"
-    assert run.info.status == "FINISHED"
-    val = history(client, run.info.run_id, "val_loss")
-    assert sorted(val) == [0, 8, 16, 24, 32]  # metrics beyond the old max_iters
-    assert max(history(client, run.info.run_id, "train_loss")) == 32
-    assert val[32] < val[24]
-    assert json.loads((latest_run_dir(folder) / "model" / "model_config.json").read_text())["step"] == 32
+from pipeline import SMOKE, TINY, sqlite_store
 
 
 def test_resume_without_an_earlier_run_is_one_line(tmp_path, cache):
