@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from ..config import Experiment, ModelConfig, TrainConfig
+from ..config import Experiment, TrainConfig
 from ..core import hardware
 from ..core.model import count_params, flops_per_token
 
