@@ -6,8 +6,9 @@ machine with torch only can run.
 
 Arms: the gpt2 recipe (nanoGPT's AdamW 6e-4 and cosine), the modern recipe, modern plus one switch of the speedrun
 recipe each (the cpu preset's), and the speedrun recipe (every switch at its default; the gpu preset's, with gpt2 and
-modern). +doc_mask (modern with attention kept within each document) and +attn_window (a sliding window of half
-the block) are in no preset's arms: ask for them with `--arms modern,+doc_mask,+attn_window`. Every arm trains the
+modern). +doc_mask (modern with attention kept within each document), +attn_window (a sliding window of half
+the block), +warmup_0 (no warmup) and +muon_lr_0.05 are in no preset's arms: ask for them with
+`--arms modern,+doc_mask,+attn_window`. Every arm trains the
 same shape for the same steps on the same tokens; within a seed, every arm starts from the same random state and
 evaluates the same validation windows. Printed: each arm's validation loss against tokens seen and against
 training seconds (from its measured tokens/s, evaluations excluded); the tokens (and seconds) each arm needs to reach
@@ -71,6 +72,10 @@ ARMS = {
     "+momentum_warmup": ("modern", {}, {"muon_momentum_warmup": 300}),
     "+muon_wd_0": ("modern", {}, {"muon_weight_decay": 0.0}),
     "+decay_0.5": ("modern", {}, {"decay_fraction": 0.5}),
+    # the references warm the rate up 0-40 steps (the preset: 10 of 50) and run Muon at 0.02 (nanochat) or 0.05
+    # (modded-nanogpt)
+    "+warmup_0": ("modern", {}, {"warmup_iters": 0}),
+    "+muon_lr_0.05": ("modern", {}, {"muon_lr": 0.05}),
     # a table for a quarter of the layers, at both ends (modded-nanogpt's 3 in 12): 1 in the cpu preset's 4
     "+value_embeds": ("modern", {"value_embeds": lambda model: max(1, model["n_layer"] // 4)}, {}),
     "+unet_skips": ("modern", {"unet_skips": True}, {}),

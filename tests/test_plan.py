@@ -153,6 +153,17 @@ def test_the_4070_reference_and_the_real_shard():
     assert "below the law's smallest fitted compute (1.0e19)" in text
 
 
+def test_planned_warmup_is_five_percent_under_adamw_and_none_under_muon():
+    d12 = cand.family(full().model, [12])[0]
+    adamw = cand.planned(full(), d12, 2019, 10)
+    assert adamw.train.optimizer == "adamw" and adamw.train.warmup_iters == 101
+    assert cand.planned(full(), d12, 100_000, 10).train.warmup_iters == cand.MAX_WARMUP
+    speedrun = config.load(ROOT / "experiments" / "4070.yaml")
+    muon = cand.planned(speedrun, cand.family(speedrun.model, [12])[0], 2019, 10)
+    assert muon.train.optimizer == "muon" and muon.train.warmup_iters == 0
+    assert speedrun.train.warmup_iters == 0  # the file is the plan's
+
+
 def test_memory_filter_estimates_few_sizes_and_fits_the_limit():
     exp = full()
     calls = []

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..config import Experiment, ModelConfig
+from ..config import Experiment, ModelConfig, TrainConfig
 from ..core import memory
 from ..core.engine import autocast_dtype
 from ..core.model import count_params, flops_per_token
@@ -33,7 +33,9 @@ TIE_MARGIN = 0.01
 TIE_MAX_EPOCHS = 4.0
 EVAL_EVERY_S = 900  # an evaluation (and a checkpoint) about every 15 minutes of training ...
 MAX_EVALS = 50  # ... at most this many, and always one at the start and one at the end
-WARMUP_FRACTION, MAX_WARMUP = 0.05, 2000  # linear warmup over 5% of the steps (nanoGPT's 2,000 at most)
+# AdamW warms up linearly over 5% of the steps (nanoGPT's 2,000 at most); Muon runs start at full rate, as nanochat
+# and modded-nanogpt do (bench/recipe_ablation.py's +warmup_0: better than modern's warmup in both seeds)
+WARMUP_FRACTION, MAX_WARMUP = 0.05, 2000
 
 
 class PlanError(FwrayError):
@@ -211,6 +213,11 @@ def learning_rate_scale(exp: Experiment, model: ModelConfig) -> float:
     return (model.n_embd / exp.model.n_embd) ** -0.5
 
 
+def warmup_iters(train: TrainConfig, max_iters: int) -> int:
+    """The planned warmup: none under Muon, 5% of the steps under AdamW (at most MAX_WARMUP)."""
+    return 0 if train.optimizer == "muon" else min(MAX_WARMUP, round(WARMUP_FRACTION * max_iters))
+
+
 def planned(exp: Experiment, c: Candidate, max_iters: int, intervals: int) -> Experiment:
     """The candidate's experiment for `max_iters` steps: its shape and micro-batch, its learning rate, warmup, decay
     to the end, `intervals` evaluation intervals, and the speed figures the run predicts its time with (a range
@@ -221,7 +228,7 @@ def planned(exp: Experiment, c: Candidate, max_iters: int, intervals: int) -> Ex
     return dataclasses.replace(
         exp,
         train=dataclasses.replace(exp.train, max_iters=max_iters, epochs=None, lr_decay_iters=max_iters,
-                                  warmup_iters=min(MAX_WARMUP, round(WARMUP_FRACTION * max_iters)),
+                                  warmup_iters=warmup_iters(exp.train, max_iters),
                                   eval_interval=max(1, math.ceil(max_iters / intervals)),
                                   learning_rate=float(f"{train.learning_rate * lr:.3g}"),
                                   min_lr=float(f"{train.min_lr * lr:.3g}")),
