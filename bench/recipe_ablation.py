@@ -6,14 +6,14 @@ machine with torch only can run.
 
 Arms: the gpt2 recipe (nanoGPT's AdamW 6e-4 and cosine), the modern recipe, modern plus one switch of the speedrun
 recipe each (the cpu preset's), and the speedrun recipe (every switch at its default; the gpu preset's, with gpt2 and
-modern). +doc_mask (modern with attention kept within each document), +attn_window (a sliding window of half
-the block), +warmup_0 (no warmup) and +muon_lr_0.05 are in no preset's arms: ask for them with
-`--arms modern,+doc_mask,+attn_window`. Every arm trains the
-same shape for the same steps on the same tokens; within a seed, every arm starts from the same random state and
-evaluates the same validation windows. Printed: each arm's validation loss against tokens seen and against
-training seconds (from its measured tokens/s, evaluations excluded); the tokens (and seconds) each arm needs to reach
-the gpt2 recipe's final validation loss of the same seed, as a share of gpt2's; and each switch's final loss against
-modern's, kept only if it is not worse beyond the two seeds' spread.
+modern). +doc_mask (modern with attention kept within each document), +attn_window (a sliding window of half the block),
++warmup_0 (no warmup) and +muon_lr_0.05 are in no preset's arms: ask for them with `--arms
+modern,+doc_mask,+attn_window,+warmup_0,+muon_lr_0.05`. Every arm trains the same shape for the same steps on the same
+tokens; within a seed, every arm starts from the same random state and evaluates the same validation windows. Printed:
+each arm's validation loss against tokens seen and against training seconds (from its measured tokens/s, evaluations
+excluded); the tokens (and seconds) each arm needs to reach the gpt2 recipe's final validation loss of the same seed, as
+a share of gpt2's; and each switch's final loss against modern's, kept only if it is not worse beyond the two seeds'
+spread.
 
 Token files: --data's parquet files, tokenized with fwray.core.tokens and split by document id as fwray.prepare does,
 written as train.bin and val.bin under --tokens (reused when there: tokenize here, carry the folder to a GPU machine).

@@ -228,7 +228,7 @@ def planned(exp: Experiment, c: Candidate, max_iters: int, intervals: int) -> Ex
     return dataclasses.replace(
         exp,
         train=dataclasses.replace(exp.train, max_iters=max_iters, epochs=None, lr_decay_iters=max_iters,
-                                  warmup_iters=warmup_iters(exp.train, max_iters),
+                                  warmup_iters=warmup_iters(train, max_iters),
                                   eval_interval=max(1, math.ceil(max_iters / intervals)),
                                   learning_rate=float(f"{train.learning_rate * lr:.3g}"),
                                   min_lr=float(f"{train.min_lr * lr:.3g}")),
